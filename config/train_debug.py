@@ -1,0 +1,19 @@
+# Tiny debug model for tests and smoke runs: seconds on any CPU, loss means nothing.
+#   python train.py config/train_debug.py --dataset=<folder with train.bin/val.bin>
+out_dir = 'out-debug'
+dataset = 'shakespeare_char'
+eval_interval = 10
+eval_iters = 2
+log_interval = 5
+max_iters = 20
+lr_decay_iters = 20
+warmup_iters = 2
+gradient_accumulation_steps = 1
+batch_size = 4
+block_size = 16
+n_layer = 2
+n_head = 2
+n_embd = 32
+learning_rate = 1e-3
+device = 'cpu'
+dtype = 'float32'

@@ -1,0 +1,89 @@
+"""
+Token shards on disk -> batches. A split is every `{split}.bin` / `{split}_*.bin` file in the
+dataset folder: flat uint16 token ids (nanoGPT's format), memory-mapped, validated when opened.
+
+Batches are a pure function of a seed: `batch(seed)` draws the same rows every time, so the
+trainer derives each micro-step's seed from (run seed, iteration, micro-step) and the data order
+survives a resume or a change of DDP world size without any loader state to save.
+"""
+
+import glob
+import json
+import os
+import pickle
+
+import numpy as np
+import torch
+
+
+class DataError(ValueError):
+    pass
+
+
+def split_files(data_dir, split):
+    files = sorted(glob.glob(os.path.join(data_dir, f'{split}.bin')) + glob.glob(os.path.join(data_dir, f'{split}_*.bin')))
+    if not files:
+        raise DataError(f"no '{split}' shards in {data_dir} (expected {split}.bin or {split}_000.bin, ...). "
+                        f"Prepare the dataset first, e.g. python data/shakespeare_char/prepare.py")
+    return files
+
+
+def read_meta(data_dir):
+    """meta.pkl (char vocabularies: vocab_size, stoi, itos) or None when the folder has none."""
+    path = os.path.join(data_dir, 'meta.pkl')
+    if not os.path.exists(path):
+        return None
+    with open(path, 'rb') as f:
+        return pickle.load(f)
+
+
+class TokenShards:
+    """The shards of one split, checked: even byte length, at least block_size + 1 tokens each,
+    and (when vocab_size is given) every token id < vocab_size."""
+
+    def __init__(self, data_dir, split, block_size, vocab_size=None):
+        self.files, self.block_size = split_files(data_dir, split), block_size
+        self.shards = []
+        for path in self.files:
+            size = os.path.getsize(path)
+            if size % 2:
+                raise DataError(f"{path} has {size} bytes, an odd number: not a uint16 token shard "
+                                f"(truncated copy?). Re-run the dataset's prepare.py")
+            if size // 2 < block_size + 1:
+                raise DataError(f"{path} holds {size // 2} tokens, fewer than block_size + 1 = {block_size + 1}; "
+                                f"use a smaller --block_size or more text")
+            self.shards.append(np.memmap(path, dtype=np.uint16, mode='r'))
+        if vocab_size is not None:
+            self.check_vocab(vocab_size)
+        starts = torch.tensor([len(s) - block_size for s in self.shards])  # valid window starts per shard
+        self.offsets = torch.cumsum(starts, 0)
+        self.n_tokens = sum(len(s) for s in self.shards)
+
+    def check_vocab(self, vocab_size):
+        manifest = os.path.join(os.path.dirname(self.files[0]), 'manifest.json')
+        recorded = json.load(open(manifest)).get('max_token') if os.path.exists(manifest) else None
+        for path, shard in zip(self.files, self.shards):
+            top = recorded if recorded is not None else max(int(shard[i:i + (1 << 24)].max()) for i in range(0, len(shard), 1 << 24))
+            if top >= vocab_size:
+                raise DataError(f"{path} holds token id {top} but the vocabulary has {vocab_size} tokens: "
+                                f"the shards and meta.pkl / vocab_size come from different preparations")
+
+    def batch(self, batch_size, seed, device='cpu'):
+        """(x, y) int64 (batch_size, block_size): random windows, y = x shifted by one."""
+        g = torch.Generator().manual_seed(seed)
+        picks = torch.randint(int(self.offsets[-1]), (batch_size,), generator=g)
+        shard_ids = torch.searchsorted(self.offsets, picks, right=True)
+        rows = []
+        for shard_id, pick in zip(shard_ids.tolist(), picks.tolist()):
+            start = pick - (int(self.offsets[shard_id - 1]) if shard_id else 0)
+            rows.append(torch.from_numpy(self.shards[shard_id][start:start + self.block_size + 1].astype(np.int64)))
+        xy = torch.stack(rows)
+        x, y = xy[:, :-1], xy[:, 1:]
+        if str(device).startswith('cuda'):
+            return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+        return x.to(device), y.to(device)
+
+
+def step_seed(seed, iteration, micro):
+    """The seed of one micro-step: distinct for every (run seed, iteration, global micro-step)."""
+    return hash((seed, iteration, micro)) & 0x7FFF_FFFF_FFFF_FFFF  # int tuples hash the same in every process

@@ -1,0 +1,55 @@
+"""Shared helpers for the tests: tiny models, synthetic token shards, running the scripts."""
+
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from model import GPT, GPTConfig  # noqa: E402
+
+
+def tiny(**overrides):
+    """A 2-layer, 32-wide model over a vocabulary of 13: builds and runs in milliseconds."""
+    args = dict(block_size=16, vocab_size=13, n_layer=2, n_head=2, n_embd=32, bias=False, dropout=0.0)
+    args.update(overrides)
+    torch.manual_seed(0)
+    return GPT(GPTConfig(**args))
+
+
+def write_dataset(folder, tokens_train, tokens_val, vocab_size):
+    """train.bin / val.bin (uint16) and a char meta.pkl whose characters are letters."""
+    os.makedirs(folder, exist_ok=True)
+    np.asarray(tokens_train, dtype=np.uint16).tofile(os.path.join(folder, 'train.bin'))
+    np.asarray(tokens_val, dtype=np.uint16).tofile(os.path.join(folder, 'val.bin'))
+    chars = [chr(ord('a') + i) for i in range(vocab_size)]
+    with open(os.path.join(folder, 'meta.pkl'), 'wb') as f:
+        pickle.dump({'vocab_size': vocab_size, 'itos': dict(enumerate(chars)), 'stoi': {c: i for i, c in enumerate(chars)}}, f)
+    return str(folder)
+
+
+@pytest.fixture
+def pattern_data(tmp_path):
+    """A learnable synthetic corpus: a repeating 'abcdefg' pattern with rare random letters."""
+    rng = np.random.default_rng(0)
+    def corpus(n):
+        base = np.tile(np.arange(7), n // 7 + 1)[:n]
+        noise = rng.random(n) < 0.05
+        return np.where(noise, rng.integers(0, 9, n), base)
+    return write_dataset(tmp_path / 'pattern', corpus(20000), corpus(4000), vocab_size=9)
+
+
+def run_script(script, *args, timeout=300, check=True, env=None):
+    """Run a repo script in a fresh process (as a user would); returns the CompletedProcess."""
+    result = subprocess.run([sys.executable, os.path.join(REPO, script), *map(str, args)], cwd=REPO,
+                            capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    if check and result.returncode != 0:
+        raise AssertionError(f"{script} {' '.join(map(str, args))} failed ({result.returncode}):\n"
+                             f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
