@@ -52,7 +52,7 @@ class GPTConfig:
     supervise: int = 1        # last training passes whose decoded output is supervised, 1..bptt
     max_loop: int = 1         # inference cap on refinement passes (WFC), >= 1
     min_loop: int = 1         # inference floor on refinement passes (WFC)
-    tol: float = 1e-2         # converged when the largest relative step ||dx|| / ||x|| of an open future slot < tol
+    tol: float = 1e-3         # converged when the largest KL(new || old) between successive decoded distributions of an open future slot < tol, nats
     step_size: float = 1.0    # scale of the delta each pass adds, in (0, 1]
     inject: bool = False      # re-add the decided slots' input embeddings to the stack input every pass
     dist_power: float = 0.0   # future loss weight of distance d is d ** -dist_power (0 = uniform, 1 = 1/d)
@@ -323,17 +323,21 @@ class GPT(nn.Module):
         """Future passes x <- x + step_size * delta(x); frozen slots keep their state.
         Training (passes given): gradient through the last bptt passes only (truncated backprop),
         sup(x) after each of the last `supervise` ones. Inference (passes None): no gradient, until
-        the largest relative step ||dx|| / ||x|| over watched slots < tol (after min_loop), or
-        max_loop; limits = (max_loop, tol, min_loop) overrides the config. Returns x, passes."""
+        the decoded distributions of the watched slots stop moving, max KL(new || old) < tol (after
+        min_loop), or max_loop; limits = (max_loop, tol, min_loop) overrides the config. The test is
+        on decoded distributions, not states: the final LayerNorm ignores the state's scale, which
+        keeps growing along the residual stream. Returns x, passes."""
         c = self.config
         if passes is None:
             max_loop, tol, min_loop = limits or (c.max_loop, c.tol, c.min_loop)
             with torch.no_grad():
+                logp = F.log_softmax(self.logits(x).float(), -1)
                 for k in range(1, max_loop + 1):
-                    new = self._step(x, one_pass(x), frozen)
-                    rel = (new - x).norm(dim=-1) / x.norm(dim=-1).clamp(min=1e-6)
-                    x = new
-                    if k >= min_loop and not (rel * watch).amax() >= tol:
+                    x = self._step(x, one_pass(x), frozen)
+                    new_logp = F.log_softmax(self.logits(x).float(), -1)
+                    kl = (new_logp.exp() * (new_logp - logp)).sum(-1)
+                    logp = new_logp
+                    if k >= min_loop and not (kl * watch).amax() >= tol:
                         break
             return x, k
         bptt = passes if c.bptt <= 0 else min(c.bptt, passes)
@@ -546,6 +550,14 @@ class GPT(nn.Module):
             w.past_x, w.future = x[:, :P], x[:, P:]
         w.stats = dict(passes=used, entropy=self.entropy(w.future))
         return w, used
+
+    @torch.no_grad()
+    def forget(self, w):
+        """Reset the open future slots to e_max: a cold start (for models not trained to warm-start)."""
+        P, F_ = w.past.size(1), w.future.size(1)
+        blank = self._blank(torch.arange(P, P + F_, device=w.past.device))
+        w.future = torch.where((w.decided < 0)[..., None], blank.to(w.future.dtype), w.future)
+        return w
 
     def future_logits(self, w):
         """(B, F, V) logits of the future slots."""

@@ -113,9 +113,10 @@ ctx = runtime.autocast(device, dtype)
 # data
 repo = os.path.dirname(os.path.abspath(__file__))
 data_dir = dataset if os.sep in dataset else os.path.join(repo, 'data', dataset)
-meta = read_meta(data_dir)
-if meta is not None:
+meta = read_meta(data_dir)  # the tokenizer; stored in checkpoints so they sample without the data folder
+if meta is not None and 'vocab_size' in meta:
     vocab_size = config['vocab_size'] = meta['vocab_size']
+meta = meta or {'tokenizer': 'gpt2'}
 try:
     train_data = TokenShards(data_dir, 'train', block_size, vocab_size)
     val_data = TokenShards(data_dir, 'val', block_size, vocab_size)
@@ -240,7 +241,7 @@ def save_checkpoint(path):
     checkpoint.save(dict(
         model=raw_model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
         model_args=model_args, config=config, iter_num=iter_num, best_val_loss=best_val_loss,
-        train_time=train_time, format_version=checkpoint.FORMAT_VERSION), path)
+        train_time=train_time, meta=meta, format_version=checkpoint.FORMAT_VERSION), path)
 
 
 stop_signal = None

@@ -53,3 +53,22 @@ def run_script(script, *args, timeout=300, check=True, env=None):
         raise AssertionError(f"{script} {' '.join(map(str, args))} failed ({result.returncode}):\n"
                              f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result
+
+
+def train_pattern_model(steps=300, **overrides):
+    """A tiny model trained for a few seconds on the repeating pattern 0 1 2 3 4 5 6 (vocabulary 9):
+    certain about what comes next, so policies, pins and warm starts have something to show."""
+    model = tiny(vocab_size=9, **overrides)
+    rng = np.random.default_rng(0)
+    base = np.tile(np.arange(7), 400)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    T = model.config.block_size
+    for _ in range(steps):
+        starts = rng.integers(0, len(base) - T - 1, 16)
+        x = torch.tensor(np.stack([base[s:s + T] for s in starts]))
+        y = torch.tensor(np.stack([base[s + 1:s + T + 1] for s in starts]))
+        _, loss = model(x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()

@@ -1,0 +1,126 @@
+"""The sampler (sampling.py) and the window operations behind it: seeded determinism, real warm
+starts, the threshold policy's multi-token steps, nearest collapse, pins, sliding past
+block_size, the GPT KV cache against a plain loop, and the sampling filters."""
+
+import math
+
+import pytest
+import torch
+
+from conftest import tiny, train_pattern_model
+from sampling import Settings, choose_slots, filtered_probs, generate
+
+
+@pytest.fixture(scope='module')
+def looped():
+    """Trained to be refined repeatedly and to warm-start (random passes, supervised twice)."""
+    return train_pattern_model(n_future=4, pos_emb='rope', n_loop=4, loop_law='uniform', warm_prob=0.5,
+                               supervise=2, max_loop=12, tol=1e-3)
+
+
+def test_same_seed_same_text_and_another_seed_differs():
+    model = tiny(n_future=4, pos_emb='rope').eval()
+    idx = torch.randint(0, 13, (1, 5))
+    s = Settings(temperature=1.0, top_k=0)
+    run = lambda seed: generate(model, idx, 40, s, torch.Generator().manual_seed(seed))[0]
+    assert torch.equal(run(1), run(1))
+    assert not torch.equal(run(1), run(2))
+
+
+def test_warm_start_carries_the_state_and_saves_passes(looped):
+    idx = torch.arange(10)[None] % 7
+    w, _ = looped.refine(looped.start(idx))
+    warm, cold = [], []
+    for _ in range(6):
+        before = w.future.clone()
+        slots = torch.tensor([[True, False, False, False]])
+        w = looped.collapse(w, slots, looped.future_logits(w).argmax(-1))
+        w, _ = looped.shift(w)
+        assert torch.equal(w.future[:, :3], before[:, 1:]), "the carried slots must keep their refined state"
+        assert torch.allclose(w.future[:, 3], looped.e_max()), "the new slot starts at e_max"
+        w, used = looped.refine(w)
+        warm.append(used)
+        cold.append(looped.refine(looped.start(w.past))[1])
+    assert sum(warm) < sum(cold), (warm, cold)
+
+
+def test_threshold_commits_several_certain_tokens_and_exactly_one_otherwise(looped):
+    idx = torch.arange(10)[None] % 7
+    _, stats = generate(looped, idx, 24, Settings(temperature=0, policy='threshold', tau=1.0))
+    assert max(s['emitted'] for s in stats.steps) > 1
+    _, stats = generate(looped, idx, 12, Settings(temperature=0, policy='threshold', tau=0.0))
+    assert all(s['emitted'] == 1 for s in stats.steps)
+    bits = torch.tensor([[0.1, 0.2, 3.0, 0.1], [2.0, 0.1, 0.1, 0.1]])
+    open_ = torch.tensor([[True, True, True, True], [True, True, True, True]])
+    assert choose_slots('threshold', bits, open_, 1.0).tolist() == [[True, True, False, False], [True, False, False, False]]
+
+
+def test_nearest_collapse_is_sure_and_no_farther_than_the_token_row():
+    model = tiny(n_future=4, pos_emb='rope').eval()
+    with torch.no_grad():  # embedding rows that decode to themselves with confidence
+        model.transformer.wte.weight.copy_(3.0 * torch.linalg.qr(torch.randn(32, 13))[0].T)
+    w = model.start(torch.randint(0, 13, (2, 5)))
+    w.future = w.future + 0.3 * torch.randn_like(w.future)
+    before = w.future.clone()
+    tokens = torch.randint(0, 13, (2, 4))
+    slots = torch.ones(2, 4, dtype=torch.bool)
+    w = model.collapse(w, slots, tokens, mode='nearest', eps=0.1)
+    p = model.decode(w.future).gather(-1, tokens[..., None])[..., 0]
+    assert (p >= 0.9 - 1e-4).all()
+    rows = model.transformer.wte.weight[tokens]
+    assert ((w.future - before).norm(dim=-1) <= (rows - before).norm(dim=-1) + 1e-5).all()
+    assert ((w.future - before).norm(dim=-1) < (rows - before).norm(dim=-1) - 1e-3).any(), "never short of the row"
+
+
+@pytest.mark.parametrize('policy', ['first', 'threshold', 'lowest', 'median'])
+def test_a_pin_appears_at_its_offset_and_generation_continues(looped, policy):
+    idx = torch.arange(10)[None] % 7  # next tokens would be 3 4 5 6 ...
+    pin = [6, 6]
+    out, _ = generate(looped, idx, 12, Settings(temperature=0, policy=policy), pins=[(3, pin)])
+    assert out.size(1) == 12
+    assert out[0, 2:4].tolist() == pin
+
+
+@pytest.mark.parametrize('kind', ['gpt', 'pinned-rope', 'pinned-learned', 'bidirectional-learned'])
+def test_generation_slides_past_block_size(kind):
+    overrides = dict(gpt={}, **{'pinned-rope': dict(n_future=4, pos_emb='rope'),
+                                'pinned-learned': dict(n_future=4, pos_emb='learned'),
+                                'bidirectional-learned': dict(n_future=4, attn='bidirectional')})[kind]
+    model = tiny(**overrides).eval()
+    for slide in (0, 5):
+        out, stats = generate(model, torch.randint(0, 13, (2, 3)), 50, Settings(temperature=1.0, slide=slide),
+                              torch.Generator().manual_seed(0))
+        assert out.shape == (2, 50) and 0 <= out.min() and out.max() < 13
+
+
+def test_gpt_kv_cache_matches_the_plain_sliding_loop():
+    model = tiny(n_loop=2).eval()
+    idx = torch.randint(0, 13, (2, 4))
+    out, _ = generate(model, idx, 30, Settings(temperature=0))
+    seq = idx
+    for _ in range(30):  # nanoGPT's loop: crop to block_size, full forward, argmax of the last position
+        logits, _ = model(seq[:, -model.config.block_size:])
+        seq = torch.cat((seq, logits[:, -1].argmax(-1, keepdim=True)), 1)
+    assert torch.equal(out, seq[:, 4:])
+
+
+def test_bad_sampler_inputs_are_clear_errors(looped):
+    idx = torch.arange(10)[None] % 7
+    with pytest.raises(ValueError, match='does not fit the 4 future slots'):
+        generate(looped, idx, 5, Settings(), pins=[(3, [1, 2, 3])])
+    with pytest.raises(ValueError, match='max_new_tokens must be > 0'):
+        generate(looped, idx, 0, Settings())
+    with pytest.raises(ValueError, match='pins need a WFC model'):
+        generate(tiny().eval(), idx, 5, Settings(), pins=[(1, [1])])
+    with pytest.raises(ValueError, match='policy must be one of'):
+        generate(looped, idx, 5, Settings(policy='best'))
+
+
+def test_filters_keep_what_they_should():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    assert (filtered_probs(logits, 1.0, top_k=2) > 0).tolist() == [True, True, False, False]
+    assert (filtered_probs(logits, 1.0, top_p=0.7) > 0).tolist() == [True, True, False, False]
+    assert (filtered_probs(logits, 1.0, top_p=0.9) > 0).tolist() == [True, True, True, False]
+    assert (filtered_probs(logits, 1.0, min_p=0.25) > 0).tolist() == [True, True, True, False]
+    assert torch.allclose(filtered_probs(logits, 1.0), logits.exp())
+    assert math.isclose(filtered_probs(logits, 0.5, top_k=3).sum().item(), 1.0, rel_tol=1e-6)

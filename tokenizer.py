@@ -1,0 +1,78 @@
+"""
+Text <-> token ids. A dataset's meta (meta.pkl, also stored in every checkpoint) says which:
+a character vocabulary ({'stoi', 'itos'}), raw bytes ({'tokenizer': 'bytes'}, vocabulary 256),
+or GPT-2 BPE via tiktoken ({'tokenizer': 'gpt2'}, nanoGPT's default when there is no meta).
+
+GPT-2 BPE offline: point WFC_GPT2_TIKTOKEN (or the `path` argument) at a local `gpt2.tiktoken`
+ranks file; without it tiktoken downloads (and caches) the vocabulary.
+"""
+
+import os
+
+GPT2_EOT = 50256
+
+
+class CharCodec:
+    def __init__(self, stoi, itos):
+        self.stoi, self.itos = stoi, itos
+        self.vocab_size, self.eos = len(stoi), None
+
+    def encode(self, text):
+        unknown = sorted({ch for ch in text if ch not in self.stoi})
+        if unknown:
+            raise ValueError(f"the prompt has characters outside the model's {len(self.stoi)}-character vocabulary: "
+                             f"{', '.join(repr(ch) for ch in unknown)}; remove or replace them")
+        return [self.stoi[ch] for ch in text]
+
+    def decode(self, ids):
+        return ''.join(self.itos[i] for i in ids)
+
+
+class ByteCodec:
+    vocab_size, eos = 256, None
+
+    def encode(self, text):
+        return list(text.encode('utf-8'))
+
+    def decode(self, ids):
+        return bytes(ids).decode('utf-8', errors='replace')
+
+
+class TiktokenCodec:
+    def __init__(self, encoding):
+        self.encoding, self.vocab_size, self.eos = encoding, encoding.n_vocab, encoding.eot_token
+
+    def encode(self, text):
+        return self.encoding.encode(text, allowed_special={'<|endoftext|>'})
+
+    def decode(self, ids):
+        return self.encoding.decode(ids)
+
+
+def gpt2_encoding(path=None):
+    """tiktoken's GPT-2 encoding, from a local ranks file when one is given (argument or the
+    WFC_GPT2_TIKTOKEN environment variable), else tiktoken's own (downloaded once, cached)."""
+    import tiktoken
+    path = path or os.environ.get('WFC_GPT2_TIKTOKEN')
+    if not path:
+        try:
+            return tiktoken.get_encoding('gpt2')
+        except Exception as e:
+            raise RuntimeError(f"could not load tiktoken's GPT-2 vocabulary ({type(e).__name__}: {e}). Offline? "
+                               f"Set WFC_GPT2_TIKTOKEN=/path/to/gpt2.tiktoken (a local copy of the ranks file)") from None
+    import tiktoken.load
+    from tiktoken_ext.openai_public import r50k_pat_str
+    return tiktoken.Encoding(name='gpt2', pat_str=r50k_pat_str, mergeable_ranks=tiktoken.load.load_tiktoken_bpe(path),
+                             special_tokens={'<|endoftext|>': GPT2_EOT})
+
+
+def codec_for(meta):
+    """The codec a dataset meta describes (None: GPT-2 BPE, as nanoGPT assumes)."""
+    kind = (meta or {}).get('tokenizer', 'char' if meta and 'stoi' in meta else 'gpt2')
+    if kind == 'char':
+        return CharCodec(meta['stoi'], meta['itos'])
+    if kind == 'bytes':
+        return ByteCodec()
+    if kind == 'gpt2':
+        return TiktokenCodec(gpt2_encoding())
+    raise ValueError(f"unknown tokenizer {kind!r} in the dataset meta (expected 'char', 'bytes' or 'gpt2')")
