@@ -2,18 +2,27 @@
 Token shards on disk -> batches. A split is every `{split}.bin` / `{split}_*.bin` file in the
 dataset folder: flat uint16 token ids (nanoGPT's format), memory-mapped, validated when opened.
 
+A prepared folder may also hold manifest.json (data/prepare_lib.py writes it): the tokenizer, the
+vocabulary, and per split the shard files with their token counts and sha256. When it is there,
+opening a split checks that the files on disk are exactly the listed ones, of the listed sizes and
+checksums, and fails with an error naming the shard otherwise (hashing reads about 1 GB/s).
+
 Batches are a pure function of a seed: `batch(seed)` draws the same rows every time, so the
 trainer derives each micro-step's seed from (run seed, iteration, micro-step) and the data order
 survives a resume or a change of DDP world size without any loader state to save.
 """
 
 import glob
+import hashlib
 import json
 import os
 import pickle
 
 import numpy as np
 import torch
+
+
+MANIFEST = 'manifest.json'
 
 
 class DataError(ValueError):
@@ -28,6 +37,52 @@ def split_files(data_dir, split):
     return files
 
 
+def read_manifest(data_dir):
+    """manifest.json as a dict, or None when the folder has none (nanoGPT-style folders)."""
+    path = os.path.join(data_dir, MANIFEST)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (ValueError, OSError) as e:
+        raise DataError(f"{path} is not readable JSON ({e}); re-run the dataset's prepare.py") from None
+
+
+def sha256_of(path, chunk=1 << 24):
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_split(data_dir, split, files, manifest, checksums=True):
+    """Check a split's shard files against the manifest: the same set of files, the recorded
+    token counts and (checksums=True) the recorded sha256. Raises DataError naming the shard."""
+    redo = f"re-run the preparation ({manifest.get('command') or 'the dataset prepare.py'})"
+    listed = manifest.get('splits', {}).get(split)
+    if listed is None:
+        raise DataError(f"{os.path.join(data_dir, MANIFEST)} has no '{split}' split; {redo}")
+    recorded = {shard['file']: shard for shard in listed['shards']}
+    for path in files:
+        if os.path.basename(path) not in recorded:
+            raise DataError(f"{path} is not listed in {MANIFEST} (a leftover from another preparation?): "
+                            f"remove it or {redo}")
+    for name, shard in recorded.items():
+        path = os.path.join(data_dir, name)
+        if not os.path.exists(path):
+            raise DataError(f"{path} is missing: {MANIFEST} lists it with {shard['tokens']:,} tokens; {redo}")
+        tokens = os.path.getsize(path) / 2
+        if tokens != shard['tokens']:
+            raise DataError(f"{path} holds {tokens:,g} tokens but {MANIFEST} records {shard['tokens']:,} "
+                            f"(truncated or overwritten?); {redo}")
+        if checksums and sha256_of(path) != shard['sha256']:
+            raise DataError(f"{path} fails its checksum: its sha256 differs from the one in {MANIFEST} "
+                            f"({shard['sha256'][:16]}...), so the shard is corrupt or was changed after "
+                            f"preparation; {redo}")
+
+
 def read_meta(data_dir):
     """meta.pkl (char vocabularies: vocab_size, stoi, itos) or None when the folder has none."""
     path = os.path.join(data_dir, 'meta.pkl')
@@ -38,21 +93,30 @@ def read_meta(data_dir):
 
 
 class TokenShards:
-    """The shards of one split, checked: even byte length, at least block_size + 1 tokens each,
-    and (when vocab_size is given) every token id < vocab_size."""
+    """The shards of one split, checked: even byte length, the manifest when there is one (see
+    above; verify=False skips the checksums), at least one shard with block_size + 1 tokens
+    (shorter ones, e.g. a split's short last shard, hold no window and are skipped), and (when
+    vocab_size is given) every token id < vocab_size."""
 
-    def __init__(self, data_dir, split, block_size, vocab_size=None):
+    def __init__(self, data_dir, split, block_size, vocab_size=None, verify=True):
         self.files, self.block_size = split_files(data_dir, split), block_size
-        self.shards = []
+        self.manifest = read_manifest(data_dir)
+        if self.manifest is not None:
+            verify_split(data_dir, split, self.files, self.manifest, checksums=verify)
+        used, self.shards = [], []
         for path in self.files:
             size = os.path.getsize(path)
             if size % 2:
                 raise DataError(f"{path} has {size} bytes, an odd number: not a uint16 token shard "
                                 f"(truncated copy?). Re-run the dataset's prepare.py")
-            if size // 2 < block_size + 1:
-                raise DataError(f"{path} holds {size // 2} tokens, fewer than block_size + 1 = {block_size + 1}; "
-                                f"use a smaller --block_size or more text")
-            self.shards.append(np.memmap(path, dtype=np.uint16, mode='r'))
+            if size // 2 >= block_size + 1:
+                used.append(path)
+                self.shards.append(np.memmap(path, dtype=np.uint16, mode='r'))
+        if not self.shards:
+            longest = max(os.path.getsize(path) // 2 for path in self.files)
+            raise DataError(f"the '{split}' shards in {data_dir} hold at most {longest} tokens each, fewer than "
+                            f"block_size + 1 = {block_size + 1}; use a smaller --block_size or more text")
+        self.files = used
         if vocab_size is not None:
             self.check_vocab(vocab_size)
         starts = torch.tensor([len(s) - block_size for s in self.shards])  # valid window starts per shard
@@ -60,8 +124,7 @@ class TokenShards:
         self.n_tokens = sum(len(s) for s in self.shards)
 
     def check_vocab(self, vocab_size):
-        manifest = os.path.join(os.path.dirname(self.files[0]), 'manifest.json')
-        recorded = json.load(open(manifest)).get('max_token') if os.path.exists(manifest) else None
+        recorded = (self.manifest or {}).get('max_token')
         for path, shard in zip(self.files, self.shards):
             top = recorded if recorded is not None else max(int(shard[i:i + (1 << 24)].max()) for i in range(0, len(shard), 1 << 24))
             if top >= vocab_size:

@@ -5,6 +5,9 @@ or GPT-2 BPE via tiktoken ({'tokenizer': 'gpt2'}, nanoGPT's default when there i
 
 GPT-2 BPE offline: point WFC_GPT2_TIKTOKEN (or the `path` argument) at a local `gpt2.tiktoken`
 ranks file; without it tiktoken downloads (and caches) the vocabulary.
+
+`encode` reads a prompt (the text '<|endoftext|>' is the end-of-text token); `encode_ordinary`
+reads training text, where that string is just text (data/prepare_lib.py uses it).
 """
 
 import os
@@ -24,15 +27,21 @@ class CharCodec:
                              f"{', '.join(repr(ch) for ch in unknown)}; remove or replace them")
         return [self.stoi[ch] for ch in text]
 
+    encode_ordinary = encode
+
     def decode(self, ids):
         return ''.join(self.itos[i] for i in ids)
 
 
 class ByteCodec:
-    vocab_size, eos = 256, None
+    """UTF-8 bytes, no tokenizer: any text in any language. 0xFF never occurs in UTF-8, so it is
+    free to end a document (prepared corpora put it between documents; sampling stops on it)."""
+    vocab_size, eos = 256, 0xFF
 
     def encode(self, text):
         return list(text.encode('utf-8'))
+
+    encode_ordinary = encode
 
     def decode(self, ids):
         return bytes(ids).decode('utf-8', errors='replace')
@@ -45,13 +54,18 @@ class TiktokenCodec:
     def encode(self, text):
         return self.encoding.encode(text, allowed_special={'<|endoftext|>'})
 
+    def encode_ordinary(self, text):
+        return self.encoding.encode_ordinary(text)
+
     def decode(self, ids):
         return self.encoding.decode(ids)
 
 
 def gpt2_encoding(path=None):
     """tiktoken's GPT-2 encoding, from a local ranks file when one is given (argument or the
-    WFC_GPT2_TIKTOKEN environment variable), else tiktoken's own (downloaded once, cached)."""
+    WFC_GPT2_TIKTOKEN environment variable), else tiktoken's own (downloaded once, cached).
+    The end-of-text token follows the ranks (50256 for GPT-2's 50256 ranks), so a small ranks
+    file in the same format (tests) gives a small, consistent vocabulary."""
     import tiktoken
     path = path or os.environ.get('WFC_GPT2_TIKTOKEN')
     if not path:
@@ -62,17 +76,21 @@ def gpt2_encoding(path=None):
                                f"Set WFC_GPT2_TIKTOKEN=/path/to/gpt2.tiktoken (a local copy of the ranks file)") from None
     import tiktoken.load
     from tiktoken_ext.openai_public import r50k_pat_str
-    return tiktoken.Encoding(name='gpt2', pat_str=r50k_pat_str, mergeable_ranks=tiktoken.load.load_tiktoken_bpe(path),
-                             special_tokens={'<|endoftext|>': GPT2_EOT})
+    if not os.path.exists(path):
+        raise RuntimeError(f"no GPT-2 ranks file at {path} (from --tiktoken or WFC_GPT2_TIKTOKEN)")
+    ranks = tiktoken.load.load_tiktoken_bpe(path)
+    return tiktoken.Encoding(name='gpt2', pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                             special_tokens={'<|endoftext|>': max(ranks.values()) + 1})
 
 
-def codec_for(meta):
-    """The codec a dataset meta describes (None: GPT-2 BPE, as nanoGPT assumes)."""
+def codec_for(meta, tiktoken_path=None):
+    """The codec a dataset meta describes (None: GPT-2 BPE, as nanoGPT assumes). tiktoken_path:
+    a local GPT-2 ranks file (else WFC_GPT2_TIKTOKEN, else tiktoken's download)."""
     kind = (meta or {}).get('tokenizer', 'char' if meta and 'stoi' in meta else 'gpt2')
     if kind == 'char':
         return CharCodec(meta['stoi'], meta['itos'])
     if kind == 'bytes':
         return ByteCodec()
     if kind == 'gpt2':
-        return TiktokenCodec(gpt2_encoding())
+        return TiktokenCodec(gpt2_encoding(tiktoken_path))
     raise ValueError(f"unknown tokenizer {kind!r} in the dataset meta (expected 'char', 'bytes' or 'gpt2')")

@@ -1,62 +1,43 @@
 """
-Tiny Shakespeare, character level: writes train.bin / val.bin (uint16 token ids, 90% / 10%)
-and meta.pkl (vocab_size, stoi, itos) next to this file.
+Tiny Shakespeare, character level: writes train.bin / val.bin (uint16 token ids, the first 90% /
+last 10% of the characters), meta.pkl (vocab_size, stoi, itos) and manifest.json next to this file.
 
-    python data/shakespeare_char/prepare.py                 # uses input.txt here, else downloads it
-    python data/shakespeare_char/prepare.py --input my.txt  # any local text file, offline
+    python data/shakespeare_char/prepare.py                    # uses input.txt here, else downloads it
+    python data/shakespeare_char/prepare.py --input my.txt     # any local text file, offline
+    python data/shakespeare_char/prepare.py --tokenizer=bytes  # UTF-8 bytes, vocabulary 256 -> data/shakespeare_bytes
 """
 
-import argparse
 import os
-import pickle
 import sys
-import urllib.request
 
-import numpy as np
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+import prepare_lib  # noqa: E402
+from tokenizer import CharCodec  # noqa: E402
 
 URL = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'
-HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def get_text(path):
-    if path is None:
-        path = os.path.join(HERE, 'input.txt')
-        if not os.path.exists(path):
-            print(f"downloading {URL}")
-            try:
-                with urllib.request.urlopen(URL, timeout=30) as response:
-                    data = response.read()
-            except OSError as e:
-                sys.exit(f"error: could not download the text ({e}).\n"
-                         f"Offline? Put the tiny-shakespeare text at {path}, or run with --input /path/to/text.txt")
-            with open(path, 'wb') as f:
-                f.write(data)
-    if not os.path.exists(path):
-        sys.exit(f"error: --input {path}: no such file")
-    with open(path, encoding='utf-8') as f:
-        return f.read()
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--input', help='a local UTF-8 text file (default: input.txt here, downloaded if missing)')
-    parser.add_argument('--out_dir', default=HERE, help='where to write the shards and meta.pkl')
-    parser.add_argument('--val_fraction', type=float, default=0.1)
+    parser = prepare_lib.common_args(__doc__, tokenizers=('char', 'bytes'))
     args = parser.parse_args()
-    text = get_text(args.input)
-    chars = sorted(set(text))
-    if len(chars) > 65535:
-        sys.exit(f"error: {len(chars)} distinct characters do not fit uint16 token ids")
-    stoi = {ch: i for i, ch in enumerate(chars)}
-    ids = np.array([stoi[ch] for ch in text], dtype=np.uint16)
-    n_train = int(len(ids) * (1 - args.val_fraction))
-    os.makedirs(args.out_dir, exist_ok=True)
-    ids[:n_train].tofile(os.path.join(args.out_dir, 'train.bin'))
-    ids[n_train:].tofile(os.path.join(args.out_dir, 'val.bin'))
-    with open(os.path.join(args.out_dir, 'meta.pkl'), 'wb') as f:
-        pickle.dump({'vocab_size': len(chars), 'itos': dict(enumerate(chars)), 'stoi': stoi}, f)
-    print(f"{len(text):,} characters, vocabulary of {len(chars)}: train {n_train:,} tokens, "
-          f"val {len(ids) - n_train:,} tokens -> {args.out_dir}")
+    if args.input and len(args.input) > 1:
+        sys.exit("error: --input takes one text file here")
+    path = args.input[0] if args.input else os.path.join(HERE, 'input.txt')
+    if args.input and not os.path.exists(path):
+        sys.exit(f"error: --input {path}: no such file")
+    text = prepare_lib.read_or_download(path, URL)
+    if args.tokenizer == 'char':
+        chars = sorted(set(text))
+        if len(chars) > 65535:
+            sys.exit(f"error: {len(chars)} distinct characters do not fit uint16 token ids; use --tokenizer=bytes")
+        stoi = {ch: i for i, ch in enumerate(chars)}
+        codec = CharCodec(stoi, dict(enumerate(chars)))
+        meta = {'tokenizer': 'char', 'vocab_size': len(chars), 'itos': codec.itos, 'stoi': stoi}
+    else:
+        codec, meta = prepare_lib.make_codec(args.tokenizer)
+    out_dir = args.out_dir or prepare_lib.default_out_dir(HERE, 'shakespeare', args.tokenizer, 'char')
+    prepare_lib.prepare_text(text, codec, meta, out_dir, args.val_fraction, args.shard_tokens, source=path)
 
 
 if __name__ == '__main__':
