@@ -145,6 +145,7 @@ if init_from == 'resume':
     train_time = resumed.get('train_time', 0.0)
 elif init_from != 'scratch':
     fail(f"init_from must be 'scratch' or 'resume', got {init_from!r}")
+torch.manual_seed(seed)  # the initial weights: the same run after run, and on every DDP rank
 try:
     model = GPT(GPTConfig(**model_args))
 except ValueError as e:
