@@ -281,9 +281,15 @@ while True:
             with open(os.path.join(out_dir, 'eval_log.jsonl'), 'a') as f:
                 f.write(json.dumps(record) + '\n')
             if wandb_log:
-                wandb.log({'iter': iter_num, 'train/loss': record['train'], 'val/loss': val, 'lr': lr,
-                           'mfu': running_mfu * 100, 'passes': record['passes'],
-                           **{f'val/loss_d{d + 1}': v for d, v in enumerate(record['val_by_dist'])}})
+                logged = {'iter': iter_num, 'train/loss': record['train'], 'val/loss': val, 'lr': lr,
+                          **({'mfu': running_mfu * 100} if running_mfu >= 0 else {}), 'val/passes': record['passes'],
+                          **{f'val/loss_d{d + 1}': v for d, v in enumerate(record['val_by_dist'])}}
+                if n_future:  # the hockey stick of this evaluation, as a line plot (the panel shows the latest)
+                    table = wandb.Table(data=[[d + 1, v] for d, v in enumerate(record['val_by_dist'])],
+                                        columns=['distance', 'val loss'])
+                    logged['val/loss_by_distance'] = wandb.plot.line(table, 'distance', 'val loss',
+                                                                     title=f'val loss by distance (iter {iter_num})')
+                wandb.log(logged, step=iter_num)
             improved = val < best_val_loss
             best_val_loss = min(best_val_loss, val)
             if iter_num > 0 and (improved or always_save_checkpoint):
@@ -339,6 +345,10 @@ while True:
         extra = f", passes {passes:.1f}, F {F_now}" if n_future else ''
         print(f"iter {iter_num}: loss {train_loss:.4f}, lr {lr:.2e}, time {dt * 1000:.1f}ms, "
               f"mfu {running_mfu * 100:.1f}%{extra}", flush=True)
+        if wandb_log:
+            wandb.log({'iter': iter_num, 'train/step_loss': train_loss, 'lr': lr, 'mfu': running_mfu * 100,
+                       'train/passes': passes, 'train/step_ms': dt * 1000,
+                       **({'train/n_future': F_now} if n_future else {})}, step=iter_num)
     if status[2] > 0:
         if master:
             save_checkpoint(ckpt_path)
@@ -351,5 +361,7 @@ while True:
 
 if master and iter_num > 0 and not eval_only and always_save_checkpoint:
     pass  # the final evaluation above already wrote the last checkpoint
+if master and wandb_log:
+    wandb.finish()
 if ddp:
     dist.destroy_process_group()
