@@ -1,17 +1,30 @@
 """
 Checkpoints: written atomically, read safely, turned back into models. Reads nanoGPT's
 checkpoints too (`ckpt.pt` with 'model' and 'model_args'): GPT mode has nanoGPT's parameter names.
+
+A run folder (train.py's out_dir) holds:
+  ckpt.pt          the resume point: model, optimizer, grad scaler, iteration, best val loss, every
+                   RNG state, the data position, the resolved config and the format version
+  best.pt          the weights with the best val loss so far (no optimizer): a worse evaluation
+                   later never replaces it
+  ckpt-<iter>.pt   the newest keep_last copies of ckpt.pt (keep_last = 0: none)
+Every file holds only tensors and plain Python data, so torch.load(weights_only=True) reads it.
 """
 
+import glob
 import os
 import pickle
+import random
+import shutil
 import tempfile
 
+import numpy as np
 import torch
 
 from model import GPT, GPTConfig
 
 FORMAT_VERSION = 1
+TEMP_PREFIX = '.tmp-'  # save() writes here first; a leftover one is a save that was killed
 # fields that change parameter shapes: a checkpoint cannot be resumed into a model that differs in these
 SHAPE_FIELDS = ('n_layer', 'n_head', 'n_embd', 'vocab_size', 'block_size', 'bias', 'pos_emb', 'n_future')
 
@@ -20,15 +33,18 @@ class CheckpointError(RuntimeError):
     pass
 
 
-def save(payload, path):
-    """Write to a temporary file in the same folder, fsync, then rename over `path`: a crash at
-    any moment leaves either the old checkpoint or the new one, never half a file."""
+def _write_atomically(path, write):
+    """write(file) into a temporary file in path's folder, fsync, rename over path, fsync the
+    folder: a crash at any moment leaves either the old file or the new one, never half a file."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.tmp-', suffix='.pt')
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=TEMP_PREFIX, suffix='.pt')
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        os.chmod(tmp, 0o666 & ~umask)  # the permissions a plain open() gives, not mkstemp's private 0600
         with os.fdopen(fd, 'wb') as f:
-            torch.save(payload, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -36,6 +52,53 @@ def save(payload, path):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    if hasattr(os, 'O_DIRECTORY'):  # make the rename itself survive a power loss (POSIX)
+        folder_fd = os.open(folder, os.O_DIRECTORY)
+        os.fsync(folder_fd)
+        os.close(folder_fd)
+
+
+def save(payload, path):
+    """torch.save(payload) to path, atomically (see _write_atomically)."""
+    _write_atomically(path, lambda f: torch.save(payload, f))
+
+
+def remove_stale_temps(folder):
+    """Delete the half-written files of saves that were killed (SIGKILL, power loss) in folder.
+    Nothing ever reads them; this only frees the disk. Call it where no other save is running."""
+    for path in glob.glob(os.path.join(folder, TEMP_PREFIX + '*.pt')):
+        os.remove(path)
+
+
+def keep_copy(path, iter_num, keep_last):
+    """Copy path to ckpt-<iter>.pt beside it (atomically) and delete all but the newest keep_last
+    copies; keep_last = 0 keeps none."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if keep_last > 0:
+        with open(path, 'rb') as source:
+            _write_atomically(os.path.join(folder, f'ckpt-{iter_num:08d}.pt'), lambda f: shutil.copyfileobj(source, f))
+    for old in sorted(glob.glob(os.path.join(folder, 'ckpt-*.pt')))[:-keep_last or None]:
+        os.remove(old)
+
+
+def rng_state():
+    """Every RNG state (python, numpy, torch, CUDA) as tensors and plain lists: weights_only-loadable."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()  # MT19937: 624 uint32 keys
+    state = dict(python=list(random.getstate()[1]), numpy=dict(keys=torch.from_numpy(keys.astype(np.int64)),
+                 pos=int(pos), has_gauss=int(has_gauss), gauss=float(gauss)), torch=torch.get_rng_state())
+    if torch.cuda.is_available():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    """Restore what rng_state() returned (a CUDA state only where this machine has as many GPUs)."""
+    random.setstate((3, tuple(state['python']), None))
+    n = state['numpy']
+    np.random.set_state(('MT19937', n['keys'].numpy().astype(np.uint32), n['pos'], n['has_gauss'], n['gauss']))
+    torch.set_rng_state(state['torch'])
+    if 'cuda' in state and torch.cuda.is_available() and len(state['cuda']) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state['cuda'])
 
 
 def resolve_path(path):
@@ -52,10 +115,15 @@ def load(path):
     try:
         ckpt = torch.load(path, map_location='cpu', weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
+        if 'Weights only load failed' in str(e):  # a pickle of Python objects: another program's checkpoint
+            raise CheckpointError(f"{path} holds Python objects, not just tensors and plain data, so it was not "
+                                  f"written by this repo or nanoGPT; it is not loaded because unpickling them "
+                                  f"could run arbitrary code") from None
         raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt?): {str(e).splitlines()[0]}") from None
     if not isinstance(ckpt, dict) or 'model' not in ckpt or 'model_args' not in ckpt:
-        raise CheckpointError(f"{path} is not a WFC-GPT or nanoGPT checkpoint: expected a dict with 'model' and "
-                              f"'model_args', found {sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__}")
+        found = f"keys {list(ckpt)[:8]}" if isinstance(ckpt, dict) else f"a {type(ckpt).__name__}"
+        raise CheckpointError(f"{path} is not a WFC-GPT or nanoGPT checkpoint (a different model type?): "
+                              f"expected a dict with 'model' and 'model_args', found {found}")
     if ckpt.get('format_version', FORMAT_VERSION) > FORMAT_VERSION:
         raise CheckpointError(f"{path} has format version {ckpt['format_version']}; this code reads up to "
                               f"{FORMAT_VERSION}: update the repo")
@@ -87,9 +155,16 @@ def model_args(ckpt):
 
 def build_model(ckpt, **overrides):
     """A GPT with the checkpoint's weights; overrides change inference knobs (max_loop, tol, ...)."""
-    model = GPT(GPTConfig(**{**model_args(ckpt), **overrides}))
+    try:
+        model = GPT(GPTConfig(**{**model_args(ckpt), **overrides}))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint model_args do not describe a model this code builds: {e}") from None
     state = clean_state_dict(ckpt['model'])
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shapes differ: the weights come from another architecture
+        raise CheckpointError(f"checkpoint weights do not fit the model its model_args describe: "
+                              f"{' '.join(str(e).split())[:300]}") from None
     if missing or unexpected:
         raise CheckpointError(f"checkpoint weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     return model
@@ -105,6 +180,7 @@ def load_model(path, device='cpu', **overrides):
 
 def compare_args(saved, wanted):
     """Differences between a checkpoint's model_args and a run's: (shape fields, other fields)."""
+    fields = GPTConfig.__dataclass_fields__
     keys = sorted(set(saved) | set(wanted))
-    diff = [k for k in keys if saved.get(k, GPTConfig.__dataclass_fields__[k].default) != wanted.get(k)]
+    diff = [k for k in keys if saved.get(k, fields[k].default if k in fields else None) != wanted.get(k)]
     return [k for k in diff if k in SHAPE_FIELDS], [k for k in diff if k not in SHAPE_FIELDS]

@@ -6,9 +6,12 @@ Train a GPT, a looped GPT or a WFC model (model.py) on token shards in data/<dat
     torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2.py   # DDP, one node
 
 Every setting below can be changed by config files and --key=value (configurator.py). Ctrl-C or
-SIGTERM writes a checkpoint at the next step boundary and exits with code 75; rerun with
---init_from=resume to continue exactly where it stopped. Exit codes: 0 done, 2 bad config, data
-or checkpoint, 3 non-finite loss or gradient (the last good checkpoint is left untouched).
+SIGTERM writes a checkpoint at the next step boundary and exits with code 75 (a second one exits at
+once); rerun with --init_from=resume to continue exactly where it stopped. out_dir gets ckpt.pt (the
+resume point), best.pt (the best val loss so far) and keep_last rolling ckpt-<iter>.pt (checkpoint.py).
+Exit codes: 0 done, 2 bad config, data or checkpoint, 3 non-finite loss, gradient or val loss,
+4 a loss spike with spike_action='stop' (3 and 4 stop before the update and leave the last good
+checkpoint untouched), 75 stopped by a signal (checkpoint written).
 """
 
 import json
@@ -41,6 +44,7 @@ log_interval = 1                # iterations between log lines
 eval_iters = 200                # batches per split per evaluation (the same batches every time)
 eval_only = False               # evaluate the initial/resumed model once and exit
 always_save_checkpoint = True   # False: write ckpt.pt only when the val loss improves
+keep_last = 0                   # also keep the newest keep_last evaluations' checkpoints as ckpt-<iter>.pt (0 = none)
 init_from = 'scratch'           # 'scratch' or 'resume' (from out_dir/ckpt.pt)
 max_time = 0.0                  # stop after this many seconds of training time (0 = no limit); the lr schedule stays in iterations
 # wandb (optional; WANDB_MODE=offline works without a network)
@@ -62,6 +66,8 @@ weight_decay = 1e-1
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0                 # clip the global gradient norm at this value (0 = off)
+spike_factor = 0.0              # a train loss above spike_factor x its running mean is a spike (0 = off; e.g. 3.0)
+spike_action = 'warn'           # on a spike: 'warn' (log it, go on) or 'stop' (exit 4 before the update)
 # learning rate: linear warmup, then cosine decay to min_lr
 decay_lr = True
 warmup_iters = 2000
@@ -87,6 +93,12 @@ try:
 except ConfigError as e:
     fail(e)
 model_keys = list(GPTConfig.__dataclass_fields__)
+if spike_action not in ('warn', 'stop') or keep_last < 0:
+    fail(f"need spike_action 'warn' or 'stop' (got {spike_action!r}) and keep_last >= 0 (got {keep_last})")
+# fault injection, read here only and used only by tests/test_reliability.py: WFC_FAULT='nan_loss@7'
+# makes iteration 7's loss NaN, 'nan_grad@7' a gradient, 'spike@7' the loss 100x; '@7:1' on rank 1 only
+fault_kind, _, fault_at = os.environ.get('WFC_FAULT', '').partition('@')
+fault_iter, _, fault_rank = fault_at.partition(':')
 
 # -----------------------------------------------------------------------------
 # setup: processes, device, precision
@@ -113,11 +125,11 @@ ctx = runtime.autocast(device, dtype)
 # data
 repo = os.path.dirname(os.path.abspath(__file__))
 data_dir = dataset if os.sep in dataset else os.path.join(repo, 'data', dataset)
-meta = read_meta(data_dir)  # the tokenizer; stored in checkpoints so they sample without the data folder
-if meta is not None and 'vocab_size' in meta:
-    vocab_size = config['vocab_size'] = meta['vocab_size']
-meta = meta or {'tokenizer': 'gpt2'}
 try:
+    meta = read_meta(data_dir)  # the tokenizer; stored in checkpoints so they sample without the data folder
+    if meta is not None and 'vocab_size' in meta:
+        vocab_size = config['vocab_size'] = meta['vocab_size']
+    meta = meta or {'tokenizer': 'gpt2'}
     train_data = TokenShards(data_dir, 'train', block_size, vocab_size)
     val_data = TokenShards(data_dir, 'val', block_size, vocab_size)
 except DataError as e:
@@ -127,9 +139,11 @@ except DataError as e:
 # model and optimizer
 model_args = {k: config[k] for k in model_keys}
 iter_num, best_val_loss, train_time, resumed = 0, float('inf'), 0.0, None
+loss_ema, resumed_rng = None, None  # the spike detector's running mean of the train loss; RNG states to restore
+ckpt_path, best_path = os.path.join(out_dir, 'ckpt.pt'), os.path.join(out_dir, 'best.pt')
 if init_from == 'resume':
     try:
-        resumed = checkpoint.load(os.path.join(out_dir, 'ckpt.pt'))
+        resumed = checkpoint.load(ckpt_path)
     except checkpoint.CheckpointError as e:
         fail(e)
     shape, other = checkpoint.compare_args(resumed['model_args'], model_args)
@@ -137,12 +151,12 @@ if init_from == 'resume':
         fail(f"cannot resume {out_dir}/ckpt.pt: its architecture differs in {shape} "
              f"(checkpoint: {[resumed['model_args'].get(k) for k in shape]}, now: {[model_args[k] for k in shape]})")
     changed = other + [k for k in ('batch_size', 'gradient_accumulation_steps', 'learning_rate', 'max_iters',
-                                   'lr_decay_iters', 'warmup_iters', 'min_lr', 'weight_decay', 'dataset')
+                                   'lr_decay_iters', 'warmup_iters', 'min_lr', 'weight_decay', 'dataset', 'seed')
                        if resumed.get('config', {}).get(k, config[k]) != config[k]]
     if changed and master:
         print(f"warning: resuming with changed settings: {changed}")
     iter_num, best_val_loss = resumed['iter_num'], resumed['best_val_loss']
-    train_time = resumed.get('train_time', 0.0)
+    train_time, loss_ema, resumed_rng = resumed.get('train_time', 0.0), resumed.get('loss_ema'), resumed.get('rng')
 elif init_from != 'scratch':
     fail(f"init_from must be 'scratch' or 'resume', got {init_from!r}")
 torch.manual_seed(seed)  # the initial weights: the same run after run, and on every DDP rank
@@ -179,6 +193,7 @@ if ddp:
 peak = runtime.peak_flops(device, dtype) if master else float('nan')
 if master:
     os.makedirs(out_dir, exist_ok=True)
+    checkpoint.remove_stale_temps(out_dir)  # half files of a save that was killed; nothing reads them
     versions = dict(python=platform.python_version(), torch=torch.__version__, device=device, dtype=dtype, world=world)
     with open(os.path.join(out_dir, 'config.json'), 'w') as f:
         json.dump(dict(config=config, versions=versions), f, indent=1)
@@ -239,10 +254,37 @@ def get_lr(it):
 
 
 def save_checkpoint(path):
+    """The resume point. The data loader's position is the iteration: every batch is a function of
+    (seed, iteration, micro-step), so data={'iter', 'seed'} is all the loader state there is. The
+    RNG states are rank 0's; training reseeds every micro-step, so they matter only to new code."""
     checkpoint.save(dict(
         model=raw_model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
         model_args=model_args, config=config, iter_num=iter_num, best_val_loss=best_val_loss,
-        train_time=train_time, meta=meta, format_version=checkpoint.FORMAT_VERSION), path)
+        train_time=train_time, meta=meta, format_version=checkpoint.FORMAT_VERSION, loss_ema=loss_ema,
+        rng=checkpoint.rng_state(), data=dict(iter=iter_num, seed=seed)), path)
+
+
+def save_best(path, val):
+    """best.pt: what sampling needs (weights, model_args, meta), no optimizer."""
+    checkpoint.save(dict(model=raw_model.state_dict(), model_args=model_args, config=config, iter_num=iter_num,
+                         val_loss=val, meta=meta, format_version=checkpoint.FORMAT_VERSION), path)
+
+
+def check_ranks_agree():
+    """DDP keeps every rank's weights identical; a silent divergence would make every later number
+    wrong, so compare a fingerprint (float64 sum and abs-sum of each parameter) across ranks."""
+    fingerprint = torch.stack([s for p in raw_model.parameters() for s in (p.double().sum(), p.double().abs().sum())])
+    gathered = [torch.empty_like(fingerprint) for _ in range(world)]
+    dist.all_gather(gathered, fingerprint)
+    differ = [r for r in range(world) if not torch.equal(gathered[r], gathered[0])]
+    if differ:
+        fail(f"DDP ranks {differ} hold different weights from rank 0 at iteration {iter_num}; the run is "
+             f"stopped, {ckpt_path} is the last good checkpoint", code=3)
+
+
+def fault(kind):
+    """True when WFC_FAULT (see the settings) asks for this fault at this iteration on this rank."""
+    return fault_kind == kind and fault_iter == str(iter_num) and fault_rank in ('', str(rank))
 
 
 stop_signal = None
@@ -250,6 +292,8 @@ stop_signal = None
 
 def request_stop(signum, frame):
     global stop_signal
+    if stop_signal is not None:  # asked twice: stop now (a checkpoint being saved is abandoned whole)
+        sys.exit(128 + signum)
     stop_signal = signum  # acted on at the next step boundary, on every rank at once
 
 
@@ -261,7 +305,8 @@ if master and wandb_log:
 
 # -----------------------------------------------------------------------------
 # training loop
-ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+if resumed_rng is not None:
+    checkpoint.set_rng_state(resumed_rng)
 running_mfu, t_last, train_loss = -1.0, time.time(), float('nan')
 while True:
     lr = get_lr(iter_num) if decay_lr else learning_rate
@@ -272,9 +317,15 @@ while True:
         t_eval = time.time()
         results = evaluate()
         val = results['val']['loss']
+        if not math.isfinite(val):
+            fail(f"non-finite val loss at iteration {iter_num}; {ckpt_path} (the last good checkpoint) is left "
+                 f"as it was. Try a lower learning_rate, grad_clip > 0 or dtype=float32", code=3)
+        if ddp:
+            check_ranks_agree()
         if master:
             extra = (f", by distance {' '.join(f'{v:.3f}' for v in results['val']['by_dist'])}, "
                      f"passes {results['val']['passes']:.2f}") if n_future else ''
+            extra += f", weights identical on {world} ranks" if ddp else ''
             print(f"step {iter_num}: train loss {results['train']['loss']:.4f}, val loss {val:.4f}{extra}")
             record = dict(iter=iter_num, train_time=round(train_time, 3), train=results['train']['loss'], val=val,
                           val_by_dist=results['val']['by_dist'], passes=results['val']['passes'], lr=lr)
@@ -290,11 +341,17 @@ while True:
                     logged['val/loss_by_distance'] = wandb.plot.line(table, 'distance', 'val loss',
                                                                      title=f'val loss by distance (iter {iter_num})')
                 wandb.log(logged, step=iter_num)
-            improved = val < best_val_loss
+            improved, worse = val < best_val_loss, val > best_val_loss
             best_val_loss = min(best_val_loss, val)
             if iter_num > 0 and (improved or always_save_checkpoint):
                 save_checkpoint(ckpt_path)
+                checkpoint.keep_copy(ckpt_path, iter_num, keep_last)
                 print(f"saved {ckpt_path} (val {val:.4f}, best {best_val_loss:.4f})")
+            if improved and not eval_only:
+                save_best(best_path, val)
+            if worse:
+                print(f"val loss {val:.4f} is worse than the best {best_val_loss:.4f}: {best_path} keeps the best "
+                      f"weights, {ckpt_path} holds the {'latest' if always_save_checkpoint else 'best'} state")
         t_last += time.time() - t_eval  # evaluation time is not training time
     if eval_only or iter_num >= max_iters or out_of_time:
         break
@@ -312,9 +369,13 @@ while True:
         with ctx:
             _, loss = model(x, y) if n_future == 0 else model(x, y, n_future=F_now)
             loss = loss / accum
+        if fault('nan_loss') or fault('spike'):
+            loss = loss * (float('nan') if fault('nan_loss') else 100.0)
         scaler.scale(loss).backward()
         loss_sum += loss.detach()
         passes_sum += raw_model.last.get('passes', n_loop)
+    if fault('nan_grad'):
+        next(raw_model.parameters()).grad.fill_(float('nan'))
     if grad_clip > 0:
         scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip if grad_clip > 0 else float('inf'))
@@ -327,6 +388,16 @@ while True:
         fail(f"non-finite loss or gradient at iteration {iter_num} (loss {loss_sum.item():.4g}, grad norm "
              f"{grad_norm.item():.4g}); stopped before the update, {ckpt_path} is the last good checkpoint. "
              f"Try a lower learning_rate, grad_clip > 0 or dtype=float32", code=3)
+    train_loss = status[0].item() / world  # the mean over every micro-step of every rank
+    if spike_factor > 0 and loss_ema is not None and train_loss > spike_factor * loss_ema:
+        spike = f"loss spike at iteration {iter_num}: {train_loss:.4f} > {spike_factor:g} x its running mean {loss_ema:.4f}"
+        if spike_action == 'stop':
+            fail(f"{spike}; stopped before the update (spike_action='stop'), {ckpt_path} is the last good "
+                 f"checkpoint. Try a lower learning_rate or resume with spike_action='warn'", code=4)
+        if master:
+            print(f"warning: {spike}", flush=True)
+    else:  # a spike does not move the mean, so a run of spikes keeps being reported
+        loss_ema = train_loss if loss_ema is None else 0.9 * loss_ema + 0.1 * train_loss
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
@@ -336,8 +407,9 @@ while True:
     dt, t_last = now - t_last, now
     train_time += dt
     iter_num += 1
-    train_loss = status[0].item() / world
     if master and iter_num % log_interval == 0:
+        with open(os.path.join(out_dir, 'train_log.jsonl'), 'a') as f:  # exact values, for plots and the tests
+            f.write(json.dumps(dict(iter=iter_num, loss=train_loss, lr=lr)) + '\n')
         passes = passes_sum / accum
         flops = raw_model.flops_per_iter(batch_size, block_size, passes) * gradient_accumulation_steps
         mfu = flops / dt / peak
