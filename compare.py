@@ -1,0 +1,196 @@
+"""
+Train several models on the same data for the same wall-clock budget (or the same training FLOPs),
+evaluate them all the same way (eval.py, same tokens), print one table and draw the curves.
+
+    python compare.py                                  # GPT, looped GPT, WFC bidirectional, WFC pinned; 3 min each
+    python compare.py --budget=600 --variants=gpt,wfc_pinned
+    python compare.py --plan=research/plan_ablations.py --budget=300
+
+Fair and reproducible budgets: the seconds per iteration of every variant are measured side by side
+(short interleaved runs, medians), then each trains for budget / (s/iter) iterations with its
+learning-rate schedule ending there. The losses then depend on iteration counts, not on what else
+the machine did during the runs. The FLOPs table gives every variant the training FLOPs
+(model.flops_per_iter) of the GPT run instead. Results: <out_dir>/results.json and .md, plots.
+"""
+
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+import checkpoint
+from configurator import ConfigError, configure
+from dataloader import TokenShards
+
+# -----------------------------------------------------------------------------
+budget = 180.0           # seconds of training per variant (time table)
+variants = 'gpt,looped,wfc_bidirectional,wfc_pinned'  # names from VARIANTS (or the plan)
+plan = ''                # a Python file defining VARIANTS = {name: [config file, --overrides...]} to add
+tables = 'time'          # 'time', 'flops' or 'time,flops'
+calibration_iters = 30   # iterations per calibration run
+calibration_rounds = 2   # interleaved rounds of calibration runs
+evals_per_run = 8        # evaluations during each run (the loss-vs-time curve)
+eval_windows = 256       # windows for the final evaluation (eval.py), the same for every variant
+judge = ''               # judge checkpoint: adds the judge NLL of samples ('' = skip)
+samples = 16             # samples per variant for the judge
+temperature = 0.8
+out_dir = 'runs/compare'
+device = 'cpu'
+dtype = 'auto'
+seed = 1337
+# -----------------------------------------------------------------------------
+
+VARIANTS = {
+    'gpt': ['config/train_shakespeare_char_gpt.py'],
+    'looped': ['config/train_shakespeare_char_looped.py'],
+    'wfc_bidirectional': ['config/train_shakespeare_char_wfc.py', '--attn=bidirectional', '--past_loss=0.0'],
+    'wfc_pinned': ['config/train_shakespeare_char_wfc.py'],
+}
+REPO = os.path.dirname(os.path.abspath(__file__))
+
+
+def train(name, args, iters, run_dir, evals):
+    """Run train.py for `iters` iterations with the schedule ending there; returns its stdout."""
+    cmd = [sys.executable, os.path.join(REPO, 'train.py'), *args, f'--out_dir={run_dir}', f'--max_iters={iters}',
+           f'--lr_decay_iters={iters}', f'--eval_interval={max(1, iters // max(evals, 1))}', f'--device={device}',
+           f'--dtype={dtype}', f'--seed={seed}', '--always_save_checkpoint=True', '--log_interval=1',
+           f'--warmup_iters={min(100, iters // 10)}']
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    if result.returncode:
+        sys.exit(f"error: training {name} failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
+    return result.stdout
+
+
+def seconds_per_iter(log):
+    times = [float(t) for t in re.findall(r'^iter \d+: .* time ([\d.]+)ms', log, re.M)]
+    return times[5:] or times  # the first iterations warm caches up
+
+
+def calibrate(names):
+    """Median seconds per iteration of each variant, measured in interleaved rounds, and its
+    training FLOPs per iteration (model.flops_per_iter of the model the run built)."""
+    samples, flops = {n: [] for n in names}, {}
+    for _ in range(calibration_rounds):
+        for n in names:
+            run_dir = os.path.join(out_dir, 'calibration', n)
+            samples[n] += seconds_per_iter(train(n, VARIANTS[n] + ['--eval_iters=1'], calibration_iters, run_dir, 1))
+            model, info = checkpoint.load_model(run_dir)
+            flops[n] = model.flops_per_iter(info['config']['batch_size'] * info['config']['gradient_accumulation_steps'],
+                                            model.config.block_size)
+    return {n: statistics.median(v) / 1000 for n, v in samples.items()}, flops
+
+
+def read_curve(run_dir):
+    with open(os.path.join(run_dir, 'eval_log.jsonl')) as f:
+        return [json.loads(line) for line in f]
+
+
+def evaluate_run(run_dir):
+    """eval.py's numbers for the run's final checkpoint, on the same windows for every run."""
+    import eval as evaluation
+    from sampling import Settings
+    model, info = checkpoint.load_model(run_dir, 'cpu')
+    data = TokenShards(os.path.join(REPO, 'data', info['config']['dataset']), 'val', model.config.block_size)
+    result = evaluation.evaluate(model, data, eval_windows, 32, 1234, 'cpu', warm_positions=64)
+    if judge:
+        judge_model = checkpoint.load_model(judge, 'cpu')[0]
+        prompts = data.batch(samples, 1235)[0][:, :32]
+        result.update(evaluation.sample_quality(model, judge_model, prompts, 96, Settings(temperature=temperature), 1234))
+    result['params'] = model.get_num_params()
+    return result
+
+
+def markdown(rows, title):
+    head = ('| variant | params | s/iter | iters | train s | val next-token loss | bits/char | loss by distance d=1.. '
+            '| passes | warm-start seq. loss | judge NLL | distinct-4 |')
+    lines = [f'**{title}**', '', head, '|' + '---|' * 12]
+    for r in rows:
+        dist = ' '.join(f'{v:.2f}' for v in r.get('by_dist', [])) or '-'
+        opt = lambda k, f: format(r[k], f) if k in r else '-'
+        lines.append(f"| {r['name']} | {r['params'] / 1e6:.2f}M | {r['s_per_iter']:.3f} | {r['iters']} | "
+                     f"{r['train_time']:.0f} | {r['loss']:.4f} | {r['bits']:.3f} | {dist} | {r['mean_passes']:.2f} | "
+                     f"{opt('warm_sequential', '.3f')} | {opt('judge_nll', '.3f')} | {opt('distinct_4', '.3f')} |")
+    return '\n'.join(lines)
+
+
+def plot(rows, path):
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plots (pip install matplotlib)")
+        return
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for r in rows:
+        curve = [p for p in r['curve'] if p['iter'] > 0]
+        left.plot([p['iter'] * r['s_per_iter'] for p in curve], [p['val'] for p in curve], marker='.', label=r['name'])
+        if r.get('by_dist'):
+            right.plot(range(1, len(r['by_dist']) + 1), r['by_dist'], marker='o', label=r['name'])
+    left.set(xlabel='training time (s, calibrated)', ylabel='val next-token loss (nats)', title='loss vs wall-clock')
+    right.set(xlabel='distance d', ylabel='val loss (nats)', title='WFC loss by distance ("hockey stick")')
+    left.legend(), right.legend() if right.lines else None
+    fig.savefig(path, dpi=110, bbox_inches='tight')
+    print(f"wrote {path}")
+
+
+def run_table(kind, names, speed, flops):
+    iters = {n: max(20, int(budget / speed[n])) for n in names}
+    if kind == 'flops':  # every variant gets the FLOPs the first variant (the GPT) spends in the time budget
+        base = names[0]
+        iters = {n: max(20, int(iters[base] * flops[base] / flops[n])) for n in names}
+    rows = []
+    for n in names:
+        run_dir = os.path.join(out_dir, kind, n)
+        t0 = time.time()
+        train(n, VARIANTS[n], iters[n], run_dir, evals_per_run)
+        result = evaluate_run(run_dir)
+        passes = result.pop('passes')
+        rows.append(dict(name=n, iters=iters[n], s_per_iter=speed[n], train_time=read_curve(run_dir)[-1]['train_time'],
+                         wall=time.time() - t0, curve=read_curve(run_dir),
+                         mean_passes=sum(k * v for k, v in passes.items()) / sum(passes.values()), **result))
+        print(f"{kind} {n}: {iters[n]} iters, val next-token loss {result['loss']:.4f}", flush=True)
+    return rows
+
+
+def main():
+    try:
+        configure(globals())
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
+    if plan:
+        scope = {}
+        exec(open(plan).read(), scope)
+        VARIANTS.update(scope['VARIANTS'])
+    names = variants.split(',')
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        sys.exit(f"error: unknown variants {unknown}; known: {sorted(VARIANTS)}")
+    os.makedirs(out_dir, exist_ok=True)
+    speed, flops = calibrate(names)
+    print('seconds per iteration:', {n: round(v, 4) for n, v in speed.items()}, flush=True)
+    report = dict(budget=budget, speed=speed, flops_per_iter=flops, variants={n: VARIANTS[n] for n in names}, machine=os.uname().nodename,
+                  cpu=open('/proc/cpuinfo').read().split('model name')[1].split('\n')[0].strip(': ') if os.path.exists('/proc/cpuinfo') else '',
+                  date=time.strftime('%Y-%m-%d'), torch=torch.__version__, tables={})
+    texts = []
+    for kind in tables.split(','):
+        rows = run_table(kind, names, speed, flops)
+        report['tables'][kind] = rows
+        title = (f'same wall-clock: {budget:.0f} s of training each' if kind == 'time'
+                 else 'same training FLOPs as the GPT run')
+        texts.append(markdown(rows, title))
+        plot(rows, os.path.join(out_dir, f'{kind}.png'))
+    with open(os.path.join(out_dir, 'results.json'), 'w') as f:
+        json.dump(report, f, indent=1)
+    with open(os.path.join(out_dir, 'results.md'), 'w') as f:
+        f.write('\n\n'.join(texts) + '\n')
+    print('\n\n'.join(texts))
+
+
+if __name__ == '__main__':
+    main()
