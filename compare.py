@@ -31,7 +31,8 @@ from dataloader import TokenShards
 budget = 180.0           # seconds of training per variant (time table)
 variants = 'gpt,looped,wfc_bidirectional,wfc_pinned'  # names from VARIANTS (or the plan)
 plan = ''                # a Python file defining VARIANTS = {name: [config file, --overrides...]} to add
-tables = 'time'          # 'time', 'flops' or 'time,flops'
+tables = 'time'          # comma-separated: 'time' (same wall-clock), 'flops' (same FLOPs), 'steps' (same iterations)
+steps = 2000             # iterations per variant in the 'steps' table
 calibration_iters = 30   # iterations per calibration run
 calibration_rounds = 2   # interleaved rounds of calibration runs
 evals_per_run = 8        # evaluations during each run (the loss-vs-time curve)
@@ -141,6 +142,8 @@ def plot(rows, path):
 
 def run_table(kind, names, speed, flops):
     iters = {n: max(20, int(budget / speed[n])) for n in names}
+    if kind == 'steps':
+        iters = {n: steps for n in names}
     if kind == 'flops':  # every variant gets the FLOPs the first variant (the GPT) spends in the time budget
         base = names[0]
         iters = {n: max(20, int(iters[base] * flops[base] / flops[n])) for n in names}
@@ -181,8 +184,8 @@ def main():
     for kind in tables.split(','):
         rows = run_table(kind, names, speed, flops)
         report['tables'][kind] = rows
-        title = (f'same wall-clock: {budget:.0f} s of training each' if kind == 'time'
-                 else 'same training FLOPs as the GPT run')
+        title = {'time': f'same wall-clock: {budget:.0f} s of training each', 'steps': f'same iterations: {steps} each',
+                 'flops': f'same training FLOPs as the {names[0]} run'}[kind]
         texts.append(markdown(rows, title))
         plot(rows, os.path.join(out_dir, f'{kind}.png'))
     with open(os.path.join(out_dir, 'results.json'), 'w') as f:
