@@ -17,6 +17,7 @@ import pickle
 import random
 import shutil
 import tempfile
+import zipfile
 
 import numpy as np
 import torch
@@ -115,7 +116,7 @@ def load(path):
     try:
         ckpt = torch.load(path, map_location='cpu', weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
-        if 'Weights only load failed' in str(e):  # a pickle of Python objects: another program's checkpoint
+        if zipfile.is_zipfile(path) and 'Weights only load failed' in str(e):  # intact, but holds Python objects
             raise CheckpointError(f"{path} holds Python objects, not just tensors and plain data, so it was not "
                                   f"written by this repo or nanoGPT; it is not loaded because unpickling them "
                                   f"could run arbitrary code") from None

@@ -88,8 +88,16 @@ def read_meta(data_dir):
     path = os.path.join(data_dir, 'meta.pkl')
     if not os.path.exists(path):
         return None
-    with open(path, 'rb') as f:
-        return pickle.load(f)
+    try:
+        with open(path, 'rb') as f:
+            meta = pickle.load(f)
+    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, ValueError) as e:
+        raise DataError(f"{path} is not a readable meta.pkl ({type(e).__name__}: {e}); re-run the dataset's prepare.py") from None
+    stoi = meta.get('stoi') if isinstance(meta, dict) else None
+    if not isinstance(meta, dict) or (stoi and max(stoi.values()) >= meta.get('vocab_size', len(stoi))):
+        raise DataError(f"{path} does not describe a vocabulary: expected a dict whose vocab_size exceeds every "
+                        f"character id in stoi; re-run the dataset's prepare.py")
+    return meta
 
 
 class TokenShards:

@@ -72,6 +72,8 @@ def main():
         configure(globals())
         settings = Settings(**{k: globals()[k] for k in vars(Settings())}).check()
         dev, dt = runtime.resolve(device, dtype)
+        if max_new_tokens <= 0 or num_samples <= 0:
+            raise ValueError(f"need max_new_tokens > 0 and num_samples > 0, got {max_new_tokens} and {num_samples}")
     except (ConfigError, ValueError, RuntimeError) as e:
         fail(e)
     torch.manual_seed(seed)
@@ -82,13 +84,16 @@ def main():
     if compile:
         model._stack = torch.compile(model._stack, dynamic=True)
     meta = ckpt.get('meta')  # ours carry their vocabulary; nanoGPT's point at data/<dataset>/meta.pkl
-    if meta is None and 'dataset' in ckpt.get('config', {}):
-        meta = read_meta(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', ckpt['config']['dataset']))
-    codec = codec_for(meta)
     prompt = start
-    if prompt.startswith('FILE:'):
-        with open(prompt[5:], encoding='utf-8') as f:
-            prompt = f.read()
+    try:
+        if meta is None and 'dataset' in ckpt.get('config', {}):
+            meta = read_meta(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', ckpt['config']['dataset']))
+        codec = codec_for(meta)
+        if prompt.startswith('FILE:'):
+            with open(prompt[5:], encoding='utf-8') as f:
+                prompt = f.read()
+    except (ValueError, RuntimeError, OSError) as e:  # unreadable meta or prompt file, tokenizer unavailable
+        fail(e)
     try:
         ids = codec.encode(prompt)
         pins = []
@@ -97,6 +102,10 @@ def main():
             if not sep or not offset.strip().isdigit() or not text:
                 raise ValueError(f"pin must look like 'offset:text' (e.g. '6:king'), got {pin!r}")
             pins = [(int(offset), codec.encode(text))]
+        vocab = model.config.vocab_size
+        if max(ids + [i for _, p in pins for i in p], default=0) >= vocab:  # a tokenizer larger than the model's vocabulary
+            raise ValueError(f"the prompt or pin has token ids >= the model's vocabulary size {vocab}: this checkpoint "
+                             f"was trained with another tokenizer than its meta describes")
     except ValueError as e:
         fail(e)
     if not ids:

@@ -95,8 +95,9 @@ except ConfigError as e:
 model_keys = list(GPTConfig.__dataclass_fields__)
 if spike_action not in ('warn', 'stop') or keep_last < 0:
     fail(f"need spike_action 'warn' or 'stop' (got {spike_action!r}) and keep_last >= 0 (got {keep_last})")
-# fault injection, read here only and used only by tests/test_reliability.py: WFC_FAULT='nan_loss@7'
-# makes iteration 7's loss NaN, 'nan_grad@7' a gradient, 'spike@7' the loss 100x; '@7:1' on rank 1 only
+# fault injection, read here only and used only by the tests (test_reliability.py, test_ddp.py):
+# WFC_FAULT='nan_loss@7' makes the loss of the step logged as 'iter 7' NaN, 'nan_grad@7' a gradient,
+# 'spike@7' the loss 100x; 'nan_loss@7:1' does it on DDP rank 1 only
 fault_kind, _, fault_at = os.environ.get('WFC_FAULT', '').partition('@')
 fault_iter, _, fault_rank = fault_at.partition(':')
 
@@ -278,13 +279,13 @@ def check_ranks_agree():
     dist.all_gather(gathered, fingerprint)
     differ = [r for r in range(world) if not torch.equal(gathered[r], gathered[0])]
     if differ:
-        fail(f"DDP ranks {differ} hold different weights from rank 0 at iteration {iter_num}; the run is "
+        fail(f"DDP ranks {differ} hold different weights from rank 0 at step {iter_num}; the run is "
              f"stopped, {ckpt_path} is the last good checkpoint", code=3)
 
 
 def fault(kind):
     """True when WFC_FAULT (see the settings) asks for this fault at this iteration on this rank."""
-    return fault_kind == kind and fault_iter == str(iter_num) and fault_rank in ('', str(rank))
+    return fault_kind == kind and fault_iter == str(iter_num + 1) and fault_rank in ('', str(rank))
 
 
 stop_signal = None
@@ -318,7 +319,7 @@ while True:
         results = evaluate()
         val = results['val']['loss']
         if not math.isfinite(val):
-            fail(f"non-finite val loss at iteration {iter_num}; {ckpt_path} (the last good checkpoint) is left "
+            fail(f"non-finite val loss at step {iter_num}; {ckpt_path} (the last good checkpoint) is left "
                  f"as it was. Try a lower learning_rate, grad_clip > 0 or dtype=float32", code=3)
         if ddp:
             check_ranks_agree()
@@ -385,12 +386,12 @@ while True:
     if ddp:
         dist.all_reduce(status)
     if status[1] > 0:
-        fail(f"non-finite loss or gradient at iteration {iter_num} (loss {loss_sum.item():.4g}, grad norm "
+        fail(f"non-finite loss or gradient at iter {iter_num + 1} (loss {loss_sum.item():.4g}, grad norm "
              f"{grad_norm.item():.4g}); stopped before the update, {ckpt_path} is the last good checkpoint. "
              f"Try a lower learning_rate, grad_clip > 0 or dtype=float32", code=3)
     train_loss = status[0].item() / world  # the mean over every micro-step of every rank
     if spike_factor > 0 and loss_ema is not None and train_loss > spike_factor * loss_ema:
-        spike = f"loss spike at iteration {iter_num}: {train_loss:.4f} > {spike_factor:g} x its running mean {loss_ema:.4f}"
+        spike = f"loss spike at iter {iter_num + 1}: {train_loss:.4f} > {spike_factor:g} x its running mean {loss_ema:.4f}"
         if spike_action == 'stop':
             fail(f"{spike}; stopped before the update (spike_action='stop'), {ckpt_path} is the last good "
                  f"checkpoint. Try a lower learning_rate or resume with spike_action='warn'", code=4)
