@@ -60,6 +60,7 @@ class GPTConfig:
     past_target: str = 'next' # past slots predict the 'next' token (pinned only) or their own token ('self')
     pin_prob: float = 0.0     # training: probability that a future slot is pinned to its true token
     warm_prob: float = 0.0    # training: probability that a row starts from a detached shifted state
+    future_frac: float = 1.0  # training (pinned): fraction of each row's future blocks that run, (0, 1]; fewer = cheaper steps
 
     def __post_init__(self):
         problems = []
@@ -79,6 +80,8 @@ class GPTConfig:
             problems.append("past_target='next' leaks the answer in bidirectional attention; use 'self'")
         if min(self.n_loop, self.max_loop, self.block_size, self.supervise) < 1 or self.n_future < 0:
             problems.append("n_loop, max_loop, block_size and supervise must be >= 1, n_future >= 0")
+        if not 0 < self.future_frac <= 1:
+            problems.append(f"future_frac must be in (0, 1], got {self.future_frac}")
         if not 0 < self.step_size <= 1:
             problems.append(f"step_size must be in (0, 1], got {self.step_size}")
         if problems:
@@ -113,8 +116,10 @@ class Rotary(nn.Module):
         self.register_buffer('cos', angles.cos(), persistent=False)
         self.register_buffer('sin', angles.sin(), persistent=False)
 
-    def forward(self, x, pos):  # x (B, nh, T, hs), pos (T,) long
+    def forward(self, x, pos):  # x (B, nh, T, hs), pos (T,) or (B, T) long
         cos, sin = self.cos[pos].to(x.dtype), self.sin[pos].to(x.dtype)
+        if pos.dim() == 2:  # a position per row: broadcast over the heads
+            cos, sin = cos[:, None], sin[:, None]
         x1, x2 = x.chunk(2, dim=-1)
         return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
@@ -188,6 +193,17 @@ class Window:
     past_x: torch.Tensor = None
     cache: list = None
     stats: dict = field(default_factory=dict)
+
+    def select(self, rows):
+        """A new window made of the batch rows `rows` (1-D long tensor; repeats allowed): how SMC
+        resamples particles that run as the rows of one batch, and how a branch copies a row."""
+        pick = lambda t: None if t is None else t[rows]
+        cache = None if self.cache is None else [
+            None if layers is None else [(k[rows], v[rows]) for k, v in layers] for layers in self.cache]
+        B = self.past.size(0)
+        stats = {k: v[rows] if torch.is_tensor(v) and v.dim() and v.size(0) == B else v for k, v in self.stats.items()}
+        return Window(past=self.past[rows], future=self.future[rows], decided=self.decided[rows],
+                      past_x=pick(self.past_x), cache=cache, stats=stats)
 
 
 class GPT(nn.Module):
@@ -279,7 +295,7 @@ class GPT(nn.Module):
 
     def _blank(self, pos):
         """Fresh future slots at positions pos (T,) -> (T, C): e_max (+ learned position)."""
-        x = self.e_max().expand(len(pos), -1)
+        x = self.e_max().expand(*pos.shape, -1)
         return x + self.transformer.wpe(pos) if 'wpe' in self.transformer else x
 
     # ---- one pass of the weight-tied stack ----
@@ -384,24 +400,46 @@ class GPT(nn.Module):
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
-    def _pinned_layout(self, phase, past_kv, T, F_):
-        """The vectorised pinned layout over T future slots. Slot j (predicting token j + 1, at
-        position j + 1) is in the block of F_ slots that starts at s(j) (blocks start at 0 and at
-        phase + k F_). It sees the clean stream up to s(j) and its block's slots up to spec_window
-        ahead. fresh: the newest slot of each block (not there one step earlier)."""
-        dev, j = phase.device, torch.arange(T, device=phase.device)
-        ph = phase[:, None]
-        start = torch.where(j < ph, 0, ph + (j - ph).div(F_, rounding_mode='floor') * F_)  # (B, T)
-        see_past = j[None, None, :] <= start[:, :, None]
+    def _block_starts(self, phase, T, F_):
+        """(B, T) first slot of each future slot's block: blocks start at 0 and at phase + k F_."""
+        j, ph = torch.arange(T, device=phase.device), phase[:, None]
+        return torch.where(j < ph, 0, ph + (j - ph).div(F_, rounding_mode='floor') * F_)
+
+    def _keep_blocks(self, phase, T, F_, frac):
+        """A random fraction of each row's blocks (at least one): (B, n) indices of the kept
+        slots in order, padded to the longest row, and (B, n) bool of the real ones."""
+        start = self._block_starts(phase, T, F_)
+        block = torch.where(start == 0, 0, (start - phase[:, None]).div(F_, rounding_mode='floor') + 1)  # (B, T)
+        n_blocks = block[:, -1] + 1
+        draw = torch.rand(len(phase), T, device=phase.device).masked_fill(
+            torch.arange(T, device=phase.device)[None] >= n_blocks[:, None], 2.0)  # only real blocks compete
+        rank = draw.argsort(1).argsort(1)
+        keep = rank.gather(1, block) < (frac * n_blocks).ceil().long()[:, None]
+        order = (~keep).int().sort(dim=1, stable=True).indices[:, :int(keep.sum(1).max())]
+        return order, keep.gather(1, order)
+
+    def _pinned_layout(self, phase, past_kv, T, F_, slots=None, real=None):
+        """The vectorised pinned layout. Future slot j (predicting token j + 1, at position j + 1)
+        is in the block of F_ slots that starts at s(j). It sees the clean stream up to s(j) and
+        its block's slots up to spec_window ahead. slots (B, n): run only these (default all T),
+        real (B, n): which of them are not padding. fresh: the newest slot of each block."""
+        j = torch.arange(T, device=phase.device)
+        start = self._block_starts(phase, T, F_)
+        if slots is not None:
+            j, start = slots, start.gather(1, slots)
+        jj = j if j.dim() == 2 else j[None]
+        see_past = torch.arange(T, device=phase.device)[None, None, :] <= start[:, :, None]
         same_block = start[:, :, None] == start[:, None, :]
+        if real is not None:
+            same_block = same_block & real[:, None, :]
         if self.config.spec_window >= 0:
-            same_block = same_block & (j[None, :] <= j[:, None] + self.config.spec_window)
-        mask = torch.cat((see_past, same_block), dim=2)[:, None]  # (B, 1, T, 2T)
-        dist = j - start + 1
-        pos = j + 1
-        x0 = self._blank(pos).expand(len(phase), T, -1)
-        return dict(x0=x0, pos=pos, mask=mask, prefix=past_kv, dist=dist, fresh=dist == F_,
-                    future=torch.ones_like(dist, dtype=torch.bool))
+            same_block = same_block & (jj[:, None, :] <= jj[:, :, None] + self.config.spec_window)
+        mask = torch.cat((see_past, same_block), dim=2)[:, None]  # (B, 1, n, T + n)
+        dist, pos = j - start + 1, j + 1
+        future = torch.ones_like(dist, dtype=torch.bool) if real is None else real
+        x0 = self._blank(pos).expand(len(phase), start.size(1), -1)
+        return dict(x0=x0, pos=pos, mask=mask, prefix=past_kv, dist=dist, fresh=dist == F_, future=future,
+                    slots=slots, real=real)
 
     def _bidirectional_layout(self, idx, split, F_):
         """One window per row: the past idx[:, :s + 1] at slots 0..s, future slots s + 1..s + F_
@@ -432,8 +470,11 @@ class GPT(nn.Module):
             pos_c = torch.arange(T, device=dev)
             x_c, past_kv = self._causal_passes(self.transformer.drop(self._input(idx, pos_c)), pos_c)
             phase = torch.randint(0, F_, (B,), device=dev) if phase is None else phase
-            lay = self._pinned_layout(phase, past_kv, T, F_)
-            slot_targets = targets
+            slots = real = None
+            if self.training and c.future_frac < 1:  # run a random subset of future blocks: a cheaper step
+                slots, real = self._keep_blocks(phase, T, F_, c.future_frac)
+            lay = self._pinned_layout(phase, past_kv, T, F_, slots, real)
+            slot_targets = targets if slots is None else targets.gather(1, slots).masked_fill(~real, -1)
         else:
             split = torch.randint(0, T, (B,), device=dev) if split is None else split
             lay = self._bidirectional_layout(idx, split, F_)
@@ -453,7 +494,7 @@ class GPT(nn.Module):
             # number of passes without gradient, for every slot that existed then (DESIGN.md 4)
             with torch.no_grad():
                 if pinned:
-                    prev = self._pinned_layout((phase - 1) % F_, past_kv, T, F_)
+                    prev = self._pinned_layout((phase - 1) % F_, past_kv, T, F_, lay['slots'], lay['real'])
                 else:
                     prev = self._bidirectional_layout(idx, (split - 1).clamp(min=0), F_)
                 prev_inject = self._injection(prev['x0'], prev.get('past', torch.zeros_like(pins)))
@@ -662,7 +703,7 @@ class GPT(nn.Module):
             return 3 * B * T * (c.n_loop * (stack + attn(T)) + decode)
         passes = passes or (c.n_loop if c.loop_law == 'fixed' else (c.n_loop + 1) / 2)
         bptt = passes if c.bptt <= 0 else min(c.bptt, passes)
-        S, keys = (T, 2 * T) if c.attn == 'pinned' else (T + c.n_future, T + c.n_future)
+        S, keys = (T * c.future_frac, T * (1 + c.future_frac)) if c.attn == 'pinned' else (T + c.n_future, T + c.n_future)
         per_pass = stack + attn(keys)
         future = 3 * bptt * per_pass + (passes - bptt) * per_pass + 3 * min(c.supervise, bptt) * decode
         future += c.warm_prob * (c.n_loop + 1) / 2 * per_pass

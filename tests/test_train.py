@@ -56,3 +56,26 @@ def test_pinned_layout_targets_every_token_once_with_the_defined_visibility(F_, 
         visible_future = [k for k in range(T) if mask[j, T + k]]
         assert visible_past == list(range(s + 1)), f"slot {j} sees past {visible_past}"
         assert visible_future == [k for k in range(T) if max(b for b in starts if b <= k) == s]
+
+
+@pytest.mark.parametrize('frac', [0.25, 0.5])
+def test_future_frac_runs_whole_blocks_that_match_the_full_layout(frac):
+    """Skipping future blocks saves compute without changing what the kept slots compute: a kept
+    block keeps all its slots, so their logits equal those of the full layout."""
+    T, F_ = 16, 4
+    model = tiny(n_future=F_, pos_emb='rope', future_frac=frac).train()  # dropout is 0: deterministic
+    idx, tgt = torch.randint(0, 13, (3, T)), torch.randint(0, 13, (3, T))
+    phase = torch.tensor([0, 1, 3])
+    torch.manual_seed(0)
+    part, _ = model(idx, tgt, phase=phase)
+    model.config.future_frac = 1.0
+    full, _ = model(idx, tgt, phase=phase)
+    torch.manual_seed(0)  # the same draw of blocks as inside the first forward
+    order, real = model._keep_blocks(phase, T, F_, frac)
+    starts = model._block_starts(phase, T, F_)
+    for b in range(3):
+        kept = order[b][real[b]]
+        assert 1 <= len(kept) < T
+        assert torch.allclose(part[b][real[b]], full[b][kept], atol=1e-5)
+        for s in set(starts[b][kept].tolist()):  # whole blocks only
+            assert set(kept.tolist()) >= set(torch.nonzero(starts[b] == s)[:, 0].tolist())
