@@ -4,12 +4,14 @@ a character vocabulary ({'stoi', 'itos'}), raw bytes ({'tokenizer': 'bytes'}, vo
 or GPT-2 BPE via tiktoken ({'tokenizer': 'gpt2'}, nanoGPT's default when there is no meta).
 
 GPT-2 BPE offline: point WFC_GPT2_TIKTOKEN (or the `path` argument) at a local `gpt2.tiktoken`
-ranks file; without it tiktoken downloads (and caches) the vocabulary.
+ranks file (GPT-2's ranks in tiktoken's format: the file tiktoken publishes as r50k_base.tiktoken,
+sha256 306cd27f...); without it tiktoken downloads (and caches) the vocabulary.
 
 `encode` reads a prompt (the text '<|endoftext|>' is the end-of-text token); `encode_ordinary`
 reads training text, where that string is just text (data/prepare_lib.py uses it).
 """
 
+import base64
 import os
 
 GPT2_EOT = 50256
@@ -74,11 +76,11 @@ def gpt2_encoding(path=None):
         except Exception as e:
             raise RuntimeError(f"could not load tiktoken's GPT-2 vocabulary ({type(e).__name__}: {e}). Offline? "
                                f"Set WFC_GPT2_TIKTOKEN=/path/to/gpt2.tiktoken (a local copy of the ranks file)") from None
-    import tiktoken.load
     from tiktoken_ext.openai_public import r50k_pat_str
     if not os.path.exists(path):
         raise RuntimeError(f"no GPT-2 ranks file at {path} (from --tiktoken or WFC_GPT2_TIKTOKEN)")
-    ranks = tiktoken.load.load_tiktoken_bpe(path)
+    with open(path, 'rb') as f:  # tiktoken's format, read here: its loader would cache a copy keyed by the path
+        ranks = {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in f if line.strip())}
     return tiktoken.Encoding(name='gpt2', pat_str=r50k_pat_str, mergeable_ranks=ranks,
                              special_tokens={'<|endoftext|>': max(ranks.values()) + 1})
 

@@ -35,8 +35,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from dataloader import MANIFEST  # noqa: E402
 from tokenizer import ByteCodec, codec_for  # noqa: E402
+
+MANIFEST = 'manifest.json'  # the name dataloader.TokenShards looks for (importing it would import torch)
 
 BUILDERS = {'.txt': 'text', '.jsonl': 'json', '.json': 'json', '.parquet': 'parquet'}  # --input kinds -> datasets builders
 
