@@ -8,7 +8,8 @@ weights as the straight run, dropout on; a NaN loss or gradient stops the run (e
 step and leaves the last good checkpoint as it was; the loss-spike detector warns or stops (exit 4);
 keep_last keeps rolling copies and best.pt is never replaced by a worse evaluation; bad data,
 a changed architecture on resume and bad sampler inputs are an 'error: ...' line (exit 2), never a
-traceback. The DDP properties are in test_ddp.py.
+traceback. The DDP properties are in test_ddp.py. The signal tests carry the slow marker (the
+default run includes them; -m "not slow" skips them).
 """
 
 import io
@@ -242,6 +243,7 @@ def test_stop_and_resume_once_and_twice_matches_the_straight_run_exactly(data, s
         assert same_optimizer(ours['optimizer'], theirs['optimizer']), name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT], ids=['SIGTERM', 'SIGINT'])
 def test_a_signal_saves_a_checkpoint_and_the_resume_matches(signum, data, tmp_path):
     """A signal during training: checkpoint at the next step boundary, exit 75; resuming from it for
