@@ -6,6 +6,9 @@ Sample from a trained model: a GPT decodes token by token; a WFC model runs conv
     python sample.py --out_dir=out-shakespeare-char-wfc --start="ROMEO:" --policy=threshold --tau=0.5 --stats=True
     python sample.py --out_dir=out-shakespeare-char-wfc --pin="6:king" --mode=nearest
     python sample.py --init_from=path/to/nanogpt/ckpt.pt --start=FILE:prompt.txt
+    python sample.py --out_dir=out-shakespeare-char-wfc --steer=smc --potential=forbid:the,and --particles=8
+    python sample.py --out_dir=out-shakespeare-char-wfc --steer=best_of_n --judge=out-shakespeare-char-gpt
+    python sample.py --out_dir=out-shakespeare-char-wfc --calibrate=True
 """
 
 import math
@@ -16,6 +19,7 @@ import torch
 
 import checkpoint
 import runtime
+import steering
 from configurator import ConfigError, configure
 from dataloader import read_meta
 from sampling import Settings, generate
@@ -35,6 +39,18 @@ compile = False          # torch.compile the block stack
 stats = False            # per-step table on stderr: tokens, passes, entropy of what collapsed, the window's entropy curve
 entropy_png = ''         # write the window's entropy by step and slot to this PNG (needs matplotlib)
 pin = ''                 # WFC goal: 'offset:text' puts text at future slot offset (1 = the next token)
+schedule = ''            # temperature by progress: 'linear:T0[:T1]', 'cosine:..', 'exp:..' (T1 defaults to temperature)
+# steering (steering.py): num_samples independent runs, one text each, and a summary line
+steer = ''               # '' = plain batch above; 'plain' | 'smc' | 'rejection' | 'best_of_n' | 'tree'
+particles = 8            # SMC particles / best-of-N candidates / rejection batch / tree width x branch
+potential = ''           # 'forbid:w1,w2' | 'regex:PATTERN' (forbidden) | 'contain:word:within' | 'judge[:weight]'
+goal = ''                # WFC: 'offset:text' at generated offset (1 = first token), pinned as it comes into the window
+ess = 0.5                # SMC: resample when the effective sample size < ess x particles
+segment = 16             # tree: tokens per round
+judge = ''               # GPT checkpoint scoring each run's text (NLL); also best_of_n / tree's default score
+scorer = ''              # checkpoint that best_of_n, tree and the judge potential score with ('' = the judge)
+nll_ref = 0.0            # with a judge: count runs with judge NLL <= this as 'judged coherent' (0 = off)
+calibrate = False        # WFC: print entropy / varentropy percentiles on the validation split, then exit
 # sampler and WFC settings: every field of sampling.Settings
 globals().update(vars(Settings()))
 # -----------------------------------------------------------------------------
@@ -110,6 +126,17 @@ def main():
         fail(e)
     if not ids:
         fail("the prompt is empty; give at least one token with --start")
+    if calibrate or steer:
+        try:
+            if calibrate:
+                data_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', ckpt['config']['dataset'])
+                return steering.calibrate_command(model, data_dir, settings, seed=seed)
+            judge_model = checkpoint.load_model(judge, dev)[0] if judge else None
+            scorer_model = checkpoint.load_model(scorer, dev)[0] if scorer else judge_model
+            with runtime.autocast(dev, dt):
+                return steering.command(model, codec, ids, settings, globals(), judge_model, scorer_model)
+        except (ValueError, KeyError, checkpoint.CheckpointError) as e:
+            fail(e)
     idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=dev)
     texts = [''] * num_samples
     done = [False] * num_samples
@@ -135,7 +162,8 @@ def main():
     g = torch.Generator(device=dev).manual_seed(seed)
     with runtime.autocast(dev, dt):
         try:
-            _, record = generate(model, idx, max_new_tokens, settings, generator=g, pins=pins, on_tokens=on_tokens)
+            _, record = generate(model, idx, max_new_tokens, settings, generator=g, pins=pins, on_tokens=on_tokens,
+                                 schedule=steering.schedule(schedule, settings.temperature))
         except ValueError as e:
             fail(e)
     for text in texts:

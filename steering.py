@@ -1,0 +1,450 @@
+"""
+Steering: control over what a WFC model writes, built on the sampler (sampling.py). The entropy
+policy itself lives in sampling.py (policy='entropy'); this file holds what runs around it.
+
+- schedule(spec, temperature): temperature by progress, hot to explore then cool to settle
+  (simulated annealing, seed 003); every method here and sampling.generate take one.
+- potentials: functions potential(text, n_tokens) -> log-weight of the decided text (-inf rules it
+  out): forbid, forbid_regex, must_contain, judge_potential.
+- smc: sequential Monte Carlo steering (seed 004; Lew et al. 2023, "SMC steering of LLMs"): N
+  particles are the N rows of one Window (past, future, warm state), reweighted by the potential's
+  increments after each step and resampled when the effective sample size falls below a threshold.
+- rejection: draw whole samples until a pass budget is spent, keep the ones the potential allows.
+- best_of_n, tree: candidates scored by a function (the judge's NLL by default), all returned.
+- goal=(offset, ids): text pinned at a generated offset that may lie beyond the window; each goal
+  token is pinned as its slot comes into reach, so the infill is refined toward it.
+- calibrate: percentiles of entropy and varentropy (bits) the sampler meets on real text, per
+  distance, to set the entropy policy's thresholds for a model.
+Budgets are counted in model passes x rows, so methods compare at equal cost.
+"""
+
+import math
+import re
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from eval import sequence_nll
+from sampling import Settings, choose_slots, entropy_bits, generate, sample_tokens, warm_start
+
+NEG_INF = float('-inf')
+
+
+# ---- temperature schedules ----
+
+def schedule(spec, temperature):
+    """'' -> None (constant temperature). 'linear:T0[:T1]', 'cosine:T0[:T1]', 'exp:T0[:T1]': from T0
+    at the first step to T1 (default: the sampler's temperature) at the last. Returns a function
+    progress in [0, 1) -> temperature."""
+    if not spec:
+        return None
+    kind, *temps = spec.split(':')
+    try:
+        t0, t1 = float(temps[0]), float(temps[1]) if len(temps) > 1 else temperature
+    except (IndexError, ValueError):
+        raise ValueError(f"schedule must look like 'linear:1.5' or 'cosine:1.5:0.5', got {spec!r}") from None
+    shapes = dict(linear=lambda u: t0 + (t1 - t0) * u,
+                  cosine=lambda u: t1 + (t0 - t1) * (1 + math.cos(math.pi * u)) / 2,
+                  exp=lambda u: t0 * (t1 / t0) ** u if min(t0, t1) > 0 else t0 + (t1 - t0) * u)
+    if kind not in shapes or min(t0, t1) < 0:
+        raise ValueError(f"schedule: kind must be one of {sorted(shapes)} with temperatures >= 0, got {spec!r}")
+    return shapes[kind]
+
+
+# ---- potentials: potential(text, n_tokens) -> log-weight; text is the decided continuation ----
+
+def forbid_regex(pattern):
+    """-inf once the text contains a match of the regular expression."""
+    compiled = re.compile(pattern)
+    return lambda text, n: NEG_INF if compiled.search(text) else 0.0
+
+
+def forbid(words):
+    """Never use these words (whole words; one at the very end counts, even if more letters might follow)."""
+    return forbid_regex(r'\b(?:' + '|'.join(map(re.escape, words)) + r')\b')
+
+
+def must_contain(word, within, shaping=1.0):
+    """The text must contain `word` by its `within`-th token: -inf if it does not. Before that, a
+    shaping bonus of `shaping` per letter of the word already begun at the end of the text guides
+    resampling toward it; it telescopes away once the word is there, so the target stays exact."""
+    def potential(text, n):
+        if word in text:
+            return 0.0
+        if n >= within:
+            return NEG_INF
+        begun = max((k for k in range(1, len(word)) if text.endswith(word[:k])), default=0)
+        return shaping * begun
+    return potential
+
+
+def satisfies(potential, decode, ids):
+    """Whether a finished token list is allowed at every step, as SMC checks it (e.g. must_contain
+    looks at the first `within` tokens, not at the whole text)."""
+    return all(potential(decode(ids[:k]), k) > NEG_INF for k in range(len(ids) + 1))
+
+
+def judge_potential(judge, encode, prompt, weight=1.0):
+    """weight x the judge GPT's log-likelihood (nats) of the text after the prompt ids: a soft
+    potential toward text a stronger model finds likely (the target is a product of experts)."""
+    device = next(judge.parameters()).device
+
+    def potential(text, n):
+        ids = encode(text)
+        if not ids:
+            return 0.0
+        seq = torch.tensor([list(prompt) + ids], device=device)
+        return -weight * sequence_nll(judge, seq, len(prompt)) * len(ids)
+    return potential
+
+
+def judge_score(judge, prompt):
+    """score(tokens) -> minus the judge's mean NLL per token of tokens after prompt (higher is better)."""
+    device = next(judge.parameters()).device
+    return lambda tokens: -sequence_nll(judge, torch.tensor([list(prompt) + list(tokens)], device=device), len(prompt))
+
+
+# ---- sequential Monte Carlo ----
+
+def ess(logw):
+    """Effective sample size of log-weights (N,): (sum w)^2 / sum w^2, in 0..N."""
+    return torch.exp(2 * torch.logsumexp(logw, 0) - torch.logsumexp(2 * logw, 0)).item()
+
+
+def should_resample(logw, threshold):
+    """Resample when the ESS falls below threshold x N, or when a particle has died (weight 0):
+    a dead particle never recovers, its passes would be wasted."""
+    return ess(logw) < threshold * len(logw) or bool(torch.isinf(logw).any())
+
+
+def resample(logw, generator=None, method='systematic'):
+    """Ancestor indices (N,) drawn in proportion to the weights; a particle of weight 0 is never drawn.
+    systematic: one uniform u, points (u + k) / N on the weights' CDF (less variance than multinomial)."""
+    N = len(logw)
+    weights = torch.softmax(logw.double(), 0)
+    device = generator.device if generator is not None else logw.device
+    if method == 'multinomial':
+        return torch.multinomial(weights.float().to(device), N, replacement=True, generator=generator).to(logw.device)
+    cdf = weights.cumsum(0)
+    cdf[-1] = 1.0  # u < 1 always lands on a live particle, whatever the rounding
+    points = (torch.rand(1, generator=generator, device=device).double().to(logw.device) + torch.arange(N, device=logw.device)) / N
+    return torch.searchsorted(cdf, points, right=True).clamp(max=N - 1)
+
+
+def pin_goal(model, w, goal, produced, s):
+    """Pin the goal's tokens whose slots are in the window and still open. goal = (offset, ids):
+    ids at generated positions offset, offset + 1, ... (1 = the first generated token)."""
+    if goal is None:
+        return w
+    offset, ids = goal
+    slots = torch.zeros_like(w.decided, dtype=torch.bool)
+    tokens = torch.zeros_like(w.decided)
+    for j, token in enumerate(ids):
+        slot = offset + j - 1 - produced
+        if 0 <= slot < slots.size(1):
+            slots[:, slot], tokens[:, slot] = True, token
+    slots &= w.decided < 0
+    return model.collapse(w, slots, tokens, mode=s.mode, eps=s.eps, lam=s.lam) if slots.any() else w
+
+
+@dataclass
+class SMCResult:
+    tokens: torch.Tensor  # (N, n) the particles' generated tokens
+    texts: list           # their decoded text
+    weights: torch.Tensor  # (N,) normalised weights (all 0 when every particle died)
+    log_z: float          # log estimate of Z = E[exp(G(text))] under the sampler (-inf: all died)
+    ess: list = field(default_factory=list)        # ESS after each step's reweighting
+    resampled: list = field(default_factory=list)  # whether each step resampled
+    passes: int = 0       # model passes x rows
+    died_at: int = -1     # the step at which every particle had died (-1: never)
+
+    def pick(self, generator=None):
+        """One particle drawn by weight: a sample of the steered distribution."""
+        return int(torch.multinomial(self.weights.float(), 1, generator=generator)) if self.died_at < 0 else 0
+
+
+@torch.no_grad()
+def smc(model, prompt, max_new_tokens, potential, decode, particles=8, s=None, ess_threshold=0.5,
+        schedule=None, goal=None, generator=None, method='systematic'):
+    """SMC steering of a WFC model from prompt ids (P,): the particles sample one token per step
+    (policy 'first') and are reweighted by potential(text now) - potential(text before), so the
+    target is the sampler's distribution times exp(potential(final text)) (Feynman-Kac). The
+    proposal is the sampler itself, so the potential alone makes the weights. potential None:
+    constant, plain sampling. Returns an SMCResult."""
+    s = s or Settings()
+    if model.config.n_future == 0 or s.policy != 'first':
+        raise ValueError("SMC steers a WFC model (n_future > 0) with policy 'first' (one token per particle per step)")
+    s.check()
+    potential = potential or (lambda text, n: 0.0)
+    N, device = particles, model.e_max().device
+    idx = torch.as_tensor(prompt, dtype=torch.long, device=device).view(1, -1).expand(N, -1)
+    w, warm = model.start(idx), warm_start(model, s)
+    limits = dict(max_loop=s.max_loop or None, tol=None if s.tol < 0 else s.tol)
+    generated, texts = idx[:, :0], [''] * N
+    pot = torch.full((N,), float(potential('', 0)), dtype=torch.float64)
+    if pot[0] == NEG_INF:
+        raise ValueError("the potential rules out the empty text: nothing can satisfy it")
+    result = SMCResult(generated, texts, None, pot[0].item())
+    logw = torch.zeros(N, dtype=torch.float64)
+    while generated.size(1) < max_new_tokens:
+        w = pin_goal(model, w, goal, generated.size(1), s)
+        w, used = model.refine(w if warm else model.forget(w), **limits)
+        result.passes += used * N
+        logits = model.future_logits(w)
+        temperature = None if schedule is None else schedule(generated.size(1) / max_new_tokens)
+        open_ = w.decided < 0
+        tokens = sample_tokens(logits, s, generator, temperature)  # all slots, as generate does: same RNG
+        slots = choose_slots('first', logits[..., 0], open_, 0.0) if open_.any() else open_
+        w, moved = model.shift(model.collapse(w, slots, tokens, mode=s.mode, eps=s.eps, lam=s.lam), slide=s.slide)
+        moved = moved[:, :max_new_tokens - generated.size(1)]
+        if not moved.size(1):
+            continue
+        generated = torch.cat((generated, moved), 1)
+        texts = [decode(row) for row in generated.tolist()]
+        new = torch.tensor([float(potential(t, generated.size(1))) for t in texts], dtype=torch.float64)
+        step = torch.where(torch.isinf(logw), NEG_INF, new - pot)  # the dead stay dead (no -inf - -inf)
+        result.log_z += (torch.logsumexp(logw + step, 0) - torch.logsumexp(logw, 0)).item()
+        logw, pot = logw + step, new
+        if torch.isinf(logw).all():
+            result.died_at = len(result.ess)
+            result.ess.append(0.0)
+            result.resampled.append(False)
+            break
+        result.ess.append(ess(logw))
+        result.resampled.append(should_resample(logw, ess_threshold))
+        if result.resampled[-1]:
+            ancestors = resample(logw, generator, method)
+            w, generated, pot = w.select(ancestors), generated[ancestors], pot[ancestors]
+            texts = [texts[a] for a in ancestors.tolist()]
+            logw = torch.zeros(N, dtype=torch.float64)  # uniform; log Z already holds this step's mean
+    alive = result.died_at < 0
+    result.tokens, result.texts = generated, texts
+    result.weights = torch.softmax(logw, 0) if alive else torch.zeros(N, dtype=torch.float64)
+    result.log_z = result.log_z if alive else NEG_INF
+    return result
+
+
+# ---- rejection, best-of-N, tree ----
+
+def sample_n(model, prompt, max_new_tokens, n, s, generator=None, schedule=None, goal=None):
+    """n independent samples (n, max_new_tokens), their passes x rows and the sampler's steps. A
+    goal needs a WFC model and policy 'first' (it runs as SMC without a potential: plain sampling)."""
+    if goal is not None:
+        result = smc(model, prompt, max_new_tokens, None, lambda ids: '', n, s, schedule=schedule, goal=goal,
+                     generator=generator)
+        return result.tokens, result.passes, len(result.ess)
+    idx = torch.as_tensor(prompt, dtype=torch.long, device=model.e_max().device).view(1, -1).expand(n, -1)
+    tokens, stats = generate(model, idx, max_new_tokens, s, generator, schedule=schedule)
+    return tokens, sum(step['passes'] for step in stats.steps) * n, len(stats.steps)
+
+
+@dataclass
+class Candidates:
+    tokens: torch.Tensor  # (K, n) every candidate, best first
+    scores: list          # their scores (higher is better), descending
+    passes: int = 0       # model passes x rows
+    accepted: int = 0     # rejection: candidates the potential allowed (they come first)
+    tried: int = 0        # rejection: candidates drawn
+
+
+@torch.no_grad()
+def rejection(model, prompt, max_new_tokens, potential, decode, budget, batch=8, s=None, generator=None,
+              schedule=None, goal=None):
+    """Draw batches of whole samples until `budget` passes x rows are spent (at least one batch);
+    a sample is accepted when the potential allows it at every step (satisfies). Returns Candidates whose
+    first `accepted` rows are the accepted samples, in the order drawn."""
+    s, out = s or Settings(), Candidates(None, [])
+    kept, rest = [], []
+    while out.passes == 0 or out.passes + cost <= budget:
+        tokens, cost, _ = sample_n(model, prompt, max_new_tokens, batch, s, generator, schedule, goal)
+        out.passes += cost
+        for row in tokens:
+            (kept if satisfies(potential, decode, row.tolist()) else rest).append(row)
+    out.tokens, out.accepted, out.tried = torch.stack(kept + rest), len(kept), len(kept) + len(rest)
+    out.scores = [0.0] * len(kept) + [NEG_INF] * len(rest)
+    return out
+
+
+def _ranked(tokens, score, passes):
+    scores = [float(score(row.tolist())) for row in tokens]
+    order = sorted(range(len(scores)), key=lambda i: -scores[i])
+    return Candidates(tokens[order], [scores[i] for i in order], passes)
+
+
+@torch.no_grad()
+def best_of_n(model, prompt, max_new_tokens, score, n=8, s=None, generator=None, schedule=None, goal=None):
+    """n samples, each scored by score(token list) -> float (higher is better; judge_score makes the
+    default: minus the judge's NLL). Returns every candidate, best first."""
+    tokens, passes, _ = sample_n(model, prompt, max_new_tokens, n, s or Settings(), generator, schedule, goal)
+    return _ranked(tokens, score, passes)
+
+
+@torch.no_grad()
+def tree(model, prompt, max_new_tokens, score, width=2, branch=4, segment=16, s=None, generator=None, schedule=None):
+    """Tree search (seed 003): keep the `width` best partial texts; each round every one continues
+    `branch` ways for `segment` tokens, and all width x branch children are scored. Returns the last
+    round's candidates, best first."""
+    s, device = s or Settings(), model.e_max().device
+    root = torch.as_tensor(prompt, dtype=torch.long, device=device).view(1, -1)
+    nodes, done, passes, P = root.expand(width, -1), 0, 0, root.size(1)
+    while done < max_new_tokens:
+        n = min(segment, max_new_tokens - done)
+        parents = nodes.repeat_interleave(branch, 0)
+        later = None if schedule is None else (lambda u, done=done, n=n: schedule((done + u * n) / max_new_tokens))
+        new, stats = generate(model, parents, n, s, generator, schedule=later)
+        passes += sum(step['passes'] for step in stats.steps) * len(parents)
+        ranked = _ranked(torch.cat((parents, new), 1)[:, P:], score, passes)
+        nodes, done = torch.cat((root.expand(width, -1), ranked.tokens[:width]), 1), done + n
+    return ranked
+
+
+# ---- calibration of the entropy policy ----
+
+@torch.no_grad()
+def calibrate(model, x, percentiles=(10, 25, 50, 75, 90), s=None):
+    """Teacher-forced run of the sampler over token rows x (B, T): at every position refine the
+    window (warm or cold, as the sampler would), record each future slot's entropy (bits) and
+    varentropy (bits^2), then collapse the true next token and shift. Returns dict(percentiles,
+    entropy (len(p), F), varentropy (len(p), F): percentiles per distance d = 1..F, values, and
+    suggested ent_low / ent_high / var_high from distance 1)."""
+    s = s or Settings()
+    w, warm = model.start(x[:, :1]), warm_start(model, s)
+    limits = dict(max_loop=s.max_loop or None, tol=None if s.tol < 0 else s.tol)
+    bits, var = [], []
+    for t in range(1, x.size(1)):
+        w, _ = model.refine(w if warm else model.forget(w), **limits)
+        h, v = entropy_bits(model.future_logits(w))
+        bits.append(h)
+        var.append(v)
+        slots = torch.zeros_like(w.decided, dtype=torch.bool)
+        slots[:, 0] = True
+        w, _ = model.shift(model.collapse(w, slots, x[:, t:t + 1].expand_as(w.decided).contiguous()))
+    values = dict(entropy=torch.cat(bits).float(), varentropy=torch.cat(var).float())  # (B * (T - 1), F)
+    q = torch.tensor(percentiles, dtype=torch.float) / 100
+    out = dict(percentiles=list(percentiles), values=values,
+               **{k: torch.quantile(v.cpu(), q, dim=0) for k, v in values.items()})
+    first = lambda name, p: torch.quantile(values[name][:, 0].cpu(), p / 100).item()
+    out['suggested'] = dict(ent_low=first('entropy', 25), ent_high=first('entropy', 90), var_high=first('varentropy', 90))
+    return out
+
+
+def calibration_table(cal):
+    lines = [f"{'':24s}" + ''.join(f"{'p' + str(p):>8s}" for p in cal['percentiles'])]
+    for name, unit in (('entropy', 'bits'), ('varentropy', 'bits^2')):
+        for d in range(cal[name].size(1)):
+            lines.append(f"{name} d={d + 1} ({unit})".ljust(24) + ''.join(f"{v:8.3f}" for v in cal[name][:, d].tolist()))
+    lines.append('suggested: ' + ' '.join(f"--{k}={v:.2f}" for k, v in cal['suggested'].items()))
+    return '\n'.join(lines)
+
+
+# ---- sample.py's steering modes (--steer, --calibrate) ----
+
+def make_potential(spec, encode, prompt, scorer=None):
+    """'' -> None; 'forbid:w1,w2' | 'regex:PATTERN' (forbidden) | 'contain:word:within' |
+    'judge[:weight]' (the scorer GPT's log-likelihood)."""
+    if not spec:
+        return None
+    kind, _, arg = spec.partition(':')
+    if kind == 'forbid' and arg:
+        return forbid([w for w in arg.split(',') if w])
+    if kind == 'regex' and arg:
+        return forbid_regex(arg)
+    if kind == 'contain' and arg.rpartition(':')[2].isdigit():
+        word, _, within = arg.rpartition(':')
+        return must_contain(word, int(within))
+    if kind == 'judge' and scorer is not None:
+        return judge_potential(scorer, encode, prompt, float(arg or 1.0))
+    raise ValueError(f"potential must be 'forbid:w1,w2', 'regex:PATTERN', 'contain:word:within' or 'judge[:weight]' "
+                     f"(judge needs --judge or --scorer), got {spec!r}")
+
+
+def command(model, codec, prompt, s, o, judge=None, scorer=None):
+    """Run o['steer'] ('plain' | 'smc' | 'rejection' | 'best_of_n' | 'tree') o['num_samples'] times
+    from the prompt ids, print each run's text and a summary: constraint satisfied, judge NLL,
+    passes, tokens/s. o holds sample.py's options. Returns the per-run records."""
+    n, N = o['max_new_tokens'], o['particles']
+    potential = make_potential(o['potential'], codec.encode, prompt, scorer)
+    heat = schedule(o['schedule'], s.temperature)
+    goal = None
+    if o['goal']:
+        offset, sep, text = o['goal'].partition(':')
+        if not sep or not offset.strip().isdigit() or int(offset) < 1 or not text:
+            raise ValueError(f"goal must look like 'offset:text' with offset >= 1, got {o['goal']!r}")
+        goal = (int(offset), codec.encode(text))
+    score = judge_score(scorer, prompt) if scorer is not None else \
+        None if potential is None else (lambda ids: potential(codec.decode(ids), len(ids)))
+    if o['steer'] in ('best_of_n', 'tree') and score is None:
+        raise ValueError(f"{o['steer']} needs a score: --judge (or --scorer) for the judge's NLL, or --potential")
+    g = torch.Generator(device=model.e_max().device).manual_seed(o['seed'])
+    records = []
+    for run in range(o['num_samples']):
+        t0, extra, steps = time.time(), '', None
+        if o['steer'] == 'plain':
+            tokens, passes, steps = sample_n(model, prompt, n, 1, s, g, heat, goal)
+            tokens = tokens[0]
+        elif o['steer'] == 'smc':
+            r = smc(model, prompt, n, potential, codec.decode, N, s, o['ess'], heat, goal, g)
+            tokens, passes = r.tokens[r.pick(g)], r.passes
+            extra = f" log Z {r.log_z:.3f}, resampled {sum(r.resampled)}/{len(r.resampled)}" + \
+                    (f", ALL {N} PARTICLES DIED at step {r.died_at}: nothing satisfied the potential" if r.died_at >= 0 else '')
+        elif o['steer'] == 'rejection':
+            if potential is None:
+                raise ValueError("rejection needs --potential")
+            c = rejection(model, prompt, n, potential, codec.decode, N * n * (s.max_loop or model.config.max_loop), N,
+                          s, g, heat, goal)
+            tokens, passes, extra = c.tokens[0], c.passes, f" accepted {c.accepted}/{c.tried}"
+        elif o['steer'] == 'best_of_n':
+            c = best_of_n(model, prompt, n, score, N, s, g, heat, goal)
+            tokens, passes, extra = c.tokens[0], c.passes, f" scores {' '.join(f'{v:.3f}' for v in c.scores)}"
+        elif o['steer'] == 'tree':
+            c = tree(model, prompt, n, score, max(1, N // max(s.branch, 1)), max(s.branch, 1), o['segment'], s, g, heat)
+            tokens, passes, extra = c.tokens[0], c.passes, f" best score {c.scores[0]:.3f}"
+        else:
+            raise ValueError(f"steer must be 'plain', 'smc', 'rejection', 'best_of_n' or 'tree', got {o['steer']!r}")
+        ids = tokens.tolist()
+        text = codec.decode(ids)
+        rec = dict(text=text, passes=passes, seconds=time.time() - t0, tokens=len(ids))
+        if steps:
+            rec['tokens_per_step'] = len(ids) / steps
+        if potential is not None and not o['potential'].startswith('judge'):
+            rec['satisfied'] = satisfies(potential, codec.decode, ids)
+        if judge is not None:
+            device = next(judge.parameters()).device
+            rec['judge_nll'] = sequence_nll(judge, torch.tensor([list(prompt) + ids], device=device), len(prompt))
+        records.append(rec)
+        print(codec.decode(list(prompt)) + text)
+        print(f"--------------- run {run}: {passes} passes" + ''.join(f", {k} {rec[k]:.3f}" if k == 'judge_nll' else
+              f", {k} {rec[k]}" for k in ('satisfied', 'judge_nll', 'tokens_per_step') if k in rec) + extra)
+    print(summary(o['steer'], records, o.get('nll_ref', 0.0)))
+    return records
+
+
+def summary(steer, records, nll_ref=0.0):
+    runs, seconds = len(records), sum(r['seconds'] for r in records)
+    line = (f"[steer={steer}: {runs} runs, {sum(r['passes'] for r in records) / runs:.0f} passes/run, "
+            f"{sum(r['tokens'] for r in records) / max(seconds, 1e-9):.1f} tokens/s")
+    if 'tokens_per_step' in records[0]:
+        line += f", {sum(r['tokens_per_step'] for r in records) / runs:.2f} tokens/step"
+    if 'satisfied' in records[0]:
+        ok = sum(r['satisfied'] for r in records)
+        line += f", constraint satisfied {ok}/{runs} ({100 * ok / runs:.0f}%)"
+    if 'judge_nll' in records[0]:
+        nll = sorted(r['judge_nll'] for r in records)
+        line += f", judge NLL mean {sum(nll) / runs:.3f} median {nll[runs // 2]:.3f} nats/token"
+        if nll_ref > 0:
+            ok = sum(v <= nll_ref for v in nll)
+            line += f", judged coherent (NLL <= {nll_ref}) {ok}/{runs} ({100 * ok / runs:.0f}%)"
+    return line + ']'
+
+
+def calibrate_command(model, data_dir, s, rows=8, positions=64, seed=1234):
+    """sample.py --calibrate=True: the percentile table on the validation split."""
+    from dataloader import TokenShards
+    data = TokenShards(data_dir, 'val', model.config.block_size, model.config.vocab_size)
+    x = data.batch(rows, seed)[0][:, :positions + 1].to(model.e_max().device)
+    cal = calibrate(model, x, s=s)
+    print(f"entropy / varentropy of the future slots over {rows} x {x.size(1) - 1} validation positions "
+          f"(teacher-forced, as the sampler sees them):")
+    print(calibration_table(cal))
+    return cal
