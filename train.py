@@ -437,4 +437,5 @@ if master and iter_num > 0 and not eval_only and always_save_checkpoint:
 if master and wandb_log:
     wandb.finish()
 if ddp:
+    dist.barrier()  # an orderly shutdown: no rank tears the group down while rank 0 still writes
     dist.destroy_process_group()
