@@ -191,8 +191,7 @@ def draw_toy(out, steps=400, seed=0, size=360):
     ax.legend(loc='lower left', fontsize=8, framealpha=0.9)
     ax.set(xlim=extent[:2], ylim=extent[2:], xticks=[], yticks=[],
            title=f'toy WFC model: decoded distribution over the directions of a 4-D state\n'
-                 f'red/green/blue = p(token 0/1/2); prompt {"".join(map(str, prompt))}; '
-                 f'{steps} training steps ({train_s:.0f}s)')
+                 f'red/green/blue = p(token 0/1/2); prompt {"".join(map(str, prompt))}; {steps} training steps')
     fig.savefig(out, dpi=100, bbox_inches='tight')
     plt.close(fig)
     print(f"wrote {out} (trained {steps} steps in {train_s:.1f}s, passes per step "
@@ -226,7 +225,7 @@ def draw_curves(runs, out, labels=None):
         if by_dist:
             ax_dist.plot(range(1, len(by_dist) + 1), by_dist, marker='o', color=line.get_color(), label=label)
         else:  # a GPT predicts distance 1 only
-            ax_dist.plot([1], [log[-1]['val']], marker='D', ls='none', color=line.get_color(), label=f'{label} (GPT)')
+            ax_dist.plot([1], [log[-1]['val']], marker='D', ls='none', color=line.get_color(), label=f'{label}: next token only')
     ax_time.set(xlabel='training time (s, evaluation excluded)', ylabel='next-token val loss (nats)',
                 title='val loss vs time')
     ax_dist.set(xlabel='distance d (future slot)', ylabel='val loss at distance d (nats)',
