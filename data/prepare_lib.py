@@ -42,6 +42,13 @@ MANIFEST = 'manifest.json'  # the name dataloader.TokenShards looks for (importi
 BUILDERS = {'.txt': 'text', '.jsonl': 'json', '.json': 'json', '.parquet': 'parquet'}  # --input kinds -> datasets builders
 
 
+def fraction(text):
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (exclusive), got {text}")
+    return value
+
+
 def common_args(description, tokenizers=('gpt2', 'bytes')):
     """The options every prepare script takes."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -52,7 +59,7 @@ def common_args(description, tokenizers=('gpt2', 'bytes')):
                                            "else tiktoken's download)")
     parser.add_argument('--out_dir', help='where to write (default: this folder, or data/<corpus>_<tokenizer> '
                                           'for a non-default tokenizer)')
-    parser.add_argument('--val_fraction', type=float, default=0.1, help='share of the data held out for validation')
+    parser.add_argument('--val_fraction', type=fraction, default=0.1, help='share of the data held out for validation')
     parser.add_argument('--shard_tokens', type=int, default=100_000_000, help='tokens per shard file (2 bytes each)')
     return parser
 

@@ -1,7 +1,7 @@
 """
 OpenWebText (GPT-2's WebText, recreated: about 8M documents, 9B GPT-2 tokens), as nanoGPT trains
 on it: GPT-2 BPE, 0.05% of the documents held out for validation. Needs about 55 GB for the
-Hugging Face cache and 18 GB for the shards; about an hour with 8 processes.
+Hugging Face cache (nanoGPT's figure) and 18 GB for the shards.
 
     python data/openwebtext/prepare.py                        # download + tokenize (--num_proc=8)
     python data/openwebtext/prepare.py --tokenizer=bytes      # byte level -> data/openwebtext_bytes
