@@ -13,11 +13,13 @@ the last step left it), and the collapse arrows (a slot's converged state -> its
 
 Why n_embd = 4 and not 2: decode(x) = softmax(lm_head(LayerNorm(x))), and LayerNorm discards a
 state's mean and scale. Of a 2-D state that leaves one bit (which coordinate is larger): decode
-would paint two half-planes. Of a 4-D state it leaves a direction in a 3-D space, i.e. a point of
-a 2-D plane: the plane y . n0 = 1 (the gnomonic projection). Every state along a ray through the
-origin decodes alike, so drawing each state where its ray meets that plane is exact: a pixel's
-colour is the decoded distribution of every state drawn on it. The state's length, which keeps
-growing pass after pass along the residual stream, is what the picture leaves out.
+would paint two half-planes. Of a 4-D state it leaves a direction in a 3-D space: a point on a
+sphere, a 2-D surface, which the picture maps to the page like a world map (azimuthal
+equidistant: distance from the centre = angle from the states' mean direction). Every state on a
+ray decodes alike, so the colour under each drawn state is exactly its decoded distribution. The
+state's length, which keeps growing pass after pass along the residual stream, and its mean are
+what the picture leaves out. (At 3 wide the direction lives on a circle, one angle; the toy did
+not learn the pattern at that width either.)
 
 curves: each run's eval_log.jsonl (train.py writes it): next-token val loss vs training time, and
 the val loss by distance d = 1..F of the last evaluation (the "hockey stick").
@@ -25,7 +27,6 @@ the val loss by distance d = 1..F of the last evaluation (the "hockey stick").
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
