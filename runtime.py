@@ -81,6 +81,6 @@ def peak_flops(device, dtype):
         name = torch.cuda.get_device_name()
         peak = next((v for k, v in GPU_PEAKS.items() if k in name), 312e12)
         return peak if dtype != 'float32' else peak / 16  # tf32-less fp32 is a small fraction
-    if kind == 'cpu':
-        return measure_matmul_flops(dtype if dtype != 'float16' else 'float32', n=2048, repeats=3)
+    if kind == 'cpu':  # 1024-sized products: ~20 ms at start-up; bench.py measures larger ones
+        return measure_matmul_flops(dtype if dtype != 'float16' else 'float32', n=1024, repeats=5)
     return float('nan')  # mps: no reliable number

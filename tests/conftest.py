@@ -14,6 +14,11 @@ sys.path.insert(0, REPO)
 
 from model import GPT, GPTConfig  # noqa: E402
 
+# One thread per process: the models here are tiny, and on a busy 2-core machine two OpenMP
+# threads per process spin against each other (first iterations 100x slower).
+torch.set_num_threads(1)
+ONE_THREAD = {'OMP_NUM_THREADS': '1', 'MKL_NUM_THREADS': '1'}
+
 
 def tiny(**overrides):
     """A 2-layer, 32-wide model over a vocabulary of 13: builds and runs in milliseconds."""
@@ -48,7 +53,7 @@ def pattern_data(tmp_path):
 def run_script(script, *args, timeout=300, check=True, env=None):
     """Run a repo script in a fresh process (as a user would); returns the CompletedProcess."""
     result = subprocess.run([sys.executable, os.path.join(REPO, script), *map(str, args)], cwd=REPO,
-                            capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+                            capture_output=True, text=True, timeout=timeout, env={**os.environ, **ONE_THREAD, **(env or {})})
     if check and result.returncode != 0:
         raise AssertionError(f"{script} {' '.join(map(str, args))} failed ({result.returncode}):\n"
                              f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
