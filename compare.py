@@ -20,6 +20,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -40,6 +41,8 @@ eval_windows = 256       # windows for the final evaluation (eval.py), the same 
 judge = ''               # judge checkpoint: adds the judge NLL of samples ('' = skip)
 samples = 16             # samples per variant for the judge
 temperature = 0.8
+jobs = 1                 # training runs at a time, each with cores / jobs threads (their losses depend on
+                         # iteration counts only; calibration always runs alone)
 out_dir = 'runs/compare'
 device = 'cpu'
 dtype = 'auto'
@@ -55,13 +58,14 @@ VARIANTS = {
 REPO = os.path.dirname(os.path.abspath(__file__))
 
 
-def train(name, args, iters, run_dir, evals):
+def train(name, args, iters, run_dir, evals, threads=None):
     """Run train.py for `iters` iterations with the schedule ending there; returns its stdout."""
     cmd = [sys.executable, os.path.join(REPO, 'train.py'), *args, f'--out_dir={run_dir}', f'--max_iters={iters}',
            f'--lr_decay_iters={iters}', f'--eval_interval={max(1, iters // max(evals, 1))}', f'--device={device}',
            f'--dtype={dtype}', f'--seed={seed}', '--always_save_checkpoint=True', '--log_interval=1',
            f'--warmup_iters={min(100, iters // 10)}']
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    env = {**os.environ, **({'OMP_NUM_THREADS': str(threads)} if threads else {})}
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
     if result.returncode:
         sys.exit(f"error: training {name} failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
     return result.stdout
@@ -141,21 +145,28 @@ def plot(rows, path):
 
 
 def run_table(kind, names, speed, flops):
-    iters = {n: max(20, int(budget / speed[n])) for n in names}
     if kind == 'steps':
         iters = {n: steps for n in names}
+    elif not speed:
+        sys.exit(f"error: the '{kind}' table needs calibration_rounds >= 1")
+    else:
+        iters = {n: max(20, int(budget / speed[n])) for n in names}
     if kind == 'flops':  # every variant gets the FLOPs the first variant (the GPT) spends in the time budget
         base = names[0]
         iters = {n: max(20, int(iters[base] * flops[base] / flops[n])) for n in names}
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    run_dirs = {n: os.path.join(out_dir, kind, n) for n in names}
+    with ThreadPoolExecutor(max_workers=jobs) as pool:  # each job is its own train.py process
+        list(pool.map(lambda n: train(n, VARIANTS[n], iters[n], run_dirs[n], evals_per_run, threads), names))
     rows = []
     for n in names:
-        run_dir = os.path.join(out_dir, kind, n)
+        run_dir = run_dirs[n]
         t0 = time.time()
-        train(n, VARIANTS[n], iters[n], run_dir, evals_per_run)
         result = evaluate_run(run_dir)
         passes = result.pop('passes')
-        rows.append(dict(name=n, iters=iters[n], s_per_iter=speed[n], train_time=read_curve(run_dir)[-1]['train_time'],
-                         wall=time.time() - t0, curve=read_curve(run_dir),
+        train_time = read_curve(run_dir)[-1]['train_time']
+        rows.append(dict(name=n, iters=iters[n], s_per_iter=speed.get(n, train_time / iters[n]), train_time=train_time,
+                         eval_seconds=time.time() - t0, curve=read_curve(run_dir),
                          mean_passes=sum(k * v for k, v in passes.items()) / sum(passes.values()), **result))
         print(f"{kind} {n}: {iters[n]} iters, val next-token loss {result['loss']:.4f}", flush=True)
     return rows
@@ -175,8 +186,9 @@ def main():
     if unknown:
         sys.exit(f"error: unknown variants {unknown}; known: {sorted(VARIANTS)}")
     os.makedirs(out_dir, exist_ok=True)
-    speed, flops = calibrate(names)
-    print('seconds per iteration:', {n: round(v, 4) for n, v in speed.items()}, flush=True)
+    speed, flops = calibrate(names) if calibration_rounds > 0 else ({}, {})
+    if speed:
+        print('seconds per iteration:', {n: round(v, 4) for n, v in speed.items()}, flush=True)
     report = dict(budget=budget, speed=speed, flops_per_iter=flops, variants={n: VARIANTS[n] for n in names}, machine=os.uname().nodename,
                   cpu=open('/proc/cpuinfo').read().split('model name')[1].split('\n')[0].strip(': ') if os.path.exists('/proc/cpuinfo') else '',
                   date=time.strftime('%Y-%m-%d'), torch=torch.__version__, tables={})

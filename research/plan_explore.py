@@ -16,4 +16,6 @@ VARIANTS = {
     'wfc_loop2': [WFC, '--n_loop=2', '--loop_law=uniform', '--supervise=2', '--max_loop=4'],
     'wfc_loop2_warm': [WFC, '--n_loop=2', '--loop_law=uniform', '--supervise=2', '--max_loop=4', '--warm_prob=0.5'],
     'wfc_bidirectional': [WFC, '--attn=bidirectional', '--past_loss=0.0'],
+    'wfc_frac50': [WFC, '--future_frac=0.5'],
+    'wfc_frac25': [WFC, '--future_frac=0.25'],
 }
