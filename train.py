@@ -427,13 +427,13 @@ while True:
             save_checkpoint(ckpt_path)
             print(f"stopped by a signal at iteration {iter_num}; saved {ckpt_path}. "
                   f"Continue with --init_from=resume", flush=True)
+            if wandb_log:
+                wandb.finish()  # else the run's last records are cut off
         if ddp:
             dist.barrier()
             dist.destroy_process_group()
         sys.exit(75)
 
-if master and iter_num > 0 and not eval_only and always_save_checkpoint:
-    pass  # the final evaluation above already wrote the last checkpoint
 if master and wandb_log:
     wandb.finish()
 if ddp:
