@@ -45,11 +45,11 @@ class Settings:
     slide: int = 0             # when the window is full, drop this many extra old tokens (0 = exact sliding)
     warm: str = 'auto'         # WFC: refine from the carried state ('on'), from e_max every step ('off'), or
                                # 'auto': warm only for models trained to warm-start (warm_prob > 0)
-    # entropy policy thresholds (bits; `sample.py --calibrate=True` prints the percentiles for a model:
-    # fixed values do not transfer between models). Defaults: out-shakespeare-char-wfc's quartiles.
-    ent_low: float = 0.5       # entropy below this: certain, collapse greedily (every leading slot below it)
-    ent_high: float = 3.0      # entropy at or above this: very uncertain, refine boost_loop more passes first
-    var_high: float = 4.0      # varentropy (bits^2) at or above this: the slot forks between modes: branch
+    # entropy policy thresholds (`sample.py --calibrate=True` prints the percentiles for a model: fixed
+    # values do not transfer between models). Defaults: out-shakespeare-char-wfc's p25, p90, p90 at d = 1.
+    ent_low: float = 1.9       # entropy (bits) below this: certain, collapse greedily (every leading slot below it)
+    ent_high: float = 4.3      # entropy (bits) at or above this: very uncertain, refine boost_loop more passes first
+    var_high: float = 5.3      # varentropy (bits^2) at or above this: the slot forks between modes: branch
     branch: int = 4            # candidates tried at a fork, one refine each (< 2 = never branch)
     boost_loop: int = 0        # extra refinement passes when very uncertain (0 = none; a one-pass model gains nothing)
 

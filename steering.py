@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from eval import sequence_nll
+from eval import distinct_n, sequence_nll
 from sampling import Settings, choose_slots, entropy_bits, generate, sample_tokens, warm_start
 
 NEG_INF = float('-inf')
@@ -77,6 +77,25 @@ def must_contain(word, within, shaping=1.0):
         begun = max((k for k in range(1, len(word)) if text.endswith(word[:k])), default=0)
         return shaping * begun
     return potential
+
+
+def contain_lookahead(word, encode, weight=1.0):
+    """A lookahead for must_contain that only a WFC model can offer: weight x log P(the speculated
+    future spells the rest of the word), from the future slots' marginals, at the best alignment
+    (the letters already begun at the end of the text, or a fresh start at any slot; letters past
+    the window use the last slot's marginal); 0 once the word is there. It steers the particles toward the word before the deadline decides."""
+    def twist(text, logprobs):  # logprobs (F, V)
+        if word in text:
+            return 0.0
+        F_, best = logprobs.size(0), NEG_INF
+        for k in range(len(word)):
+            if k and not text.endswith(word[:k]):
+                continue
+            rest = encode(word[k:])
+            for start in (range(F_) if k == 0 else [0]):  # letters past the window: the last slot's marginal
+                best = max(best, sum(logprobs[min(start + j, F_ - 1), t].item() for j, t in enumerate(rest)))
+        return weight * best
+    return twist
 
 
 def satisfies(potential, decode, ids):
@@ -166,12 +185,14 @@ class SMCResult:
 
 @torch.no_grad()
 def smc(model, prompt, max_new_tokens, potential, decode, particles=8, s=None, ess_threshold=0.5,
-        schedule=None, goal=None, generator=None, method='systematic'):
+        schedule=None, goal=None, generator=None, method='systematic', lookahead=None):
     """SMC steering of a WFC model from prompt ids (P,): the particles sample one token per step
     (policy 'first') and are reweighted by potential(text now) - potential(text before), so the
     target is the sampler's distribution times exp(potential(final text)) (Feynman-Kac). The
     proposal is the sampler itself, so the potential alone makes the weights. potential None:
-    constant, plain sampling. Returns an SMCResult."""
+    constant, plain sampling. lookahead(text, logprobs (F, V) of the refined future) -> log-twist:
+    what the speculated future promises (twisted SMC); it joins each step's weight and leaves
+    at the end, so the final target is unchanged. Returns an SMCResult."""
     s = s or Settings()
     if model.config.n_future == 0 or s.policy != 'first':
         raise ValueError("SMC steers a WFC model (n_future > 0) with policy 'first' (one token per particle per step)")
@@ -186,38 +207,44 @@ def smc(model, prompt, max_new_tokens, potential, decode, particles=8, s=None, e
     if pot[0] == NEG_INF:
         raise ValueError("the potential rules out the empty text: nothing can satisfy it")
     result = SMCResult(generated, texts, None, pot[0].item())
-    logw = torch.zeros(N, dtype=torch.float64)
-    while generated.size(1) < max_new_tokens:
-        w = pin_goal(model, w, goal, generated.size(1), s)
-        w, used = model.refine(w if warm else model.forget(w), **limits)
-        result.passes += used * N
-        logits = model.future_logits(w)
+    logw, twist, new_pot = torch.zeros(N, dtype=torch.float64), torch.zeros(N, dtype=torch.float64), pot
+    while True:
+        finished = generated.size(1) >= max_new_tokens
+        if not finished:
+            w = pin_goal(model, w, goal, generated.size(1), s)
+            w, used = model.refine(w if warm else model.forget(w), **limits)
+            result.passes += used * N
+            logits = model.future_logits(w)
+        if generated.size(1):  # reweight by the last step's text (and what the refined future promises)
+            new_twist = torch.zeros(N, dtype=torch.float64)
+            if lookahead is not None and not finished:
+                logprobs = torch.log_softmax(logits.float(), -1)
+                new_twist = torch.tensor([float(lookahead(t, lp)) for t, lp in zip(texts, logprobs)], dtype=torch.float64)
+            step = torch.where(torch.isinf(logw), NEG_INF, new_pot - pot + new_twist - twist)  # the dead stay dead
+            result.log_z += (torch.logsumexp(logw + step, 0) - torch.logsumexp(logw, 0)).item()
+            logw, pot, twist = logw + step, new_pot, new_twist
+            if torch.isinf(logw).all():
+                result.died_at = len(result.ess)
+                result.ess.append(0.0)
+                result.resampled.append(False)
+                break
+            result.ess.append(ess(logw))
+            result.resampled.append(should_resample(logw, ess_threshold))
+            if result.resampled[-1]:
+                ancestors = resample(logw, generator, method)
+                w, generated, pot, twist = w.select(ancestors), generated[ancestors], pot[ancestors], twist[ancestors]
+                texts, logits = [texts[a] for a in ancestors.tolist()], logits[ancestors] if not finished else None
+                logw = torch.zeros(N, dtype=torch.float64)  # uniform; log Z already holds this step's mean
+        if finished:
+            break
         temperature = None if schedule is None else schedule(generated.size(1) / max_new_tokens)
         open_ = w.decided < 0
         tokens = sample_tokens(logits, s, generator, temperature)  # all slots, as generate does: same RNG
         slots = choose_slots('first', logits[..., 0], open_, 0.0) if open_.any() else open_
         w, moved = model.shift(model.collapse(w, slots, tokens, mode=s.mode, eps=s.eps, lam=s.lam), slide=s.slide)
-        moved = moved[:, :max_new_tokens - generated.size(1)]
-        if not moved.size(1):
-            continue
-        generated = torch.cat((generated, moved), 1)
+        generated = torch.cat((generated, moved[:, :max_new_tokens - generated.size(1)]), 1)
         texts = [decode(row) for row in generated.tolist()]
-        new = torch.tensor([float(potential(t, generated.size(1))) for t in texts], dtype=torch.float64)
-        step = torch.where(torch.isinf(logw), NEG_INF, new - pot)  # the dead stay dead (no -inf - -inf)
-        result.log_z += (torch.logsumexp(logw + step, 0) - torch.logsumexp(logw, 0)).item()
-        logw, pot = logw + step, new
-        if torch.isinf(logw).all():
-            result.died_at = len(result.ess)
-            result.ess.append(0.0)
-            result.resampled.append(False)
-            break
-        result.ess.append(ess(logw))
-        result.resampled.append(should_resample(logw, ess_threshold))
-        if result.resampled[-1]:
-            ancestors = resample(logw, generator, method)
-            w, generated, pot = w.select(ancestors), generated[ancestors], pot[ancestors]
-            texts = [texts[a] for a in ancestors.tolist()]
-            logw = torch.zeros(N, dtype=torch.float64)  # uniform; log Z already holds this step's mean
+        new_pot = torch.tensor([float(potential(t, generated.size(1))) for t in texts], dtype=torch.float64)
     alive = result.died_at < 0
     result.tokens, result.texts = generated, texts
     result.weights = torch.softmax(logw, 0) if alive else torch.zeros(N, dtype=torch.float64)
@@ -341,8 +368,8 @@ def calibration_table(cal):
 # ---- sample.py's steering modes (--steer, --calibrate) ----
 
 def make_potential(spec, encode, prompt, scorer=None):
-    """'' -> None; 'forbid:w1,w2' | 'regex:PATTERN' (forbidden) | 'contain:word:within' |
-    'judge[:weight]' (the scorer GPT's log-likelihood)."""
+    """'' -> None; 'forbid:w1,w2' | 'regex:PATTERN' (forbidden) | 'contain:word:within[:lookahead
+    weight]' | 'judge[:weight]' (the scorer GPT's log-likelihood)."""
     if not spec:
         return None
     kind, _, arg = spec.partition(':')
@@ -350,12 +377,15 @@ def make_potential(spec, encode, prompt, scorer=None):
         return forbid([w for w in arg.split(',') if w])
     if kind == 'regex' and arg:
         return forbid_regex(arg)
-    if kind == 'contain' and arg.rpartition(':')[2].isdigit():
-        word, _, within = arg.rpartition(':')
-        return must_contain(word, int(within))
+    parts = arg.split(':')
+    if kind == 'contain' and len(parts) in (2, 3) and parts[0] and parts[1].isdigit():
+        potential = must_contain(parts[0], int(parts[1]))
+        if len(parts) == 3:  # a lookahead weight: read the speculated future (SMC only)
+            potential.lookahead = contain_lookahead(parts[0], encode, float(parts[2]))
+        return potential
     if kind == 'judge' and scorer is not None:
         return judge_potential(scorer, encode, prompt, float(arg or 1.0))
-    raise ValueError(f"potential must be 'forbid:w1,w2', 'regex:PATTERN', 'contain:word:within' or 'judge[:weight]' "
+    raise ValueError(f"potential must be 'forbid:w1,w2', 'regex:PATTERN', 'contain:word:within[:weight]' or 'judge[:weight]' "
                      f"(judge needs --judge or --scorer), got {spec!r}")
 
 
@@ -384,7 +414,8 @@ def command(model, codec, prompt, s, o, judge=None, scorer=None):
             tokens, passes, steps = sample_n(model, prompt, n, 1, s, g, heat, goal)
             tokens = tokens[0]
         elif o['steer'] == 'smc':
-            r = smc(model, prompt, n, potential, codec.decode, N, s, o['ess'], heat, goal, g)
+            r = smc(model, prompt, n, potential, codec.decode, N, s, o['ess'], heat, goal, g,
+                    lookahead=getattr(potential, 'lookahead', None))
             tokens, passes = r.tokens[r.pick(g)], r.passes
             extra = f" log Z {r.log_z:.3f}, resampled {sum(r.resampled)}/{len(r.resampled)}" + \
                     (f", ALL {N} PARTICLES DIED at step {r.died_at}: nothing satisfied the potential" if r.died_at >= 0 else '')
@@ -404,7 +435,7 @@ def command(model, codec, prompt, s, o, judge=None, scorer=None):
             raise ValueError(f"steer must be 'plain', 'smc', 'rejection', 'best_of_n' or 'tree', got {o['steer']!r}")
         ids = tokens.tolist()
         text = codec.decode(ids)
-        rec = dict(text=text, passes=passes, seconds=time.time() - t0, tokens=len(ids))
+        rec = dict(text=text, passes=passes, seconds=time.time() - t0, tokens=len(ids), ids=ids)
         if steps:
             rec['tokens_per_step'] = len(ids) / steps
         if potential is not None and not o['potential'].startswith('judge'):
@@ -423,7 +454,8 @@ def command(model, codec, prompt, s, o, judge=None, scorer=None):
 def summary(steer, records, nll_ref=0.0):
     runs, seconds = len(records), sum(r['seconds'] for r in records)
     line = (f"[steer={steer}: {runs} runs, {sum(r['passes'] for r in records) / runs:.0f} passes/run, "
-            f"{sum(r['tokens'] for r in records) / max(seconds, 1e-9):.1f} tokens/s")
+            f"{sum(r['tokens'] for r in records) / max(seconds, 1e-9):.1f} tokens/s, "
+            f"distinct-3 {distinct_n([r['ids'] for r in records], 3):.3f}")
     if 'tokens_per_step' in records[0]:
         line += f", {sum(r['tokens_per_step'] for r in records) / runs:.2f} tokens/step"
     if 'satisfied' in records[0]:

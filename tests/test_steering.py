@@ -80,6 +80,25 @@ def test_resampling_triggers_exactly_below_the_ess_threshold(wfc):
     assert any(r.resampled) and not all(r.resampled)
 
 
+def test_a_lookahead_reads_the_future_and_leaves_the_target_unchanged(wfc):
+    """The must_contain lookahead scores the best alignment of the word's rest on the future's
+    marginals; a twist enters each step's weight and leaves at the end, so a constant one changes
+    neither the particles nor log Z."""
+    logprobs = torch.full((4, V), math.log(0.01))
+    logprobs[0, 13 - 11], logprobs[1, 6] = math.log(0.5), math.log(0.25)  # 'c' then 'g' ahead
+    twist = steering.contain_lookahead('bcg', lambda text: [ord(ch) - ord('a') for ch in text])
+    assert math.isclose(twist('xxb', logprobs), math.log(0.5) + math.log(0.25), rel_tol=1e-6)  # 'b' begun
+    assert twist('xxa', logprobs) < twist('xxb', logprobs), "a fresh start needs 'b' too"
+    assert twist('abcg', logprobs) == 0.0
+    s = Settings(temperature=1.0, top_k=0)
+    plain = steering.smc(wfc, PROMPT, 12, None, decode, particles=3, s=s, generator=g(5))
+    flat = steering.smc(wfc, PROMPT, 12, None, decode, particles=3, s=s, generator=g(5), lookahead=lambda t, lp: -7.0)
+    assert torch.equal(flat.tokens, plain.tokens) and abs(flat.log_z) < 1e-9 and not any(flat.resampled)
+    steered = steering.smc(wfc, PROMPT, 12, None, decode, particles=3, s=s, generator=g(5),
+                           lookahead=lambda t, lp: 100 * lp[0, 2].item())  # a sharp twist
+    assert any(steered.resampled) and math.isfinite(steered.log_z)
+
+
 def test_best_of_n_and_tree_return_the_argmax_of_the_score(wfc):
     score = lambda tokens: tokens.count(3) - 0.01 * tokens.count(5)  # noqa: E731
     s = Settings(temperature=1.0, top_k=0)
