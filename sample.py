@@ -43,7 +43,7 @@ schedule = ''            # temperature by progress: 'linear:T0[:T1]', 'cosine:..
 # steering (steering.py): num_samples independent runs, one text each, and a summary line
 steer = ''               # '' = plain batch above; 'plain' | 'smc' | 'rejection' | 'best_of_n' | 'tree'
 particles = 8            # SMC particles / best-of-N candidates / rejection batch / tree width x branch
-potential = ''           # 'forbid:w1,w2' | 'regex:PATTERN' (forbidden) | 'contain:word:within' | 'judge[:weight]'
+potential = ''           # 'forbid:w1,w2' | 'regex:PATTERN' (forbidden) | 'contain:word:within[:lookahead]' | 'judge[:weight]'
 goal = ''                # WFC: 'offset:text' at generated offset (1 = first token), pinned as it comes into the window
 ess = 0.5                # SMC: resample when the effective sample size < ess x particles
 segment = 16             # tree: tokens per round
@@ -129,13 +129,16 @@ def main():
     if calibrate or steer:
         try:
             if calibrate:
-                data_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', ckpt['config']['dataset'])
+                dataset = ckpt.get('config', {}).get('dataset')
+                if not dataset:
+                    raise ValueError("calibrate reads the validation split of the checkpoint's dataset; this checkpoint names none")
+                data_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', dataset)
                 return steering.calibrate_command(model, data_dir, settings, seed=seed)
             judge_model = checkpoint.load_model(judge, dev)[0] if judge else None
             scorer_model = checkpoint.load_model(scorer, dev)[0] if scorer else judge_model
             with runtime.autocast(dev, dt):
                 return steering.command(model, codec, ids, settings, globals(), judge_model, scorer_model)
-        except (ValueError, KeyError, checkpoint.CheckpointError) as e:
+        except (ValueError, checkpoint.CheckpointError) as e:
             fail(e)
     idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=dev)
     texts = [''] * num_samples

@@ -335,6 +335,8 @@ def calibrate(model, x, percentiles=(10, 25, 50, 75, 90), s=None):
     varentropy (bits^2), then collapse the true next token and shift. Returns dict(percentiles,
     entropy (len(p), F), varentropy (len(p), F): percentiles per distance d = 1..F, values, and
     suggested ent_low / ent_high / var_high from distance 1)."""
+    if model.config.n_future == 0:
+        raise ValueError("calibration reads the future slots of a WFC model (n_future > 0)")
     s = s or Settings()
     w, warm = model.start(x[:, :1]), warm_start(model, s)
     limits = dict(max_loop=s.max_loop or None, tol=None if s.tol < 0 else s.tol)
