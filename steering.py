@@ -127,8 +127,9 @@ def judge_score(judge, prompt):
 # ---- sequential Monte Carlo ----
 
 def ess(logw):
-    """Effective sample size of log-weights (N,): (sum w)^2 / sum w^2, in 0..N."""
-    return torch.exp(2 * torch.logsumexp(logw, 0) - torch.logsumexp(2 * logw, 0)).item()
+    """Effective sample size of log-weights (N,): (sum w)^2 / sum w^2, in 0..N (rounded to 1e-9, so
+    equal weights give exactly N whatever the float error)."""
+    return round(torch.exp(2 * torch.logsumexp(logw, 0) - torch.logsumexp(2 * logw, 0)).item(), 9)
 
 
 def should_resample(logw, threshold):
@@ -465,7 +466,9 @@ def summary(steer, records, nll_ref=0.0):
         line += f", constraint satisfied {ok}/{runs} ({100 * ok / runs:.0f}%)"
     if 'judge_nll' in records[0]:
         nll = sorted(r['judge_nll'] for r in records)
-        line += f", judge NLL mean {sum(nll) / runs:.3f} median {nll[runs // 2]:.3f} nats/token"
+        mean = sum(nll) / runs
+        error = math.sqrt(sum((v - mean) ** 2 for v in nll) / max(runs - 1, 1) / runs)  # standard error of the mean
+        line += f", judge NLL mean {mean:.3f} +- {error:.3f} median {nll[runs // 2]:.3f} nats/token"
         if nll_ref > 0:
             ok = sum(v <= nll_ref for v in nll)
             line += f", judged coherent (NLL <= {nll_ref}) {ok}/{runs} ({100 * ok / runs:.0f}%)"

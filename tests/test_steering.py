@@ -66,6 +66,8 @@ def test_resampling_triggers_exactly_below_the_ess_threshold(wfc):
     assert not steering.should_resample(log(6.4, 1, 1, 1), 0.5)
     assert steering.should_resample(log(6.5, 1, 1, 1), 0.5)
     assert not steering.should_resample(log(1, 1, 1, 1), 0.5) and math.isclose(steering.ess(log(1, 1, 1, 1)), 4)
+    for n in (3, 5, 8):  # equal weights: ESS is exactly N, which is not below N
+        assert steering.ess(torch.zeros(n, dtype=torch.float64)) == n and not steering.should_resample(torch.zeros(n), 1.0)
     assert steering.should_resample(log(1, 1, 1, 0), 0.5), "a dead particle is always resampled away"
     # ESS([1, 1, 1, 1.5]) = 4.5^2 / 5.25 = 3.857: above 0.96 x 4, below 0.97 x 4
     assert not steering.should_resample(log(1, 1, 1, 1.5), 0.96) and steering.should_resample(log(1, 1, 1, 1.5), 0.97)
@@ -139,6 +141,8 @@ def test_a_goal_beyond_the_window_lands_at_its_offset(wfc):
     assert not (plain[:, 8:11] == torch.tensor([7, 8, 9])).all(1).any(), "without the goal it is not there"
     c = steering.best_of_n(wfc, PROMPT, 16, lambda t: -t.count(0), n=3, s=s, generator=g(0), goal=goal)
     assert (c.tokens[:, 8:11] == torch.tensor([7, 8, 9])).all()
+    w = steering.pin_goal(wfc, wfc.start(PROMPT[None]), goal, 5, s)  # 5 tokens in: the goal's first token is 4 ahead
+    assert w.decided.tolist() == [[-1, -1, -1, 7]], "a goal token is pinned as soon as its slot is in the window"
 
 
 @pytest.mark.parametrize('attn', ['pinned', 'bidirectional'])
