@@ -65,35 +65,51 @@ def forbid(words):
     return forbid_regex(r'\b(?:' + '|'.join(map(re.escape, words)) + r')\b')
 
 
+def _word_start(text, k):
+    """Whether a word can begin k characters before the end of text (at its start, or after a
+    non-word character); k = 0: whether the text ends at a word boundary."""
+    return len(text) == k or not (text[-k - 1].isalnum() or text[-k - 1] == '_')
+
+
 def must_contain(word, within, shaping=1.0):
-    """The text must contain `word` by its `within`-th token: -inf if it does not. Before that, a
-    shaping bonus of `shaping` per letter of the word already begun at the end of the text guides
-    resampling toward it; it telescopes away once the word is there, so the target stays exact."""
+    """From its `within`-th token on, the text must contain `word` as a whole word (the end of the
+    text counts as a boundary): -inf if it does not. Before that, a shaping bonus of `shaping` per
+    letter of the word begun at the end of the text guides resampling toward it; it telescopes
+    away once the word is there, so the target stays exact."""
+    found = re.compile(r'\b' + re.escape(word) + r'\b').search
+
     def potential(text, n):
-        if word in text:
+        if found(text):
             return 0.0
         if n >= within:
             return NEG_INF
-        begun = max((k for k in range(1, len(word)) if text.endswith(word[:k])), default=0)
-        return shaping * begun
+        return shaping * max((k for k in range(1, len(word)) if text.endswith(word[:k]) and _word_start(text, k)),
+                             default=0)
+    potential.found = found
     return potential
 
 
 def contain_lookahead(word, encode, weight=1.0):
     """A lookahead for must_contain that only a WFC model can offer: weight x log P(the speculated
-    future spells the rest of the word), from the future slots' marginals, at the best alignment
-    (the letters already begun at the end of the text, or a fresh start at any slot; letters past
-    the window use the last slot's marginal); 0 once the word is there. It steers the particles toward the word before the deadline decides."""
+    future spells the rest of the word), from the future slots' marginals, at the best alignment:
+    the letters already begun at a word start at the end of the text, or a fresh start at the next
+    slot (after a word boundary) or after a space at any slot; letters past the window use the last
+    slot's marginal. 0 once the word is there. It steers the particles before the deadline decides."""
+    found, space = must_contain(word, 0).found, encode(' ')
+
     def twist(text, logprobs):  # logprobs (F, V)
-        if word in text:
+        if found(text):
             return 0.0
         F_, best = logprobs.size(0), NEG_INF
-        for k in range(len(word)):
-            if k and not text.endswith(word[:k]):
-                continue
-            rest = encode(word[k:])
-            for start in (range(F_) if k == 0 else [0]):  # letters past the window: the last slot's marginal
-                best = max(best, sum(logprobs[min(start + j, F_ - 1), t].item() for j, t in enumerate(rest)))
+        spell = lambda rest, at: sum(logprobs[min(at + j, F_ - 1), t].item() for j, t in enumerate(rest))
+        for k in range(1, len(word)):  # begun
+            if text.endswith(word[:k]) and _word_start(text, k):
+                best = max(best, spell(encode(word[k:]), 0))
+        rest = encode(word)
+        if _word_start(text, 0):  # the text ends at a boundary: start right away
+            best = max(best, spell(rest, 0))
+        for at in range(len(space), F_):  # a space, then the word
+            best = max(best, spell(space, at - len(space)) + spell(rest, at))
         return weight * best
     return twist
 
