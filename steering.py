@@ -116,7 +116,7 @@ def contain_lookahead(word, encode, weight=1.0):
 
 def satisfies(potential, decode, ids):
     """Whether a finished token list is allowed at every step, as SMC checks it (e.g. must_contain
-    looks at the first `within` tokens, not at the whole text)."""
+    wants the word from its `within`-th token on, not just somewhere in the final text)."""
     return all(potential(decode(ids[:k]), k) > NEG_INF for k in range(len(ids) + 1))
 
 
