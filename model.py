@@ -61,6 +61,7 @@ class GPTConfig:
     pin_prob: float = 0.0     # training: probability that a future slot is pinned to its true token
     warm_prob: float = 0.0    # training: probability that a row starts from a detached shifted state
     future_frac: float = 1.0  # training (pinned): fraction of each row's future blocks that run, (0, 1]; fewer = cheaper steps
+    slot_exit: bool = False   # inference: per-slot early exit, a slot whose own KL < tol keeps its state from then on (pinned: and stops being computed)
 
     def __post_init__(self):
         problems = []
@@ -113,15 +114,17 @@ class Rotary(nn.Module):
         super().__init__()
         inv_freq = 1.0 / (base ** (torch.arange(0, head_size, 2).float() / head_size))
         angles = torch.outer(torch.arange(n_positions).float(), inv_freq)  # (n_pos, hs/2)
-        self.register_buffer('cos', angles.cos(), persistent=False)
-        self.register_buffer('sin', angles.sin(), persistent=False)
+        # full-width tables, so a rotation is x * cos + swap_halves(x) * sin: fewer kernels than
+        # rotating the halves apart, and the same numbers bit for bit (-b * s == -(b * s) in IEEE)
+        self.register_buffer('cos', torch.cat((angles.cos(), angles.cos()), 1), persistent=False)
+        self.register_buffer('sin', torch.cat((-angles.sin(), angles.sin()), 1), persistent=False)
 
     def forward(self, x, pos):  # x (B, nh, T, hs), pos (T,) or (B, T) long
         cos, sin = self.cos[pos].to(x.dtype), self.sin[pos].to(x.dtype)
         if pos.dim() == 2:  # a position per row: broadcast over the heads
             cos, sin = cos[:, None], sin[:, None]
         x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+        return x * cos + torch.cat((x2, x1), dim=-1) * sin
 
 
 class SelfAttention(nn.Module):
@@ -133,23 +136,33 @@ class SelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head, self.dropout = config.n_head, config.dropout
 
-    def forward(self, x, pos, mask, rotary=None, prefix=None):
+    def forward(self, x, pos, mask, rotary=None, prefix=None, queries=None):
         """x (B, T, C) attends to `prefix` keys/values (a fixed context, e.g. the past) and to
         itself. mask: None (all visible), 'causal', or a bool tensor (..., T, T_prefix + T).
-        Returns the output and this call's own (k, v), for caches."""
+        queries (inference): outputs for the last `queries` positions only (0 = none), when the
+        others are wanted only for their keys/values. Returns the output and this call's own
+        (k, v), for caches."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if rotary is not None:
             q, k = rotary(q, pos), rotary(k, pos)
         own = (k, v)
+        if queries == 0:
+            return x[:, :0], own
         if prefix is not None:
             k, v = torch.cat((prefix[0], k), dim=2), torch.cat((prefix[1], v), dim=2)
+        if queries is not None and queries < T:
+            q, S = q[:, :, T - queries:], k.size(2)
+            if isinstance(mask, str):  # causal rows of the last queries positions (the last one sees every key)
+                mask = None if queries == 1 else torch.ones(queries, S, dtype=torch.bool, device=x.device).tril(S - queries)
+            elif mask is not None:
+                mask = mask[..., T - queries:, :]
         causal = isinstance(mask, str)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=None if causal else mask, is_causal=causal,
             dropout_p=self.dropout if self.training else 0.0)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        y = y.transpose(1, 2).contiguous().view(B, q.size(2), C)
         return self.resid_dropout(self.c_proj(y)), own
 
 
@@ -175,9 +188,9 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, pos, mask, rotary, prefix):
-        a, kv = self.attn(self.ln_1(x), pos, mask, rotary, prefix)
-        x = x + a
+    def forward(self, x, pos, mask, rotary, prefix, queries=None):
+        a, kv = self.attn(self.ln_1(x), pos, mask, rotary, prefix, queries)
+        x = (x if queries is None else x[:, x.size(1) - queries:]) + a
         return x + self.mlp(self.ln_2(x)), kv
 
 
@@ -265,8 +278,15 @@ class GPT(nn.Module):
 
     def e_max(self):
         """(C,) the max-entropy embedding: embed(uniform) = mean of the embedding rows, computed
-        from the current weights so it tracks training."""
-        return self.transformer.wte.weight.mean(0)
+        from the current weights so it tracks training. Without gradient it is kept until the
+        weights change (the sampler needs it every step; a 50k vocabulary makes it costly)."""
+        w = self.transformer.wte.weight
+        if torch.is_grad_enabled():
+            return w.mean(0)
+        key = (w.data_ptr(), w._version, w.device, w.dtype)
+        if getattr(self, '_e_max', (None,))[0] != key:
+            self._e_max = (key, w.mean(0))
+        return self._e_max[1]
 
     def embed(self, p):
         """Probabilities (..., V) -> states (..., C): the soft embedding p @ W_e."""
@@ -300,12 +320,14 @@ class GPT(nn.Module):
 
     # ---- one pass of the weight-tied stack ----
 
-    def _stack(self, x, pos, mask, prefixes=None):
+    def _stack(self, x, pos, mask, prefixes=None, queries=None):
         """Apply every block once. prefixes: per layer (k, v) of a fixed context to attend to.
+        queries: the last block outputs only the last `queries` positions (see SelfAttention).
         Returns the output state and each layer's own (k, v)."""
-        kvs = []
+        kvs, last = [], len(self.transformer.h) - 1
         for i, block in enumerate(self.transformer.h):
-            x, kv = block(x, pos, mask, self.rotary, None if prefixes is None else prefixes[i])
+            x, kv = block(x, pos, mask, self.rotary, None if prefixes is None else prefixes[i],
+                          queries if i == last else None)
             kvs.append(kv)
         return x, kvs
 
@@ -314,11 +336,14 @@ class GPT(nn.Module):
         new = out if self.config.step_size == 1.0 else x + self.config.step_size * (out - x)
         return new if frozen is None else torch.where(frozen[..., None], x, new)
 
-    def _causal_passes(self, x, pos, caches=None):
+    def _causal_passes(self, x, pos, caches=None, queries=None):
         """The causal stream: GPT, and the past of pinned WFC; n_loop passes. With caches (one
         entry per pass: None, or per-layer (k, v)), x holds new tokens that attend to the cached
-        ones, and every pass's entry is extended. Returns the final states and the last pass's
-        per-layer (k, v) (of all cached tokens when cached)."""
+        ones, and every pass's entry is extended. queries (inference): the final states of the
+        last `queries` positions only (1: the next-token logits; 0: only the caches are wanted);
+        the last block of the last pass then computes just keys and values for the others.
+        Returns the final states and the last pass's per-layer (k, v) (of all cached tokens when
+        cached)."""
         c, x0, T = self.config, x, x.size(1)
         fresh = caches is None or caches[0] is None
         if fresh:
@@ -327,34 +352,54 @@ class GPT(nn.Module):
             P = caches[0][0][0].size(2)
             mask = None if T == 1 else torch.ones(T, P + T, dtype=torch.bool, device=x.device).tril(P)
         for p in range(c.n_loop):
-            inp = x + x0 if c.inject and p > 0 else x
-            out, kvs = self._stack(inp, pos, mask, None if fresh else caches[p])
-            x = out if inp is x and c.step_size == 1 else x + c.step_size * (out - inp)
+            injected = c.inject and p > 0
+            inp = x + x0 if injected else x
+            last = queries if p == c.n_loop - 1 else None
+            out, kvs = self._stack(inp, pos, mask, None if fresh else caches[p], last)
+            if last is not None:
+                x, inp = x[:, T - last:], inp[:, T - last:]
+            x = out if not injected and c.step_size == 1 else x + c.step_size * (out - inp)
             if caches is not None:
                 caches[p] = kvs if fresh else [(torch.cat((ck, k), 2), torch.cat((cv, v), 2))
                                                for (ck, cv), (k, v) in zip(caches[p], kvs)]
         return x, kvs if caches is None else caches[-1]
 
-    def _iterate(self, x, one_pass, frozen, watch, passes=None, sup=None, limits=None):
+    def _iterate(self, x, one_pass, frozen, watch, passes=None, sup=None, limits=None, slot_exit=False, partial=None):
         """Future passes x <- x + step_size * delta(x); frozen slots keep their state.
         Training (passes given): gradient through the last bptt passes only (truncated backprop),
         sup(x) after each of the last `supervise` ones. Inference (passes None): no gradient, until
         the decoded distributions of the watched slots stop moving, max KL(new || old) < tol (after
         min_loop), or max_loop; limits = (max_loop, tol, min_loop) overrides the config. The test is
         on decoded distributions, not states: the final LayerNorm ignores the state's scale, which
-        keeps growing along the residual stream. Returns x, passes."""
+        keeps growing along the residual stream. States are decoded only where a test needs them.
+        slot_exit: a watched slot whose own KL < tol keeps its state from then on (per-slot early
+        exit); partial(x, cols) -> the pass's output for columns cols (T',) only, so that columns
+        frozen in every row stop being computed and decoded. Returns x, passes."""
         c = self.config
         if passes is None:
             max_loop, tol, min_loop = limits or (c.max_loop, c.tol, c.min_loop)
+            decode = lambda x: F.log_softmax(self.logits(x).float(), -1)
             with torch.no_grad():
-                logp = F.log_softmax(self.logits(x).float(), -1)
+                stop, cols = frozen, None  # slots that keep their state; columns computed (None = all)
+                logp = decode(x) if min_loop <= 1 < max_loop else None  # the test after pass 1 needs it
                 for k in range(1, max_loop + 1):
-                    x = self._step(x, one_pass(x), frozen)
-                    new_logp = F.log_softmax(self.logits(x).float(), -1)
-                    kl = (new_logp.exp() * (new_logp - logp)).sum(-1)
+                    if cols is None:
+                        x = self._step(x, one_pass(x), stop)
+                    else:
+                        x = x.index_copy(1, cols, self._step(x[:, cols], partial(x, cols), stop[:, cols]))
+                    if k == max_loop or k < min_loop - 1:  # no test after this pass or the next one
+                        continue
+                    new_logp = decode(x) if cols is None else logp.index_copy(1, cols, decode(x[:, cols]))
+                    if k >= min_loop:
+                        kl = (new_logp.exp() * (new_logp - logp)).sum(-1)
+                        if not (kl * watch).amax() >= tol:
+                            break
+                        if slot_exit:
+                            stop = stop | (watch & (kl < tol))
+                            open_cols = ~stop.all(0)
+                            if partial is not None and open_cols.any() and not open_cols.all():
+                                cols = open_cols.nonzero()[:, 0]
                     logp = new_logp
-                    if k >= min_loop and not (kl * watch).amax() >= tol:
-                        break
             return x, k
         bptt = passes if c.bptt <= 0 else min(c.bptt, passes)
         for k in range(passes):
@@ -376,6 +421,30 @@ class GPT(nn.Module):
             out = self._stack(inp, pos, mask, prefix)[0]
             return out if inject is None else x + (out - inp)
         return one_pass
+
+    def _future_passes(self, pos, mask, cache, inject):
+        """The pinned future's pass for refine with per-slot early exit: one_pass(x) runs every
+        slot; partial(x, cols) runs only the slots cols (T',), the others entering attention
+        through their keys/values from the last pass that computed them (frozen slots are fixed
+        context, like the past). mask: None or (T, P + T) bool. Returns (one_pass, partial)."""
+        kv, P = {}, cache[0][0].size(2)
+
+        def one_pass(x):
+            inp = x if inject is None else x + inject
+            out, kv['slots'] = self._stack(inp, pos, mask, cache)
+            return out if inject is None else x + (out - inp)
+
+        def partial(x, cols):
+            shut = torch.ones(x.size(1), dtype=torch.bool, device=x.device).index_fill(0, cols, False).nonzero()[:, 0]
+            prefixes = [(torch.cat((ck, k[:, :, shut]), 2), torch.cat((cv, v[:, :, shut]), 2))
+                        for (ck, cv), (k, v) in zip(cache, kv['slots'])]
+            sub_mask = None if mask is None else torch.cat((mask[cols, :P], mask[cols][:, P + shut], mask[cols][:, P + cols]), 1)
+            x = x[:, cols]
+            inp = x if inject is None else x + inject[:, cols]
+            out, new = self._stack(inp, pos[cols], sub_mask, prefixes)
+            kv['slots'] = [(k.index_copy(2, cols, nk), v.index_copy(2, cols, nv)) for (k, v), (nk, nv) in zip(kv['slots'], new)]
+            return out if inject is None else x + (out - inp)
+        return one_pass, partial
 
     # ---- training forward ----
 
@@ -539,12 +608,13 @@ class GPT(nn.Module):
         return c.block_size if self.rotary is not None or F_ == 0 else c.block_size - F_ + 1
 
     @torch.no_grad()
-    def cache_past(self, idx, cache=None, start=0):
+    def cache_past(self, idx, cache=None, start=0, queries=None):
         """Run the causal stream on idx (B, n) at positions start.. and append its keys/values to
-        cache (a new one when None: one entry per pass). Returns the cache and the final states."""
+        cache (a new one when None: one entry per pass). Returns the cache and the final states
+        (of the last `queries` tokens only when given: 1 for the next-token logits, 0 for none)."""
         cache = [None] * self.config.n_loop if cache is None else cache
         pos = torch.arange(start, start + idx.size(1), device=idx.device)
-        x, _ = self._causal_passes(self._input(idx, pos), pos, cache)
+        x, _ = self._causal_passes(self._input(idx, pos), pos, cache, queries)
         return cache, x
 
     @torch.no_grad()
@@ -558,38 +628,48 @@ class GPT(nn.Module):
         w = Window(past=idx, future=self._blank(pos_f).expand(B, F_, -1).clone(),
                    decided=torch.full((B, F_), -1, dtype=torch.long, device=idx.device))
         if self.config.attn == 'pinned':
-            w.cache, _ = self.cache_past(idx)
+            w.cache, _ = self.cache_past(idx, queries=0)  # the future reads only the past's keys/values
         else:
             w.past_x = self._input(idx, torch.arange(P, device=idx.device))
         return w
 
     @torch.no_grad()
-    def refine(self, w, max_loop=None, tol=None, min_loop=None):
+    def refine(self, w, max_loop=None, tol=None, min_loop=None, slot_exit=None):
         """Run passes from the window's current (warm) state until the open future slots
-        converge or max_loop. Returns w and the passes used; w.stats['entropy'] is (B, F), nats."""
+        converge or max_loop (slot_exit: each slot stops on its own, see GPTConfig; None = the
+        config's). Returns w and the passes used; w.stats['entropy'] is (B, F), nats, and
+        w.stats['logits'] (B, F, V) the future's logits."""
         c, (B, P), F_ = self.config, w.past.shape, w.future.size(1)
         dev = w.past.device
         decided = w.decided >= 0
         pos_f = torch.arange(P, P + F_, device=dev)
         limits = (max_loop or c.max_loop, c.tol if tol is None else tol, min_loop or c.min_loop)
-        inject_f = self._injection(self._input(w.decided.clamp(min=0), pos_f), decided)
+        slot_exit = c.slot_exit if slot_exit is None else slot_exit
+        inject_f = self._injection(self._input(w.decided.clamp(min=0), pos_f), decided) if c.inject else None
         if c.attn == 'pinned':
             mask = None
             if c.spec_window >= 0:
                 j = torch.arange(F_, device=dev)
                 mask = torch.cat((torch.ones(F_, P, dtype=torch.bool, device=dev),
                                   j[None, :] <= j[:, None] + c.spec_window), 1)
-            one_pass = self._one_pass(pos_f, mask, w.cache[-1], inject_f)
-            w.future, used = self._iterate(w.future, one_pass, decided, ~decided, limits=limits)
+            partial = None
+            if slot_exit:
+                one_pass, partial = self._future_passes(pos_f, mask, w.cache[-1], inject_f)
+            else:
+                one_pass = self._one_pass(pos_f, mask, w.cache[-1], inject_f)
+            w.future, used = self._iterate(w.future, one_pass, decided, ~decided, limits=limits,
+                                           slot_exit=slot_exit, partial=partial)
         else:
             pos = torch.arange(P + F_, device=dev)
             inject = None if inject_f is None else torch.cat((self._input(w.past, pos[:P]), inject_f), 1)
             frozen = torch.cat((torch.zeros(B, P, dtype=torch.bool, device=dev), decided), 1)
             one_pass = self._one_pass(pos, None, None, inject)
             watch = torch.cat((torch.zeros(B, P, dtype=torch.bool, device=dev), ~decided), 1)
-            x, used = self._iterate(torch.cat((w.past_x, w.future), 1), one_pass, frozen, watch, limits=limits)
+            x, used = self._iterate(torch.cat((w.past_x, w.future), 1), one_pass, frozen, watch, limits=limits,
+                                    slot_exit=slot_exit)
             w.past_x, w.future = x[:, :P], x[:, P:]
-        w.stats = dict(passes=used, entropy=self.entropy(w.future))
+        logits = self.logits(w.future)  # (B, F, V), kept for the sampler (one decode per step)
+        w.stats = dict(passes=used, entropy=self.entropy_of_logits(logits), logits=logits)
         return w, used
 
     @torch.no_grad()
@@ -669,11 +749,11 @@ class GPT(nn.Module):
         if drop:
             carried = self._rebase(carried, torch.arange(first, P + F_, device=dev),
                                    torch.arange(first - drop, P + F_ - drop, device=dev))
-        if self.config.attn == 'pinned':
+        if self.config.attn == 'pinned':  # the future reads only the past's keys/values (queries=0)
             if drop:
-                w.cache, _ = self.cache_past(past[:, drop:])
+                w.cache, _ = self.cache_past(past[:, drop:], queries=0)
             else:
-                self.cache_past(moved, w.cache, start=P)
+                self.cache_past(moved, w.cache, start=P, queries=0)
         else:
             past_x = torch.cat((w.past_x, w.future[:, :n]), 1)
             if drop:

@@ -148,7 +148,7 @@ def generate(model, idx, max_new_tokens, s, generator=None, pins=(), on_tokens=N
 def _generate_gpt(model, idx, max_new_tokens, s, generator, on_tokens, schedule):
     stats, out = Stats(), []
     window = idx[:, -model.max_past():]
-    cache, x = model.cache_past(window)
+    cache, x = model.cache_past(window, queries=1)  # the last position's state is all the logits need
     for step in range(max_new_tokens):
         logits = model.logits(x[:, -1])
         temperature = None if schedule is None else schedule(step / max_new_tokens)
@@ -160,7 +160,7 @@ def _generate_gpt(model, idx, max_new_tokens, s, generator, on_tokens, schedule)
         window = torch.cat((window, token), 1)
         if window.size(1) > model.max_past():  # slide: rebuild the cache on the most recent tokens
             window = window[:, -max(1, model.max_past() - s.slide):]
-            cache, x = model.cache_past(window)
+            cache, x = model.cache_past(window, queries=1)
         else:
             cache, x = model.cache_past(token, cache, start=window.size(1) - 1)
     return torch.cat(out, 1), stats
@@ -279,8 +279,8 @@ def _generate_wfc(model, idx, max_new_tokens, s, generator, pins, on_tokens, sch
     warm = warm_start(model, s)
     while produced < max_new_tokens:
         w, used = model.refine(w if warm else model.forget(w), **limits)
-        logits = model.future_logits(w)
-        bits = model.entropy_of_logits(logits) / LN2
+        logits = w.stats['logits']  # model.future_logits(w), decoded once by refine
+        bits = w.stats['entropy'] / LN2
         open_ = w.decided < 0
         temperature = None if schedule is None else schedule(produced / max_new_tokens)
         if s.policy == 'entropy' and open_.any():
