@@ -1,0 +1,315 @@
+"""
+Speed on this machine, training and sampling, GPT and WFC side by side in one process: one table.
+
+    python bench.py                                       # nanoGPT's CPU recipe (4 x 128, block 64, batch 12), fp32 and bf16
+    python bench.py --n_embd=256 --variants=gpt           # one variant, wider
+    python bench.py config/train_shakespeare_char_wfc.py  # a training config's model and batch
+    python bench.py --wfc_ckpt=out-shakespeare-char-wfc --gpt_ckpt=out-shakespeare-char-gpt  # sample trained models
+    python bench.py --scaling=True                        # cost as block_size doubles 64 -> 512 and F doubles 4 -> 32
+
+Variants: 'gpt' is the settings with n_future = 0 and learned positions (nanoGPT's model); 'wfc' is
+them with n_future future slots (4 when 0) and rotary positions; 'config' is the settings as given.
+Rows: each variant x each dtype of `dtypes` ('auto' = bf16 where the hardware has it).
+
+- train: one step as train.py takes it (a batch from the shards, forward under autocast, backward,
+  gradient clipping, AdamW, the loss read back), median of `steps` timed steps after `warmup`.
+  tokens/s = batch_size x block_size / step time. MFU = model.flops_per_iter (every pass, both
+  streams of the pinned layout, attention, decodes) / step time / peak, where the peak is the
+  measured matmul rate of the dtype in use on CPU (2048 x 2048 products, printed above the table)
+  and the datasheet peak on CUDA (runtime.peak_flops).
+- sample: sampling.generate from a one-token prompt, sample_tokens new tokens, at batch 1 and at
+  batch num_samples (tokens/s counts every row's tokens), median of `repeats` runs. GPT uses its KV
+  cache; WFC the pinned past's cache, the `policy` (threshold: several tokens per step) and warm
+  starts as the model was trained. passes/token and tokens/step come from the batch-1 run.
+  Untrained weights are near-uniform, so a WFC model commits one token per step: give a trained
+  checkpoint (--wfc_ckpt) for meaningful tokens/step.
+- memory: the peak over the case of the process's resident set (Linux: VmHWM, reset between
+  cases) minus the resident set at its start: model, optimizer state, activations, caches. CUDA:
+  torch.cuda.max_memory_allocated.
+Run it on a quiet machine: other processes' load shows up in every column.
+"""
+
+import ctypes
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict
+
+import torch
+
+import checkpoint
+import runtime
+from configurator import ConfigError, configure
+from dataloader import DataError, TokenShards, read_meta
+from model import GPT, GPTConfig
+from sampling import Settings, generate
+
+# -----------------------------------------------------------------------------
+# the model and batch: nanoGPT's CPU recipe for tiny-shakespeare characters by default
+globals().update(asdict(GPTConfig()))
+block_size, vocab_size, n_layer, n_head, n_embd, bias = 64, 65, 4, 4, 128, False
+n_future = 4                   # future slots of the 'wfc' variant
+past_loss, dist_power = 1.0, 1.0  # the WFC research default (config/train_shakespeare_char_wfc.py)
+batch_size = 12
+dataset = 'shakespeare_char'    # batches from data/<dataset> (or a path); random tokens when it is missing
+variants = 'gpt,wfc'            # comma-separated: 'gpt', 'wfc', 'config' (see above)
+dtypes = 'float32,auto'         # comma-separated autocast dtypes; 'auto' = bf16 where native, else skipped as a duplicate
+device = 'auto'
+compile = False                 # torch.compile the training model
+threads = 0                     # torch threads (0 = torch's default: one per core)
+# timing
+steps = 30                      # timed training steps per row
+warmup = 5                      # untimed training steps first (allocator, caches, compilation)
+sample_tokens = 500             # new tokens per sampling run
+num_samples = 8                 # the batch of the batched sampling column (0 = skip it)
+repeats = 3                     # sampling runs per measurement (median)
+gpt_ckpt = ''                   # sample this checkpoint in the 'gpt' rows instead of untrained weights
+wfc_ckpt = ''                   # sample this checkpoint in the 'wfc' rows instead of untrained weights
+scaling = False                 # also print the scaling tables (block_size 64 -> 512, F 4 -> 32), first dtype only
+out = ''                        # also write every number as JSON here
+# sampler (sampling.Settings)
+policy = 'threshold'
+tau = 1.0
+temperature = 0.8
+top_k = 200
+slide = 0
+sample_max_loop = 0             # WFC refinement cap per step (0 = the model's max_loop); slot_exit (a model
+                                # setting above) turns on per-slot early exit
+# accepted from train.py config files, not used here
+out_dir, max_iters, lr_decay_iters, warmup_iters, min_lr = '', 0, 0, 0, 0.0
+eval_interval, eval_iters, log_interval, always_save_checkpoint = 0, 0, 0, True
+gradient_accumulation_steps, learning_rate, beta2, weight_decay = 1, 1e-3, 0.99, 0.1
+wandb_log, wandb_project, wandb_run_name = False, '', ''
+# -----------------------------------------------------------------------------
+
+MODEL_KEYS = list(GPTConfig.__dataclass_fields__)
+
+
+class PeakMemory:
+    """Peak memory used inside a `with` block, in bytes (see the module docstring)."""
+
+    def __init__(self, dev):
+        self.cuda = dev.startswith('cuda')
+
+    @staticmethod
+    def _status(field):
+        try:
+            with open('/proc/self/status') as f:
+                return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field))
+        except (OSError, StopIteration):
+            return None
+
+    def __enter__(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.start = torch.cuda.memory_allocated()
+        else:
+            try:  # hand freed heap pages back (glibc), then '5' resets the peak resident set (Linux >= 4.0)
+                ctypes.CDLL('libc.so.6').malloc_trim(0)
+            except (OSError, AttributeError):
+                pass
+            try:
+                with open('/proc/self/clear_refs', 'w') as f:
+                    f.write('5')
+            except OSError:
+                pass
+            self.start = self._status('VmRSS:')
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() - self.start
+        else:
+            top = self._status('VmHWM:')
+            self.peak = None if top is None or self.start is None else max(0, top - self.start)
+
+
+def sync(dev):
+    if dev.startswith('cuda'):
+        torch.cuda.synchronize()
+
+
+def variant_args(name, settings):
+    args = {k: settings[k] for k in MODEL_KEYS}
+    if name == 'gpt':
+        args.update(n_future=0, pos_emb='learned')
+    elif name == 'wfc':
+        args.update(n_future=args['n_future'] or 4, pos_emb='rope')
+    elif name != 'config':
+        raise ValueError(f"unknown variant {name!r}: use 'gpt', 'wfc' or 'config'")
+    return args
+
+
+def batches(args, dev):
+    """batch(i) -> (x, y): the shards of `dataset` when they exist and fit the vocabulary, else random tokens."""
+    repo = os.path.dirname(os.path.abspath(__file__))
+    folder = dataset if os.sep in dataset else os.path.join(repo, 'data', dataset)
+    try:
+        meta = read_meta(folder) or {}
+        if meta.get('vocab_size', args['vocab_size']) <= args['vocab_size']:
+            shards = TokenShards(folder, 'train', args['block_size'], args['vocab_size'], verify=False)
+            return lambda i: shards.batch(batch_size, 1000 + i, dev), folder
+    except DataError:
+        pass
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, args['vocab_size'], (64, batch_size, args['block_size'] + 1), generator=g)
+    return lambda i: (tokens[i % 64, :, :-1].to(dev), tokens[i % 64, :, 1:].to(dev)), 'random tokens'
+
+
+def train_speed(args, dev, dtype, peak):
+    """Median step time of training; returns a dict of the row's training numbers."""
+    torch.manual_seed(0)
+    with PeakMemory(dev) as memory:
+        model = GPT(GPTConfig(**args)).to(dev)
+        decay = [p for p in model.parameters() if p.dim() >= 2]
+        rest = [p for p in model.parameters() if p.dim() < 2]
+        optimizer = torch.optim.AdamW([{'params': decay, 'weight_decay': weight_decay}, {'params': rest, 'weight_decay': 0.0}],
+                                      lr=learning_rate, betas=(0.9, beta2), fused=dev.startswith('cuda'))
+        step_model = torch.compile(model) if compile else model
+        batch, source = batches(args, dev)
+        ctx = runtime.autocast(dev, dtype)
+        times, passes = [], []
+        for i in range(warmup + steps):
+            sync(dev)
+            t0 = time.perf_counter()
+            x, y = batch(i)
+            with ctx:
+                _, loss = step_model(x, y)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss.item()
+            sync(dev)
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+                passes.append(model.last.get('passes', args['n_loop']))
+    dt = statistics.median(times)
+    flops = model.flops_per_iter(batch_size, args['block_size'], statistics.mean(passes))
+    return dict(train_tokens_per_s=batch_size * args['block_size'] / dt, step_ms=dt * 1000, mfu=flops / dt / peak,
+                train_peak_mb=None if memory.peak is None else memory.peak / 2 ** 20, data=source,
+                params_m=model.get_num_params() / 1e6)
+
+
+def sampler_model(name, args, dev, trained=True):
+    """The model a row samples: the variant's checkpoint when given (and trained), else untrained weights."""
+    path = {'gpt': gpt_ckpt, 'wfc': wfc_ckpt}.get(name, '') if trained else ''
+    if path:
+        model, _ = checkpoint.load_model(path, dev, slot_exit=slot_exit)
+        return model, path
+    torch.manual_seed(0)
+    return GPT(GPTConfig(**args)).to(dev).eval(), 'untrained'
+
+
+def sample_speed(model, dev, dtype, batch):
+    """Median over `repeats` runs of sampling sample_tokens tokens at this batch."""
+    s = Settings(temperature=temperature, top_k=top_k, policy=policy, tau=tau, slide=slide, max_loop=sample_max_loop).check()
+    idx = torch.zeros(batch, 1, dtype=torch.long, device=dev)  # one token: '\n' in the char vocabulary
+    runs = []
+    with runtime.autocast(dev, dtype), PeakMemory(dev) as memory:
+        generate(model, idx, 8, s, torch.Generator(device=dev).manual_seed(0))  # warm-up
+        for r in range(repeats):
+            sync(dev)
+            t0 = time.perf_counter()
+            tokens, record = generate(model, idx, sample_tokens, s, torch.Generator(device=dev).manual_seed(r))
+            sync(dev)
+            runs.append((time.perf_counter() - t0, record.summary()))
+    dt = statistics.median(t for t, _ in runs)
+    summary = runs[0][1]
+    return dict(tokens_per_s=batch * tokens.size(1) / dt, passes_per_token=summary['passes_per_token'],
+                tokens_per_step=summary['tokens_per_step'], peak_mb=None if memory.peak is None else memory.peak / 2 ** 20)
+
+
+def measure_row(name, args, dev, dtype, peak, trained=True):
+    row = dict(variant=name, dtype=dtype, n_future=args['n_future'], block_size=args['block_size'],
+               n_embd=args['n_embd'], **train_speed(args, dev, dtype, peak))
+    model, source = sampler_model(name, args, dev, trained)
+    one = sample_speed(model, dev, dtype, 1)
+    row.update(sample_from=source, sample_tokens_per_s=one['tokens_per_s'], passes_per_token=one['passes_per_token'],
+               tokens_per_step=one['tokens_per_step'], sample_peak_mb=one['peak_mb'])
+    if num_samples > 1:
+        row['batch_tokens_per_s'] = sample_speed(model, dev, dtype, num_samples)['tokens_per_s']
+    return row
+
+
+def fmt(value, spec):
+    return '-' if value is None else format(value, spec)
+
+
+def print_table(rows, title):
+    head = (f"{'variant':8s} {'dtype':8s} {'F':>3s} {'block':>5s} {'C':>4s} | {'train tok/s':>11s} {'ms/step':>8s} "
+            f"{'MFU':>6s} {'mem MB':>7s} | {'sample tok/s':>12s} {f'x{num_samples} tok/s':>11s} {'passes/tok':>10s} "
+            f"{'tok/step':>8s} {'mem MB':>7s}")
+    print(f"\n{title}\n{head}\n{'-' * len(head)}")
+    for r in rows:
+        print(f"{r['variant']:8s} {r['dtype']:8s} {r['n_future']:3d} {r['block_size']:5d} {r['n_embd']:4d} | "
+              f"{r['train_tokens_per_s']:11,.0f} {r['step_ms']:8.1f} {r['mfu'] * 100:5.1f}% {fmt(r['train_peak_mb'], '7.1f')} | "
+              f"{r['sample_tokens_per_s']:12,.0f} {fmt(r.get('batch_tokens_per_s'), '11,.0f')} "
+              f"{r['passes_per_token']:10.2f} {r['tokens_per_step']:8.2f} {fmt(r['sample_peak_mb'], '7.1f')}", flush=True)
+
+
+def main():
+    try:
+        settings = configure(globals())
+        dev = runtime.resolve(device, 'float32')[0]
+        names = [v for v in variants.split(',') if v]
+        kinds = []
+        for d in dtypes.split(','):
+            d = runtime.resolve(dev, d)[1]
+            if d not in kinds:
+                kinds.append(d)
+        rows_args = [(n, variant_args(n, settings)) for n in names]
+        for _, a in rows_args:
+            GPTConfig(**a)
+    except (ConfigError, ValueError, RuntimeError) as e:
+        sys.exit(f"error: {e}")
+    if threads:
+        torch.set_num_threads(threads)
+    peaks = {}
+    if dev == 'cpu':
+        for d in ('float32', 'bfloat16'):  # fp16 autocast on CPU is measured against the fp32 peak
+            peaks[d] = runtime.measure_matmul_flops(d, n=2048, repeats=5)
+        peaks['float16'] = peaks['float32']
+        bf16 = 'native' if runtime.cpu_has_bf16() else 'emulated: no AVX512-BF16/AMX'
+        print(f"cpu, {torch.get_num_threads()} threads: matmul peak (2048 x 2048) fp32 {peaks['float32'] / 1e9:.0f} GFLOP/s, "
+              f"bf16 {peaks['bfloat16'] / 1e9:.0f} GFLOP/s ({bf16}); MFU is against the peak of the row's dtype")
+    else:
+        peaks = {d: runtime.peak_flops(dev, d) for d in ('float32', 'bfloat16', 'float16')}
+        print(f"{dev}: {torch.cuda.get_device_name() if dev.startswith('cuda') else dev}, peak (datasheet) "
+              f"bf16 {peaks['bfloat16'] / 1e12:.0f} TFLOP/s, fp32 {peaks['float32'] / 1e12:.0f} TFLOP/s")
+    print(f"torch {torch.__version__}, batch {batch_size}, {steps} timed steps after {warmup}, sampling {sample_tokens} "
+          f"tokens ({policy} policy, tau {tau}, slide {slide}), medians of {repeats}, compile={compile}")
+    rows = []
+    for name, args in rows_args:
+        for d in kinds:
+            rows.append(measure_row(name, args, dev, d, peaks[d]))
+    print_table(rows, f"{n_layer} layers x {n_embd} wide, {n_head} heads, vocabulary {vocab_size}; "
+                      f"train data: {rows[0]['data']}; sampled: {', '.join(sorted({r['sample_from'] for r in rows}))}")
+    result = dict(settings=settings, peaks=peaks, rows=rows, machine=dict(device=dev, threads=torch.get_num_threads(),
+                                                                          torch=torch.__version__))
+    if scaling:
+        d, base = kinds[0], dict(rows_args)
+        table = []
+        if 'gpt' in base or 'wfc' in base:
+            for name in [n for n in ('gpt', 'wfc') if n in base]:
+                for bs in (64, 128, 256, 512):
+                    table.append(measure_row(name, {**base[name], 'block_size': bs}, dev, d, peaks[d], trained=False))
+        print_table(table, f"scaling with block_size ({d}; sampling untrained weights: one token per WFC step)")
+        f_table = []
+        if 'wfc' in base:
+            for F_ in (4, 8, 16, 32):
+                f_table.append(measure_row('wfc', {**base['wfc'], 'n_future': F_}, dev, d, peaks[d], trained=False))
+            print_table(f_table, f"scaling with F (WFC pinned, block {base['wfc']['block_size']}, {d})")
+        result.update(scaling_block=table, scaling_future=f_table)
+    if out:
+        with open(out, 'w') as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+if __name__ == '__main__':
+    main()
