@@ -197,7 +197,10 @@ class SMCResult:
 
     def pick(self, generator=None):
         """One particle drawn by weight: a sample of the steered distribution."""
-        return int(torch.multinomial(self.weights.float(), 1, generator=generator)) if self.died_at < 0 else 0
+        if self.died_at >= 0:
+            return 0
+        weights = self.weights.float().to(generator.device if generator is not None else 'cpu')
+        return int(torch.multinomial(weights, 1, generator=generator))
 
 
 @torch.no_grad()

@@ -3,8 +3,10 @@ by the particles SMC returns; with a constant potential SMC is plain sampling, t
 resampling triggers exactly when the ESS falls below its threshold (or a particle dies) and never
 draws a dead particle; best-of-N and the tree return the argmax of the score; calibration
 percentiles are monotone and are the percentiles of what the sampler saw; goals land at their
-offset beyond the window; Window.select indexes every row tensor; schedules and the entropy
-policy reduce to the plain sampler where they should; the command line runs."""
+offset beyond the window; a lookahead reads the future and leaves the target unchanged;
+Window.select indexes every row tensor; schedules and the entropy policy reduce to the plain
+sampler where they should, and its branching keeps the candidate that leaves the future most
+certain; the command line steers, calibrates and rejects a malformed potential."""
 
 import math
 import pickle
