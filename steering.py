@@ -278,6 +278,8 @@ def sample_n(model, prompt, max_new_tokens, n, s, generator=None, schedule=None,
     """n independent samples (n, max_new_tokens), their passes x rows and the sampler's steps. A
     goal needs a WFC model and policy 'first' (it runs as SMC without a potential: plain sampling)."""
     if goal is not None:
+        if model.config.n_future == 0 or s.policy != 'first':
+            raise ValueError("a goal needs a WFC model (n_future > 0) and policy 'first'")
         result = smc(model, prompt, max_new_tokens, None, lambda ids: '', n, s, schedule=schedule, goal=goal,
                      generator=generator)
         return result.tokens, result.passes, len(result.ess)
@@ -426,6 +428,8 @@ def command(model, codec, prompt, s, o, judge=None, scorer=None):
         goal = (int(offset), codec.encode(text))
     score = judge_score(scorer, prompt) if scorer is not None else \
         None if potential is None else (lambda ids: potential(codec.decode(ids), len(ids)))
+    if o['steer'] == 'tree' and goal is not None:
+        raise ValueError("tree does not take a goal: use best_of_n or smc")
     if o['steer'] in ('best_of_n', 'tree') and score is None:
         raise ValueError(f"{o['steer']} needs a score: --judge (or --scorer) for the judge's NLL, or --potential")
     g = torch.Generator(device=model.e_max().device).manual_seed(o['seed'])
