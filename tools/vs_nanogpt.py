@@ -6,6 +6,7 @@ prepared (python data/shakespeare_char/prepare.py there). Its train.py and sampl
     python tools/vs_nanogpt.py --nanogpt=../nanoGPT                          # 2000 iterations, 3 repeats
     python tools/vs_nanogpt.py --nanogpt=../nanoGPT --iters=300 --repeats=5  # speed only (val loss after 300)
     python tools/vs_nanogpt.py --nanogpt=../nanoGPT --jobs=nano,gpt,gpt_bf16 --sample=False
+    python tools/vs_nanogpt.py --nanogpt=../nanoGPT --work=runs/vs --train=False --tau=2.0 --slide=16  # resample
 
 Training, nanoGPT's CPU recipe (its README: 4 layers x 128, 4 heads, block 64, batch 12, dropout 0,
 lr 1e-3 -> 1e-4, 100 warmup iterations, beta2 0.99, eval_iters 20) on nanoGPT's own prepared
@@ -146,6 +147,7 @@ def main():
     parser.add_argument('--iters', type=int, default=2000, help='training iterations per run (the recipe: 2000)')
     parser.add_argument('--repeats', type=int, default=3)
     parser.add_argument('--jobs', default='nano,gpt,gpt_bf16,wfc,wfc_bf16', help=f'comma-separated, of {list(JOBS)}')
+    parser.add_argument('--train', default='True', help="train (False: sample the first repeat's checkpoints in --work)")
     parser.add_argument('--sample', default='True', help='also compare the samplers (True/False)')
     parser.add_argument('--tokens', type=int, default=500, help='new tokens per sample')
     parser.add_argument('--batch', type=int, default=8, help='samples of the batched sampling runs')
@@ -170,7 +172,8 @@ def main():
 
     # ---- training: every job once per repeat, in turn ----
     train = {j: dict(ms=[], val=[], mb=[]) for j in jobs}
-    for r in range(args.repeats):
+    result = dict(args=vars(args))
+    for r in range(args.repeats if args.train.lower() == 'true' else 0):
         for j in jobs:
             cmd, cwd = train_command(j, args, os.path.join(work, f'{j}_{r}'), data_dir)
             stdout, _, mb = run(cmd, cwd)
@@ -183,18 +186,19 @@ def main():
     nano = {k: median(v) for k, v in train['nano'].items()}
     tokens_per_iter = RECIPE['batch_size'] * RECIPE['block_size']
     rows = []
-    for j in jobs:
+    for j in jobs if train['nano']['ms'] else []:
         m = {k: median(v) for k, v in train[j].items()}
         rows.append(dict(job=j, ms=m['ms'], tokens_per_s=tokens_per_iter / m['ms'] * 1000, val=m['val'], mb=m['mb'],
                          speed_ratio=nano['ms'] / m['ms'], memory_ratio=m['mb'] / nano['mb'], runs_ms=train[j]['ms'],
                          runs_val=train[j]['val']))
-    print(f"\ntraining, {args.iters} iterations, medians of {args.repeats} interleaved repeats "
-          f"(tokens/s ratio = nanoGPT ms/iter / ours)")
-    print("| job | ms/iter | tokens/s | x nanoGPT | val loss | peak MB | mem x nanoGPT |\n|---|---|---|---|---|---|---|")
-    for x in rows:
-        print(f"| {x['job']} | {x['ms']:.2f} | {x['tokens_per_s']:,.0f} | {x['speed_ratio']:.2f} | {x['val']:.4f} | "
-              f"{x['mb']:.0f} | {x['memory_ratio']:.2f} |")
-    result = dict(args=vars(args), train=rows)
+    if rows:
+        print(f"\ntraining, {args.iters} iterations, medians of {args.repeats} interleaved repeats "
+              f"(tokens/s ratio = nanoGPT ms/iter / ours)")
+        print("| job | ms/iter | tokens/s | x nanoGPT | val loss | peak MB | mem x nanoGPT |\n|---|---|---|---|---|---|---|")
+        for x in rows:
+            print(f"| {x['job']} | {x['ms']:.2f} | {x['tokens_per_s']:,.0f} | {x['speed_ratio']:.2f} | {x['val']:.4f} | "
+                  f"{x['mb']:.0f} | {x['memory_ratio']:.2f} |")
+        result['train'] = rows
 
     # ---- sampling, from the first repeat's checkpoints ----
     if args.sample.lower() == 'true':
@@ -217,8 +221,12 @@ def main():
         import torch
         sys.path.insert(0, REPO)
         import checkpoint
-        judge_path = args.judge if os.path.exists(args.judge) else os.path.join(work, 'gpt_0')
-        judge, _ = checkpoint.load_model(judge_path)
+        try:
+            judge_path = args.judge
+            judge, _ = checkpoint.load_model(judge_path)
+        except checkpoint.CheckpointError:  # no judge there: our GPT of the first repeat judges
+            judge_path = os.path.join(work, 'gpt_0')
+            judge, _ = checkpoint.load_model(judge_path)
         base = {b: median(speed['nano', b]) for b in (1, args.batch)}
         srows = []
         with torch.no_grad():
