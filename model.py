@@ -199,13 +199,16 @@ class Window:
     """What the WFC sampler carries from step to step (DESIGN.md section 5), for B rows.
     past: (B, P) decided token ids. future: (B, F, C) future slot states. decided: (B, F) token
     of a collapsed or pinned slot, -1 while open. past_x (bidirectional): (B, P, C) past states.
-    cache (pinned): keys/values of the past, per pass and layer: list[list[(k, v)]]."""
+    cache (pinned): keys/values of the past, per pass and layer: list[list[(k, v)]]. pending
+    (pinned, n_loop = 1): the last `pending` past tokens are not in the cache yet; the next
+    refine computes them in its first pass, with the future (None cache: the whole past)."""
     past: torch.Tensor
     future: torch.Tensor
     decided: torch.Tensor
     past_x: torch.Tensor = None
     cache: list = None
     stats: dict = field(default_factory=dict)
+    pending: int = 0
 
     def select(self, rows):
         """A new window made of the batch rows `rows` (1-D long tensor; repeats allowed): how SMC
@@ -216,7 +219,7 @@ class Window:
         B = self.past.size(0)
         stats = {k: v[rows] if torch.is_tensor(v) and v.dim() and v.size(0) == B else v for k, v in self.stats.items()}
         return Window(past=self.past[rows], future=self.future[rows], decided=self.decided[rows],
-                      past_x=pick(self.past_x), cache=cache, stats=stats)
+                      past_x=pick(self.past_x), cache=cache, stats=stats, pending=self.pending)
 
 
 class GPT(nn.Module):
@@ -422,22 +425,48 @@ class GPT(nn.Module):
             return out if inject is None else x + (out - inp)
         return one_pass
 
-    def _future_passes(self, pos, mask, cache, inject):
-        """The pinned future's pass for refine with per-slot early exit: one_pass(x) runs every
-        slot; partial(x, cols) runs only the slots cols (T',), the others entering attention
-        through their keys/values from the last pass that computed them (frozen slots are fixed
-        context, like the past). mask: None or (T, P + T) bool. Returns (one_pass, partial)."""
-        kv, P = {}, cache[0][0].size(2)
+    def _future_passes(self, w, pos, mask, inject):
+        """The pinned future's passes for refine, against the past's keys/values in w.cache[-1].
+        one_pass(x): every future slot. Its first call also runs the causal stream (n_loop = 1)
+        on the window's pending past tokens, in the same stack call (they see the past, the
+        future sees them), and extends the cache with their keys/values: a sampler step costs
+        one call of the stack, not one for the moved tokens and one for the future.
+        partial(x, cols): only the slots cols (T',), the others entering attention through their
+        keys/values from the last pass that computed them (per-slot early exit).
+        mask: None or (T, P + T) bool over the whole past. Returns (one_pass, partial)."""
+        if w.cache is None:
+            w.cache = [[None] * self.config.n_layer]
+        layers, kv, n, F_ = w.cache[-1], {}, w.pending, pos.size(0)
+        if n:
+            dev, P0 = pos.device, w.past.size(1) - n
+            pos_n = torch.arange(P0, P0 + n, device=dev)
+            x_n = self._input(w.past[:, P0:], pos_n)  # (B, n, C): the causal stream's input
+            ahead = torch.ones(F_, F_, dtype=torch.bool, device=dev) if mask is None else mask[:, -F_:]
+            joint_mask = torch.cat((  # (n + F, P0 + n + F): pending rows are causal, future rows see all of the past
+                torch.cat((torch.ones(n, P0 + n, dtype=torch.bool, device=dev).tril(P0),
+                           torch.zeros(n, F_, dtype=torch.bool, device=dev)), 1),
+                torch.cat((torch.ones(F_, P0 + n, dtype=torch.bool, device=dev), ahead), 1)), 0)
 
         def one_pass(x):
+            nonlocal n
             inp = x if inject is None else x + inject
-            out, kv['slots'] = self._stack(inp, pos, mask, cache)
+            if n:  # the last block computes only the future's outputs (the pending tokens' keys/values suffice)
+                out, kvs = self._stack(torch.cat((x_n, inp), 1), torch.cat((pos_n, pos)), joint_mask, layers, F_)
+                for i, (k, v) in enumerate(kvs):
+                    new = (k[:, :, :n], v[:, :, :n])
+                    layers[i] = new if layers[i] is None else (torch.cat((layers[i][0], new[0]), 2),
+                                                                torch.cat((layers[i][1], new[1]), 2))
+                kv['slots'] = [(k[:, :, n:], v[:, :, n:]) for k, v in kvs]
+                n = w.pending = 0
+            else:
+                out, kv['slots'] = self._stack(inp, pos, mask, layers)
             return out if inject is None else x + (out - inp)
 
         def partial(x, cols):
+            P = layers[0][0].size(2)
             shut = torch.ones(x.size(1), dtype=torch.bool, device=x.device).index_fill(0, cols, False).nonzero()[:, 0]
             prefixes = [(torch.cat((ck, k[:, :, shut]), 2), torch.cat((cv, v[:, :, shut]), 2))
-                        for (ck, cv), (k, v) in zip(cache, kv['slots'])]
+                        for (ck, cv), (k, v) in zip(layers, kv['slots'])]
             sub_mask = None if mask is None else torch.cat((mask[cols, :P], mask[cols][:, P + shut], mask[cols][:, P + cols]), 1)
             x = x[:, cols]
             inp = x if inject is None else x + inject[:, cols]
@@ -652,13 +681,9 @@ class GPT(nn.Module):
                 j = torch.arange(F_, device=dev)
                 mask = torch.cat((torch.ones(F_, P, dtype=torch.bool, device=dev),
                                   j[None, :] <= j[:, None] + c.spec_window), 1)
-            partial = None
-            if slot_exit:
-                one_pass, partial = self._future_passes(pos_f, mask, w.cache[-1], inject_f)
-            else:
-                one_pass = self._one_pass(pos_f, mask, w.cache[-1], inject_f)
+            one_pass, partial = self._future_passes(w, pos_f, mask, inject_f)
             w.future, used = self._iterate(w.future, one_pass, decided, ~decided, limits=limits,
-                                           slot_exit=slot_exit, partial=partial)
+                                           slot_exit=slot_exit, partial=partial if slot_exit else None)
         else:
             pos = torch.arange(P + F_, device=dev)
             inject = None if inject_f is None else torch.cat((self._input(w.past, pos[:P]), inject_f), 1)
@@ -749,7 +774,9 @@ class GPT(nn.Module):
         if drop:
             carried = self._rebase(carried, torch.arange(first, P + F_, device=dev),
                                    torch.arange(first - drop, P + F_ - drop, device=dev))
-        if self.config.attn == 'pinned':  # the future reads only the past's keys/values (queries=0)
+        if self.config.attn == 'pinned' and self.config.n_loop == 1:  # the next refine computes them (Window.pending)
+            w.cache, w.pending = (None, past.size(1) - drop) if drop else (w.cache, w.pending + n)
+        elif self.config.attn == 'pinned':  # the future reads only the past's keys/values (queries=0)
             if drop:
                 w.cache, _ = self.cache_past(past[:, drop:], queries=0)
             else:

@@ -43,7 +43,7 @@ def uncached_wfc(model, idx, n, s, generator):
     scratch (all final states too) at every step. Policy and draws as in sampling.generate."""
     w, out = model.start(idx), []
     while sum(t.size(1) for t in out) < n:
-        w.cache = model.cache_past(w.past)[0]
+        w.cache, w.pending = model.cache_past(w.past)[0], 0
         w, _ = model.refine(w if s.warm == 'on' else model.forget(w))
         logits = model.future_logits(w)
         bits = model.entropy_of_logits(logits) / math.log(2)
