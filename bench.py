@@ -6,6 +6,7 @@ Speed on this machine, training and sampling, GPT and WFC side by side in one pr
     python bench.py config/train_shakespeare_char_wfc.py  # a training config's model and batch
     python bench.py --wfc_ckpt=out-shakespeare-char-wfc --gpt_ckpt=out-shakespeare-char-gpt  # sample trained models
     python bench.py --scaling=True                        # cost as block_size doubles 64 -> 512 and F doubles 4 -> 32
+    python bench.py --slides=0,8,16,32 --gpt_ckpt=out-shakespeare-char-gpt --wfc_ckpt=out-shakespeare-char-wfc
 
 Variants: 'gpt' is the settings with n_future = 0 and learned positions (nanoGPT's model); 'wfc' is
 them with n_future future slots (4 when 0) and rotary positions; 'config' is the settings as given.
@@ -23,6 +24,10 @@ Rows: each variant x each dtype of `dtypes` ('auto' = bf16 where the hardware ha
   starts as the model was trained. passes/token and tokens/step come from the batch-1 run.
   Untrained weights are near-uniform, so a WFC model commits one token per step: give a trained
   checkpoint (--wfc_ckpt) for meaningful tokens/step.
+- slides: sampling speed for each Settings.slide (once the window is full, slide 0 rebuilds the
+  cache every token, as nanoGPT recomputes its window; slide s rebuilds every s + 1 tokens and
+  keeps block_size - s .. block_size tokens of context), beside the GPT's val loss averaged over
+  exactly those context lengths (from the loss by position of val windows): what a slide costs.
 - memory: the peak over the case of the process's resident set (Linux: VmHWM, reset between
   cases) minus the resident set at its start: model, optimizer state, activations, caches. CUDA:
   torch.cuda.max_memory_allocated.
@@ -68,6 +73,7 @@ repeats = 3                     # sampling runs per measurement (median)
 gpt_ckpt = ''                   # sample this checkpoint in the 'gpt' rows instead of untrained weights
 wfc_ckpt = ''                   # sample this checkpoint in the 'wfc' rows instead of untrained weights
 scaling = False                 # also print the scaling tables (block_size 64 -> 512, F 4 -> 32), first dtype only
+slides = ''                     # e.g. '0,8,16,32': also print the slide table (speed vs context), first dtype only
 out = ''                        # also write every number as JSON here
 # sampler (sampling.Settings)
 policy = 'threshold'
@@ -144,10 +150,13 @@ def variant_args(name, settings):
     return args
 
 
+def data_folder():
+    return dataset if os.sep in dataset else os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', dataset)
+
+
 def batches(args, dev):
     """batch(i) -> (x, y): the shards of `dataset` when they exist and fit the vocabulary, else random tokens."""
-    repo = os.path.dirname(os.path.abspath(__file__))
-    folder = dataset if os.sep in dataset else os.path.join(repo, 'data', dataset)
+    folder = data_folder()
     try:
         meta = read_meta(folder) or {}
         if meta.get('vocab_size', args['vocab_size']) <= args['vocab_size']:
@@ -205,7 +214,7 @@ def sampler_model(name, args, dev, trained=True):
     return GPT(GPTConfig(**args)).to(dev).eval(), 'untrained'
 
 
-def sample_speed(model, dev, dtype, batch):
+def sample_speed(model, dev, dtype, batch, slide=slide):
     """Median over `repeats` runs of sampling sample_tokens tokens at this batch."""
     s = Settings(temperature=temperature, top_k=top_k, policy=policy, tau=tau, slide=slide, max_loop=sample_max_loop).check()
     idx = torch.zeros(batch, 1, dtype=torch.long, device=dev)  # one token: '\n' in the char vocabulary
@@ -234,6 +243,51 @@ def measure_row(name, args, dev, dtype, peak, trained=True):
     if num_samples > 1:
         row['batch_tokens_per_s'] = sample_speed(model, dev, dtype, num_samples)['tokens_per_s']
     return row
+
+
+@torch.no_grad()
+def loss_by_context(model, dev, dtype, lengths, n=512, rows=64):
+    """{L: the GPT's mean val loss (nats) on the same n target tokens, each predicted from its L
+    preceding tokens}: paired, so that differences between context lengths are not sampling noise."""
+    bs, V = model.config.block_size, model.config.vocab_size
+    x, y = TokenShards(data_folder(), 'val', bs, V, verify=False).batch(n, 1234, dev)
+    targets = y[:, -1]  # each window's last token, after bs tokens
+    losses = {}
+    with runtime.autocast(dev, dtype):
+        for L in lengths:
+            total = 0.0
+            for lo in range(0, n, rows):
+                logits, _ = model(x[lo:lo + rows, bs - L:])  # the last position's logits
+                total += torch.nn.functional.cross_entropy(logits[:, -1].float(), targets[lo:lo + rows], reduction='sum').item()
+            losses[L] = total / n
+    return losses
+
+
+def slide_table(names, base, dev, dtype):
+    """Rows of the slide table (see the module docstring)."""
+    models = {name: sampler_model(name, base[name], dev)[0] for name in ('gpt', 'wfc') if name in names}
+    sizes = [int(v) for v in slides.split(',') if v]
+    try:
+        bs = base['gpt']['block_size'] if 'gpt' in models else 0
+        lengths = range(max(1, bs - max(sizes)), bs + 1)
+        by_context = loss_by_context(models['gpt'], dev, dtype, lengths) if 'gpt' in models else None
+    except DataError:
+        by_context = None
+    rows = []
+    for s in sizes:
+        row = dict(slide=s)
+        for name, model in models.items():
+            row[f'{name}_tokens_per_s'] = sample_speed(model, dev, dtype, 1, slide=s)['tokens_per_s']
+        if by_context is not None:  # after a rebuild the window holds max(1, bs - s) tokens, then grows to bs
+            row['gpt_context_loss'] = statistics.mean(by_context[L] for L in range(max(1, bs - s), bs + 1))
+        rows.append(row)
+    print(f"\nslide (batch 1, {sample_tokens} tokens, {dtype}): tokens/s, and the GPT's val loss averaged over the "
+          f"context lengths each slide leaves it (nats, the same 512 val targets for every slide; slide 0 = full context)")
+    print(f"{'slide':>5s} {'gpt tok/s':>10s} {'wfc tok/s':>10s} {'gpt ctx loss':>12s}")
+    for r in rows:
+        print(f"{r['slide']:5d} {fmt(r.get('gpt_tokens_per_s'), '10,.0f')} {fmt(r.get('wfc_tokens_per_s'), '10,.0f')} "
+              f"{fmt(r.get('gpt_context_loss'), '12.4f')}", flush=True)
+    return rows
 
 
 def fmt(value, spec):
@@ -305,6 +359,8 @@ def main():
                 f_table.append(measure_row('wfc', {**base['wfc'], 'n_future': F_}, dev, d, peaks[d], trained=False))
             print_table(f_table, f"scaling with F (WFC pinned, block {base['wfc']['block_size']}, {d})")
         result.update(scaling_block=table, scaling_future=f_table)
+    if slides:
+        result['slides'] = slide_table(names, dict(rows_args), dev, kinds[0])
     if out:
         with open(out, 'w') as f:
             json.dump(result, f, indent=1)
