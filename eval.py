@@ -87,6 +87,16 @@ def token_losses(model, x, y):
 
 
 @torch.no_grad()
+def past_stream_loss(model, x, y, batch):
+    """Next-token loss of a pinned WFC's past stream read out directly (decode of its final
+    states): the causal GPT inside the model. Compared with slot 1, it shows what reading the past
+    through future slots costs or gains."""
+    losses = [F.cross_entropy(model.logits(model.cache_past(x[lo:lo + batch])[1]).float().transpose(1, 2),
+                              y[lo:lo + batch], reduction='none') for lo in range(0, len(x), batch)]
+    return torch.cat(losses).mean().item()
+
+
+@torch.no_grad()
 def warm_sequential_loss(model, x, positions, warm=True):
     """The sampler's own next-token loss: starting from x[:, :1], refine (from the carried state
     when warm), score future slot 1 against the true next token, collapse it to that token, shift;
@@ -159,6 +169,8 @@ def evaluate(model, data, n, batch, seed, device, warm_positions=0, warm_rows=8)
     result = dict(loss=loss, bits=loss / math.log(2), tokens=by[0].numel(), passes=dict(passes))
     if model.config.n_future:
         result['by_dist'] = [v.nanmean().item() for v in by]
+        if model.config.attn == 'pinned':  # the GPT inside: the past stream's own next-token head
+            result['past_stream_loss'] = past_stream_loss(model, x, y, batch)
         if warm_positions:
             warm_loss, warm_passes = warm_sequential_loss(model, x[:warm_rows], warm_positions)
             result.update(warm_sequential=warm_loss, warm_passes=warm_passes)
@@ -192,6 +204,8 @@ def main():
     if 'by_dist' in result:
         print(f"loss by distance d=1..{len(result['by_dist'])}: {' '.join(f'{v:.3f}' for v in result['by_dist'])}")
         print(f"passes histogram (forward calls): {result['passes']}")
+    if 'past_stream_loss' in result:
+        print(f"past stream read out directly (the GPT inside): next-token loss {result['past_stream_loss']:.4f} nats")
     if 'warm_sequential' in result:
         print(f"warm-start sequential loss {result['warm_sequential']:.4f} nats ({result['warm_passes']:.2f} passes/token)")
     if 'judge_nll' in result:
