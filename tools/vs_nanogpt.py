@@ -155,6 +155,8 @@ def main():
     parser.add_argument('--slide', type=int, default=0, help="our samplers' slide (0 = nanoGPT's exact sliding window)")
     parser.add_argument('--judge', default=os.path.join(REPO, 'out-shakespeare-char-judge'),
                         help="judge GPT for sample quality (default: ours trained in the first repeat when missing)")
+    parser.add_argument('--threads', type=int, default=0,
+                        help='OMP_NUM_THREADS for every run (0 = unset: torch uses every core; 1 on a shared machine)')
     parser.add_argument('--work', default='', help='folder for the runs (default: a temporary one)')
     parser.add_argument('--out', default='', help='also write every number as JSON here')
     args = parser.parse_args()
@@ -167,8 +169,9 @@ def main():
     if unknown or 'nano' not in jobs:
         sys.exit(f"error: --jobs must include 'nano' and only name {list(JOBS)}; got {jobs}")
     work = args.work or tempfile.mkdtemp(prefix='vs_nanogpt_')
-    print(f"{time.strftime('%Y-%m-%d %H:%M')} | {os.cpu_count()} CPUs | load average {os.getloadavg()[0]:.2f} | "
-          f"runs in {work}", flush=True)
+    env = {'OMP_NUM_THREADS': str(args.threads), 'MKL_NUM_THREADS': str(args.threads)} if args.threads else {}
+    print(f"{time.strftime('%Y-%m-%d %H:%M')} | {os.cpu_count()} CPUs | threads {args.threads or 'default'} | "
+          f"load average {os.getloadavg()[0]:.2f} | runs in {work}", flush=True)
 
     # ---- training: every job once per repeat, in turn ----
     train = {j: dict(ms=[], val=[], mb=[]) for j in jobs}
@@ -176,7 +179,7 @@ def main():
     for r in range(args.repeats if args.train.lower() == 'true' else 0):
         for j in jobs:
             cmd, cwd = train_command(j, args, os.path.join(work, f'{j}_{r}'), data_dir)
-            stdout, _, mb = run(cmd, cwd)
+            stdout, _, mb = run(cmd, cwd, env)
             ms = iteration_ms(stdout)
             train[j]['ms'].append(median(ms))
             train[j]['val'].append(final_val_loss(stdout))
@@ -210,7 +213,7 @@ def main():
                 for b in (1, args.batch):
                     ckpt_dir = os.path.join(work, f"{s.split('_')[0] if s != 'nano' else 'nano'}_0")
                     cmd, cwd = sample_command(s, ckpt_dir, args, b)
-                    _, stderr, _ = run(cmd, cwd)
+                    _, stderr, _ = run(cmd, cwd, env)
                     calls = generations(stderr)
                     seconds = sum(t for t, _ in calls)
                     rows_ids = [row for _, ids in calls for row in ids]
