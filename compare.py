@@ -41,8 +41,9 @@ eval_windows = 256       # windows for the final evaluation (eval.py), the same 
 judge = ''               # judge checkpoint: adds the judge NLL of samples ('' = skip)
 samples = 16             # samples per variant for the judge
 temperature = 0.8
-jobs = 1                 # training runs at a time, each with cores / jobs threads (their losses depend on
-                         # iteration counts only; calibration always runs alone)
+jobs = 1                 # training runs at a time (their losses depend on iteration counts only;
+                         # calibration always runs alone)
+threads = 0              # threads per training run (0 = cores / jobs); 1 on a CPU shared with other jobs
 out_dir = 'runs/compare'
 device = 'cpu'
 dtype = 'auto'
@@ -154,10 +155,10 @@ def run_table(kind, names, speed, flops):
     if kind == 'flops':  # every variant gets the FLOPs the first variant (the GPT) spends in the time budget
         base = names[0]
         iters = {n: max(20, int(iters[base] * flops[base] / flops[n])) for n in names}
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    per_run = threads or max(1, (os.cpu_count() or 1) // jobs)
     run_dirs = {n: os.path.join(out_dir, kind, n) for n in names}
     with ThreadPoolExecutor(max_workers=jobs) as pool:  # each job is its own train.py process
-        list(pool.map(lambda n: train(n, VARIANTS[n], iters[n], run_dirs[n], evals_per_run, threads), names))
+        list(pool.map(lambda n: train(n, VARIANTS[n], iters[n], run_dirs[n], evals_per_run, per_run), names))
     rows = []
     for n in names:
         run_dir = run_dirs[n]
