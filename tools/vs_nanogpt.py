@@ -14,9 +14,11 @@ shards, for both programs. Jobs: nano (nanoGPT's train.py; fp32, its only CPU pr
 gpt_bf16 (ours, GPT mode: the same model), wfc, wfc_bf16 (ours, WFC pinned F=4 with the same
 blocks, n_loop 1), gpt_compile (ours with torch.compile). Every repeat runs every job once, in turn
 (interleaved, so a change in machine load hits all of them alike). Per run: the median iteration
-time after the first 10 (as each program prints it), the val loss at the end, and the peak
-resident memory of the process (wait4's ru_maxrss). Reported: medians over repeats and the ratios
-to nanoGPT (tokens/s ratio = nanoGPT's ms per iteration / ours).
+time after the first 10 (as each program prints it), the val loss each program prints at the end
+(nanoGPT: eval_iters random batches; ours: eval_iters fixed ones) and the peak resident memory of
+the process (wait4's ru_maxrss). Reported: medians over repeats and the ratios to nanoGPT (tokens/s
+ratio = nanoGPT's ms per iteration / ours), and the first repeat's final checkpoints evaluated by
+eval.py on the same 512 val windows ('same windows': the loss comparison without evaluation noise).
 
 Sampling (--sample=True), from the checkpoints of the first repeat: nanoGPT's sample.py and ours,
 batch 1 and batch --batch, --tokens new tokens after '\n'; each program's generation call is timed
@@ -128,6 +130,17 @@ def sample_command(job, ckpt_dir, args, batch):
             f'--dtype={dtype}', '--temperature=0.8', '--top_k=200', *extra], REPO
 
 
+def same_windows_loss(path, data_dir, windows=512):
+    """eval.py's next-token val loss (nats) of a checkpoint (ours or nanoGPT's) on the same windows."""
+    sys.path.insert(0, REPO)
+    import checkpoint
+    import eval as evaluation
+    from dataloader import TokenShards
+    model, _ = checkpoint.load_model(path)
+    data = TokenShards(data_dir, 'val', model.config.block_size, model.config.vocab_size)
+    return evaluation.evaluate(model, data, windows, 64, 1234, 'cpu')['loss']
+
+
 def judge_nll(judge, rows):
     """Mean judge NLL per token (nats) of generated rows after the '\n' prompt (token 0)."""
     import torch
@@ -191,16 +204,18 @@ def main():
     rows = []
     for j in jobs if train['nano']['ms'] else []:
         m = {k: median(v) for k, v in train[j].items()}
-        rows.append(dict(job=j, ms=m['ms'], tokens_per_s=tokens_per_iter / m['ms'] * 1000, val=m['val'], mb=m['mb'],
+        same = same_windows_loss(os.path.join(work, f'{j}_0'), data_dir)
+        rows.append(dict(job=j, ms=m['ms'], tokens_per_s=tokens_per_iter / m['ms'] * 1000, val=m['val'], mb=m['mb'], same_val=same,
                          speed_ratio=nano['ms'] / m['ms'], memory_ratio=m['mb'] / nano['mb'], runs_ms=train[j]['ms'],
                          runs_val=train[j]['val']))
     if rows:
         print(f"\ntraining, {args.iters} iterations, medians of {args.repeats} interleaved repeats "
               f"(tokens/s ratio = nanoGPT ms/iter / ours)")
-        print("| job | ms/iter | tokens/s | x nanoGPT | val loss | peak MB | mem x nanoGPT |\n|---|---|---|---|---|---|---|")
+        print("| job | ms/iter | tokens/s | x nanoGPT | val loss (own eval) | val loss (same windows) | peak MB | "
+              "mem x nanoGPT |\n|---|---|---|---|---|---|---|---|")
         for x in rows:
             print(f"| {x['job']} | {x['ms']:.2f} | {x['tokens_per_s']:,.0f} | {x['speed_ratio']:.2f} | {x['val']:.4f} | "
-                  f"{x['mb']:.0f} | {x['memory_ratio']:.2f} |")
+                  f"{x['same_val']:.4f} | {x['mb']:.0f} | {x['memory_ratio']:.2f} |")
         result['train'] = rows
 
     # ---- sampling, from the first repeat's checkpoints ----
