@@ -12,3 +12,10 @@ VARIANTS = {
     'wfc_loop3': [WFC, '--n_loop=3', '--loop_law=uniform', '--supervise=2', '--max_loop=6'],
     'wfc_loop2_inject': [WFC, '--n_loop=2', '--loop_law=uniform', '--supervise=2', '--max_loop=4', '--inject=True'],
 }
+# round 3: train as you sample on the F = 2 recipe. With two slots, warm-start training's one
+# earlier step is exactly all the refinement a slot gets in sampling; pins teach goal pinning.
+VARIANTS.update({
+    'wfc_F2': [WFC, '--n_future=2'],
+    'wfc_F2_warm': [WFC, '--n_future=2', '--warm_prob=0.5'],
+    'wfc_F2_warm_pin': [WFC, '--n_future=2', '--warm_prob=0.5', '--pin_prob=0.1'],
+})
