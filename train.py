@@ -288,6 +288,15 @@ def fault(kind):
     return fault_kind == kind and fault_iter == str(iter_num + 1) and fault_rank in ('', str(rank))
 
 
+def leave(code):
+    """End a DDP rank after its orderly shutdown. Gloo's worker threads can abort the interpreter's
+    own teardown ('terminate called without an active exception', SIGABRT) now and then, which turns a
+    finished run into a failed job; everything is saved and flushed by now, so skip that teardown."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 stop_signal = None
 
 
@@ -432,6 +441,7 @@ while True:
         if ddp:
             dist.barrier()
             dist.destroy_process_group()
+            leave(75)
         sys.exit(75)
 
 if master and wandb_log:
@@ -439,3 +449,4 @@ if master and wandb_log:
 if ddp:
     dist.barrier()  # an orderly shutdown: no rank tears the group down while rank 0 still writes
     dist.destroy_process_group()
+    leave(0)
