@@ -45,6 +45,8 @@ jobs = 1                 # training runs at a time (their losses depend on itera
                          # calibration always runs alone)
 threads = 0              # threads per training run (0 = cores / jobs); 1 on a CPU shared with other jobs
 out_dir = 'runs/compare'
+train_runs = True        # False: only evaluate the finished runs already in out_dir (a comparison whose
+                         # evaluation was interrupted, or a table over runs of several sessions)
 device = 'cpu'
 dtype = 'auto'
 seed = 1337
@@ -77,14 +79,19 @@ def seconds_per_iter(log):
     return times[5:] or times  # the first iterations warm caches up
 
 
+def threads_per_run():
+    return threads or max(1, (os.cpu_count() or 1) // jobs)
+
+
 def calibrate(names):
-    """Median seconds per iteration of each variant, measured in interleaved rounds, and its
-    training FLOPs per iteration (model.flops_per_iter of the model the run built)."""
+    """Median seconds per iteration of each variant, measured in interleaved rounds with the threads
+    a real run gets, and its training FLOPs per iteration (model.flops_per_iter of the model the run built)."""
     samples, flops = {n: [] for n in names}, {}
     for _ in range(calibration_rounds):
         for n in names:
             run_dir = os.path.join(out_dir, 'calibration', n)
-            samples[n] += seconds_per_iter(train(n, VARIANTS[n] + ['--eval_iters=1'], calibration_iters, run_dir, 1))
+            log = train(n, VARIANTS[n] + ['--eval_iters=1'], calibration_iters, run_dir, 1, threads_per_run())
+            samples[n] += seconds_per_iter(log)
             model, info = checkpoint.load_model(run_dir)
             flops[n] = model.flops_per_iter(info['config']['batch_size'] * info['config']['gradient_accumulation_steps'],
                                             model.config.block_size)
@@ -155,13 +162,18 @@ def run_table(kind, names, speed, flops):
     if kind == 'flops':  # every variant gets the FLOPs the first variant (the GPT) spends in the time budget
         base = names[0]
         iters = {n: max(20, int(iters[base] * flops[base] / flops[n])) for n in names}
-    per_run = threads or max(1, (os.cpu_count() or 1) // jobs)
+    per_run = threads_per_run()
     run_dirs = {n: os.path.join(out_dir, kind, n) for n in names}
-    with ThreadPoolExecutor(max_workers=jobs) as pool:  # each job is its own train.py process
-        list(pool.map(lambda n: train(n, VARIANTS[n], iters[n], run_dirs[n], evals_per_run, per_run), names))
+    if train_runs:
+        with ThreadPoolExecutor(max_workers=jobs) as pool:  # each job is its own train.py process
+            list(pool.map(lambda n: train(n, VARIANTS[n], iters[n], run_dirs[n], evals_per_run, per_run), names))
     rows = []
     for n in names:
         run_dir = run_dirs[n]
+        done = read_curve(run_dir)[-1]['iter'] if os.path.exists(os.path.join(run_dir, 'eval_log.jsonl')) else 0
+        if done != iters[n]:
+            print(f"{kind} {n}: skipped, its run in {run_dir} stopped at iteration {done} of {iters[n]}", flush=True)
+            continue
         t0 = time.time()
         result = evaluate_run(run_dir)
         passes = result.pop('passes')
@@ -187,7 +199,12 @@ def main():
     if unknown:
         sys.exit(f"error: unknown variants {unknown}; known: {sorted(VARIANTS)}")
     os.makedirs(out_dir, exist_ok=True)
-    speed, flops = calibrate(names) if calibration_rounds > 0 else ({}, {})
+    previous = os.path.join(out_dir, 'results.json')
+    if not train_runs and os.path.exists(previous):  # the speeds the runs were trained with
+        with open(previous) as f:
+            speed, flops = (json.load(f)[k] for k in ('speed', 'flops_per_iter'))
+    else:
+        speed, flops = calibrate(names) if calibration_rounds > 0 and train_runs else ({}, {})
     if speed:
         print('seconds per iteration:', {n: round(v, 4) for n, v in speed.items()}, flush=True)
     report = dict(budget=budget, speed=speed, flops_per_iter=flops, variants={n: VARIANTS[n] for n in names}, machine=os.uname().nodename,
