@@ -9,7 +9,7 @@ Speed on this machine, training and sampling, GPT and WFC side by side in one pr
     python bench.py --slides=0,8,16,32 --gpt_ckpt=out-shakespeare-char-gpt --wfc_ckpt=out-shakespeare-char-wfc
 
 Variants: 'gpt' is the settings with n_future = 0 and learned positions (nanoGPT's model); 'wfc' is
-them with n_future future slots (4 when 0) and rotary positions; 'config' is the settings as given.
+them with n_future future slots (2 when 0) and rotary positions; 'config' is the settings as given.
 Rows: each variant x each dtype of `dtypes` ('auto' = bf16 where the hardware has it).
 
 - train: one step as train.py takes it (a batch from the shards, forward under autocast, backward,
@@ -55,7 +55,7 @@ from sampling import Settings, generate
 # the model and batch: nanoGPT's CPU recipe for tiny-shakespeare characters by default
 globals().update(asdict(GPTConfig()))
 block_size, vocab_size, n_layer, n_head, n_embd, bias = 64, 65, 4, 4, 128, False
-n_future = 4                   # future slots of the 'wfc' variant
+n_future = 2                   # future slots of the 'wfc' variant (the research default)
 past_loss, dist_power = 1.0, 1.0  # the WFC research default (config/train_shakespeare_char_wfc.py)
 batch_size = 12
 dataset = 'shakespeare_char'    # batches from data/<dataset> (or a path); random tokens when it is missing
@@ -144,7 +144,7 @@ def variant_args(name, settings):
     if name == 'gpt':
         args.update(n_future=0, pos_emb='learned')
     elif name == 'wfc':
-        args.update(n_future=args['n_future'] or 4, pos_emb='rope')
+        args.update(n_future=args['n_future'] or 2, pos_emb='rope')
     elif name != 'config':
         raise ValueError(f"unknown variant {name!r}: use 'gpt', 'wfc' or 'config'")
     return args

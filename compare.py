@@ -202,13 +202,14 @@ def main():
     previous = os.path.join(out_dir, 'results.json')
     if not train_runs and os.path.exists(previous):  # the speeds the runs were trained with
         with open(previous) as f:
-            speed, flops = (json.load(f)[k] for k in ('speed', 'flops_per_iter'))
+            earlier = json.load(f)
+        speed, flops = earlier['speed'], earlier['flops_per_iter']
     else:
         speed, flops = calibrate(names) if calibration_rounds > 0 and train_runs else ({}, {})
     if speed:
         print('seconds per iteration:', {n: round(v, 4) for n, v in speed.items()}, flush=True)
     report = dict(budget=budget, speed=speed, flops_per_iter=flops, variants={n: VARIANTS[n] for n in names}, machine=os.uname().nodename,
-                  cpu=open('/proc/cpuinfo').read().split('model name')[1].split('\n')[0].strip(': ') if os.path.exists('/proc/cpuinfo') else '',
+                  cpu=open('/proc/cpuinfo').read().split('model name')[1].split('\n')[0].strip(' \t:') if os.path.exists('/proc/cpuinfo') else '',
                   date=time.strftime('%Y-%m-%d'), torch=torch.__version__, tables={})
     texts = []
     for kind in tables.split(','):

@@ -149,11 +149,13 @@ def unigram_entropy_bits(rows):
 @torch.no_grad()
 def sample_quality(model, judge_model, prompts, n_tokens, settings, seed):
     """Generate from each prompt and score the continuation with the judge."""
-    generated, _ = generate(model, prompts, n_tokens, settings, torch.Generator(device=prompts.device).manual_seed(seed))
+    generated, stats = generate(model, prompts, n_tokens, settings, torch.Generator(device=prompts.device).manual_seed(seed))
     seq = torch.cat((prompts, generated), 1)
     rows = generated.tolist()
+    summary = stats.summary()
     return dict(judge_nll=sequence_nll(judge_model, seq, prompts.size(1)), unigram_bits=unigram_entropy_bits(rows),
-                distinct_2=distinct_n(rows, 2), distinct_3=distinct_n(rows, 3), distinct_4=distinct_n(rows, 4))
+                distinct_2=distinct_n(rows, 2), distinct_3=distinct_n(rows, 3), distinct_4=distinct_n(rows, 4),
+                tokens_per_step=summary['tokens_per_step'], passes_per_token=summary['passes_per_token'])
 
 
 def evaluate(model, data, n, batch, seed, device, warm_positions=0, warm_rows=8):

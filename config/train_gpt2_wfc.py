@@ -1,6 +1,7 @@
 # The WFC counterpart of config/train_gpt2.py at matched compute: the same 124M-parameter blocks,
 # data, batch (491,520 tokens per iteration) and schedule shape, as a pinned WFC model with 4 future
-# slots and rotary positions (the settings of config/train_shakespeare_char_wfc.py).
+# slots and rotary positions (the shakespeare_char screen preferred F = 2 at 64 tokens of
+# context, see RESULTS.md; with 1024 tokens F is an open question, and F barely changes the cost).
 #   torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2_wfc.py
 # Cost: model.flops_per_iter counts what a pinned WFC step computes (a clean stream and a future
 # stream over the same tokens, attention over 2T keys, past_loss decodes): 22.40 TFLOPs per

@@ -11,7 +11,7 @@ prepared (python data/shakespeare_char/prepare.py there). Its train.py and sampl
 Training, nanoGPT's CPU recipe (its README: 4 layers x 128, 4 heads, block 64, batch 12, dropout 0,
 lr 1e-3 -> 1e-4, 100 warmup iterations, beta2 0.99, eval_iters 20) on nanoGPT's own prepared
 shards, for both programs. Jobs: nano (nanoGPT's train.py; fp32, its only CPU precision), gpt,
-gpt_bf16 (ours, GPT mode: the same model), wfc, wfc_bf16 (ours, WFC pinned F=4 with the same
+gpt_bf16 (ours, GPT mode: the same model), wfc, wfc_bf16 (ours, the default WFC config: pinned F=2, the same
 blocks, n_loop 1), gpt_compile (ours with torch.compile). Every repeat runs every job once, in turn
 (interleaved, so a change in machine load hits all of them alike). Per run: the median iteration
 time after the first 10 (as each program prints it), the val loss each program prints at the end

@@ -1,0 +1,68 @@
+"""
+Sampling ablations: one WFC checkpoint sampled with each collapse mode (token / nearest / partial)
+and each policy (first, threshold at two taus), beside a GPT checkpoint at the same temperature.
+Every row continues the same val prompts with the same seed and is scored by the judge (mean NLL
+per generated token, nats: lower is better), with distinct-4 and unigram entropy to catch
+repetition, and tokens committed per refinement step (threshold's speed-up).
+
+    python research/sampling_ablations.py --wfc_ckpt=out-shakespeare-char-wfc \\
+        --gpt_ckpt=out-shakespeare-char-gpt --judge=out-shakespeare-char-judge
+"""
+
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import checkpoint  # noqa: E402
+from configurator import ConfigError, configure  # noqa: E402
+from dataloader import TokenShards  # noqa: E402
+from eval import sample_quality  # noqa: E402
+from sampling import Settings  # noqa: E402
+
+# -----------------------------------------------------------------------------
+wfc_ckpt = 'out-shakespeare-char-wfc'
+gpt_ckpt = 'out-shakespeare-char-gpt'
+judge = 'out-shakespeare-char-judge'
+samples = 32             # prompts (one batch)
+prompt_tokens = 32       # prompt length, from val windows
+new_tokens = 128
+temperature = 0.8
+taus = '1.0,2.0'         # entropy limits (bits) of the threshold policy rows
+out = ''                 # write the rows as JSON here ('' = print only)
+seed = 1234
+# -----------------------------------------------------------------------------
+
+
+def main():
+    try:
+        configure(globals())
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
+    wfc, info = checkpoint.load_model(wfc_ckpt, 'cpu')
+    gpt = checkpoint.load_model(gpt_ckpt, 'cpu')[0]
+    judge_model = checkpoint.load_model(judge, 'cpu')[0]
+    data = TokenShards(os.path.join('data', info['config']['dataset']), 'val', prompt_tokens)
+    prompts = data.batch(samples, seed)[0]
+    rows = [('gpt', gpt, Settings(temperature=temperature))]
+    rows += [(f'wfc {mode}', wfc, Settings(temperature=temperature, mode=mode)) for mode in ('token', 'nearest', 'partial')]
+    rows += [(f'wfc threshold tau={t}', wfc, Settings(temperature=temperature, policy='threshold', tau=float(t)))
+             for t in taus.split(',')]
+    results = []
+    print('| sampler | judge NLL | distinct-4 | unigram bits | tokens/step | passes/token |')
+    print('|---|---|---|---|---|---|')
+    for name, model, settings in rows:
+        torch.manual_seed(seed)
+        r = dict(name=name, **sample_quality(model, judge_model, prompts, new_tokens, settings, seed))
+        results.append(r)
+        print(f"| {name} | {r['judge_nll']:.3f} | {r['distinct_4']:.3f} | {r['unigram_bits']:.2f} | "
+              f"{r['tokens_per_step']:.2f} | {r['passes_per_token']:.2f} |", flush=True)
+    if out:
+        with open(out, 'w') as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == '__main__':
+    main()
