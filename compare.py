@@ -131,7 +131,9 @@ def markdown(rows, title):
     return '\n'.join(lines)
 
 
-def plot(rows, path):
+def plot(rows, path, kind='time'):
+    """Left: val loss against calibrated training time (against iterations for the 'steps' table,
+    whose runs may have shared the CPU). Right: loss by distance of the WFC rows."""
     try:
         import matplotlib
         matplotlib.use('Agg')
@@ -139,15 +141,18 @@ def plot(rows, path):
     except ImportError:
         print("matplotlib is not installed: no plots (pip install matplotlib)")
         return
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for r in rows:
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for i, r in enumerate(rows):
+        style = dict(marker='.', color=f'C{i % 10}', linestyle=('-', '--', ':')[i // 10 % 3], label=r['name'])
         curve = [p for p in r['curve'] if p['iter'] > 0]
-        left.plot([p['iter'] * r['s_per_iter'] for p in curve], [p['val'] for p in curve], marker='.', label=r['name'])
+        x = [p['iter'] * (1 if kind == 'steps' else r['s_per_iter']) for p in curve]
+        left.plot(x, [p['val'] for p in curve], **style)
         if r.get('by_dist'):
-            right.plot(range(1, len(r['by_dist']) + 1), r['by_dist'], marker='o', label=r['name'])
-    left.set(xlabel='training time (s, calibrated)', ylabel='val next-token loss (nats)', title='loss vs wall-clock')
+            right.plot(range(1, len(r['by_dist']) + 1), r['by_dist'], **style)
+    xlabel = 'iterations' if kind == 'steps' else 'training time (s, calibrated)'
+    left.set(xlabel=xlabel, ylabel='val next-token loss (nats, training eval)', title=f'loss vs {xlabel.split(" (")[0]}')
     right.set(xlabel='distance d', ylabel='val loss (nats)', title='WFC loss by distance ("hockey stick")')
-    left.legend(), right.legend() if right.lines else None
+    left.legend(fontsize='small'), right.legend(fontsize='small') if right.lines else None
     fig.savefig(path, dpi=110, bbox_inches='tight')
     print(f"wrote {path}")
 
@@ -218,7 +223,7 @@ def main():
         title = {'time': f'same wall-clock: {budget:.0f} s of training each', 'steps': f'same iterations: {steps} each',
                  'flops': f'same training FLOPs as the {names[0]} run'}[kind]
         texts.append(markdown(rows, title))
-        plot(rows, os.path.join(out_dir, f'{kind}.png'))
+        plot(rows, os.path.join(out_dir, f'{kind}.png'), kind)
     with open(os.path.join(out_dir, 'results.json'), 'w') as f:
         json.dump(report, f, indent=1)
     with open(os.path.join(out_dir, 'results.md'), 'w') as f:

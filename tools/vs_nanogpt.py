@@ -181,7 +181,7 @@ def main():
     unknown = [j for j in jobs if j not in JOBS]
     if unknown or 'nano' not in jobs:
         sys.exit(f"error: --jobs must include 'nano' and only name {list(JOBS)}; got {jobs}")
-    work = args.work or tempfile.mkdtemp(prefix='vs_nanogpt_')
+    work = os.path.abspath(args.work) if args.work else tempfile.mkdtemp(prefix='vs_nanogpt_')  # nanoGPT runs in its own folder
     env = {'OMP_NUM_THREADS': str(args.threads), 'MKL_NUM_THREADS': str(args.threads)} if args.threads else {}
     print(f"{time.strftime('%Y-%m-%d %H:%M')} | {os.cpu_count()} CPUs | threads {args.threads or 'default'} | "
           f"load average {os.getloadavg()[0]:.2f} | runs in {work}", flush=True)
