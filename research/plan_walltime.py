@@ -1,11 +1,22 @@
-# The equal wall-clock comparison (issue: "does WFC beat GPT?"): compare.py's four variants (GPT,
-# looped GPT, WFC bidirectional, WFC pinned: the default WFC config) plus the fair baselines with
-# rotary positions (the WFC configs use them) and the cheaper pinned WFC that trains the future
-# stream on half of the blocks per step.
+# The equal wall-clock comparison (issue: "does WFC beat GPT?"): GPT (nanoGPT's model), the GPT and
+# the looped GPT with rotary positions (as the WFC configs use), WFC bidirectional, WFC pinned (the
+# default WFC config), and the cheaper pinned WFC that trains the future stream on half of the
+# blocks per step.
 #   python compare.py --plan=research/plan_walltime.py --budget=600 --jobs=2 --threads=1 \
-#       --variants=gpt,gpt_rope,looped,looped_rope,wfc_bidirectional,wfc_pinned,wfc_pinned_frac50
+#       --judge=out-shakespeare-char-judge --out_dir=runs/walltime \
+#       --variants=gpt,gpt_rope,looped_rope,wfc_bidirectional,wfc_pinned,wfc_pinned_frac50
 VARIANTS = {
     'gpt_rope': ['config/train_shakespeare_char_gpt.py', '--pos_emb=rope'],
     'looped_rope': ['config/train_shakespeare_char_looped.py', '--pos_emb=rope'],
     'wfc_pinned_frac50': ['config/train_shakespeare_char_wfc.py', '--future_frac=0.5'],
+    # depth at (about) equal FLOPs: two layers make a pinned WFC step cost what the 4-layer GPT's does;
+    # six give the future more depth per pass
+    'wfc_pinned_L2': ['config/train_shakespeare_char_wfc.py', '--n_layer=2'],
+    'wfc_pinned_L6': ['config/train_shakespeare_char_wfc.py', '--n_layer=6'],
 }
+# Depth, the same 600 s each (its own calibration):
+#   python compare.py --plan=research/plan_walltime.py --budget=600 --jobs=2 --threads=1 \
+#       --judge=out-shakespeare-char-judge --variants=wfc_pinned_L2,wfc_pinned_L6 --out_dir=runs/walltime_depth
+# Longer budget, the rotary GPT against the default WFC:
+#   python compare.py --plan=research/plan_walltime.py --budget=1200 --jobs=2 --threads=1 \
+#       --judge=out-shakespeare-char-judge --variants=gpt_rope,wfc_pinned --out_dir=runs/walltime_long
