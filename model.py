@@ -699,10 +699,16 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def forget(self, w):
-        """Reset the open future slots to e_max: a cold start (for models not trained to warm-start)."""
+        """A cold start, the state training's one refinement starts from (for models not trained to
+        warm-start): open future slots back to e_max and, in bidirectional mode, the past back to
+        its token embeddings (refine adds a delta to the past's states too; carried over steps, they
+        drift where training never took them)."""
         P, F_ = w.past.size(1), w.future.size(1)
-        blank = self._blank(torch.arange(P, P + F_, device=w.past.device))
+        pos = torch.arange(P + F_, device=w.past.device)
+        blank = self._blank(pos[P:])
         w.future = torch.where((w.decided < 0)[..., None], blank.to(w.future.dtype), w.future)
+        if w.past_x is not None:
+            w.past_x = self._input(w.past, pos[:P]).to(w.past_x.dtype)
         return w
 
     def future_logits(self, w):

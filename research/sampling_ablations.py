@@ -1,6 +1,9 @@
 """
 Sampling ablations: one WFC checkpoint sampled with each collapse mode (token / nearest / partial)
-and each policy (first, threshold at two taus), beside a GPT checkpoint at the same temperature.
+under the first and lowest policies, and with the threshold policy at two taus, beside a GPT
+checkpoint at the same temperature. (A collapsed slot's state only matters while it stays in the
+future: with `first` it moves into the past as a token at once, so the modes can differ only under
+`lowest`, with pins, or in a bidirectional model that warm-starts.)
 Every row continues the same val prompts with the same seed and is scored by the judge (mean NLL
 per generated token, nats: lower is better), with distinct-4 and unigram entropy to catch
 repetition, and tokens committed per refinement step (threshold's speed-up).
@@ -47,7 +50,8 @@ def main():
     data = TokenShards(os.path.join('data', info['config']['dataset']), 'val', prompt_tokens)
     prompts = data.batch(samples, seed)[0]
     rows = [('gpt', gpt, Settings(temperature=temperature))]
-    rows += [(f'wfc {mode}', wfc, Settings(temperature=temperature, mode=mode)) for mode in ('token', 'nearest', 'partial')]
+    rows += [(f'wfc {policy} {mode}', wfc, Settings(temperature=temperature, policy=policy, mode=mode))
+             for policy in ('first', 'lowest') for mode in ('token', 'nearest', 'partial')]
     rows += [(f'wfc threshold tau={t}', wfc, Settings(temperature=temperature, policy='threshold', tau=float(t)))
              for t in taus.split(',')]
     results = []

@@ -1,5 +1,5 @@
 """The sampler (sampling.py) and the window operations behind it: seeded determinism, real warm
-starts, the threshold policy's multi-token steps, nearest collapse, pins, sliding past
+starts, cold starts equal to a fresh window, the threshold policy's multi-token steps, nearest collapse, pins, sliding past
 block_size, the GPT KV cache against a plain loop, and the sampling filters."""
 
 import math
@@ -42,6 +42,21 @@ def test_warm_start_carries_the_state_and_saves_passes(looped):
         warm.append(used)
         cold.append(looped.refine(looped.start(w.past))[1])
     assert sum(warm) < sum(cold), (warm, cold)
+
+
+@pytest.mark.parametrize('attn', ['pinned', 'bidirectional'])
+def test_a_cold_start_sees_what_a_fresh_window_sees(attn):
+    """warm='off' (forget) must restart from the state training starts from: after several
+    collapse/shift steps, the refined future equals that of a new window on the same tokens. In
+    bidirectional mode refine also moves the past's states, so forget must reset them too."""
+    model = tiny(n_future=3, pos_emb='rope', attn=attn).eval()
+    w, _ = model.refine(model.start(torch.arange(6)[None] % 5))
+    for _ in range(4):
+        slots = torch.tensor([[True, False, False]])
+        w, _ = model.shift(model.collapse(w, slots, model.future_logits(w).argmax(-1)))
+        w, _ = model.refine(model.forget(w))
+    fresh, _ = model.refine(model.start(w.past))
+    assert torch.allclose(w.future, fresh.future, atol=1e-5)
 
 
 def test_threshold_commits_several_certain_tokens_and_exactly_one_otherwise(looped):
