@@ -14,9 +14,9 @@ VARIANTS = {
     'wfc_pinned_L2': ['config/train_shakespeare_char_wfc.py', '--n_layer=2'],
     'wfc_pinned_L6': ['config/train_shakespeare_char_wfc.py', '--n_layer=6'],
 }
-# Depth, the same 600 s each (its own calibration):
-#   python compare.py --plan=research/plan_walltime.py --budget=600 --jobs=2 --threads=1 \
-#       --judge=out-shakespeare-char-judge --variants=wfc_pinned_L2,wfc_pinned_L6 --out_dir=runs/walltime_depth
+# Depth at equal FLOPs (those of the GPT's 300 s):
+#   python compare.py --plan=research/plan_walltime.py --tables=flops --budget=300 --jobs=2 --threads=1 \
+#       --judge=out-shakespeare-char-judge --variants=gpt,wfc_pinned_L2,wfc_pinned_L6 --out_dir=runs/flops_depth
 # Longer budget, the rotary GPT against the default WFC:
 #   python compare.py --plan=research/plan_walltime.py --budget=1200 --jobs=2 --threads=1 \
 #       --judge=out-shakespeare-char-judge --variants=gpt_rope,wfc_pinned --out_dir=runs/walltime_long
