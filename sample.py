@@ -170,7 +170,7 @@ def main():
         except ValueError as e:
             fail(e)
     for text in texts:
-        print(text if stream else prompt + text)
+        print('' if stream else prompt + text)  # a streamed sample is on the screen already: end its line
         print('---------------')
     top = math.log2(model.config.vocab_size)  # the most entropy a slot can have, bits
     if stats:

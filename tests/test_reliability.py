@@ -419,3 +419,5 @@ def test_the_good_checkpoints_sample(name, bad_checkpoints):
     code, out, err = sample(bad_checkpoints[name], *(['--pin=1:ab'] if name == 'wfc' else []))
     assert code == 0, err
     assert out.startswith('abc')
+    text = out.split('\n---------------')[0]
+    assert len(text) == len('abc') + 4, out  # the streamed sample is not printed a second time
