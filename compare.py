@@ -175,16 +175,17 @@ def run_table(kind, names, speed, flops):
     rows = []
     for n in names:
         run_dir = run_dirs[n]
-        done = read_curve(run_dir)[-1]['iter'] if os.path.exists(os.path.join(run_dir, 'eval_log.jsonl')) else 0
-        if done != iters[n]:
-            print(f"{kind} {n}: skipped, its run in {run_dir} stopped at iteration {done} of {iters[n]}", flush=True)
+        curve = read_curve(run_dir) if os.path.exists(os.path.join(run_dir, 'eval_log.jsonl')) else [dict(iter=0)]
+        if curve[-1]['iter'] != iters[n]:
+            print(f"{kind} {n}: skipped, its run in {run_dir} stopped at iteration {curve[-1]['iter']} of {iters[n]}",
+                  flush=True)
             continue
         t0 = time.time()
         result = evaluate_run(run_dir)
         passes = result.pop('passes')
-        train_time = read_curve(run_dir)[-1]['train_time']
+        train_time = curve[-1]['train_time']
         rows.append(dict(name=n, iters=iters[n], s_per_iter=speed.get(n, train_time / iters[n]), train_time=train_time,
-                         eval_seconds=time.time() - t0, curve=read_curve(run_dir),
+                         eval_seconds=time.time() - t0, curve=curve,
                          mean_passes=sum(k * v for k, v in passes.items()) / sum(passes.values()), **result))
         print(f"{kind} {n}: {iters[n]} iters, val next-token loss {result['loss']:.4f}", flush=True)
     return rows

@@ -18,7 +18,8 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
 import checkpoint  # noqa: E402
 from configurator import ConfigError, configure  # noqa: E402
 from dataloader import TokenShards  # noqa: E402
@@ -47,7 +48,7 @@ def main():
     wfc, info = checkpoint.load_model(wfc_ckpt, 'cpu')
     gpt = checkpoint.load_model(gpt_ckpt, 'cpu')[0]
     judge_model = checkpoint.load_model(judge, 'cpu')[0]
-    data = TokenShards(os.path.join('data', info['config']['dataset']), 'val', prompt_tokens)
+    data = TokenShards(os.path.join(REPO, 'data', info['config']['dataset']), 'val', prompt_tokens)
     prompts = data.batch(samples, seed)[0]
     rows = [('gpt', gpt, Settings(temperature=temperature))]
     rows += [(f'wfc {policy} {mode}', wfc, Settings(temperature=temperature, policy=policy, mode=mode))
