@@ -47,7 +47,7 @@ import torch
 import checkpoint
 import runtime
 from configurator import ConfigError, configure
-from dataloader import DataError, TokenShards, read_meta
+from dataloader import DataError, TokenShards, data_dir, read_meta
 from model import GPT, GPTConfig
 from sampling import Settings, generate
 
@@ -76,7 +76,8 @@ scaling = False                 # also print the scaling tables (block_size 64 -
 slides = ''                     # e.g. '0,8,16,32': also print the slide table (speed vs context), first dtype only
 out = ''                        # also write every number as JSON here
 # sampler (sampling.Settings)
-policy = 'threshold'
+sampler = 'auto'               # 'auto' (WFC: speculative where it can), 'speculative', 'collapse', 'causal'
+policy = 'first'               # collapse sampler policy ('threshold' commits several sure tokens per step)
 tau = 1.0
 temperature = 0.8
 top_k = 200
@@ -150,13 +151,9 @@ def variant_args(name, settings):
     return args
 
 
-def data_folder():
-    return dataset if os.sep in dataset else os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', dataset)
-
-
 def batches(args, dev):
     """batch(i) -> (x, y): the shards of `dataset` when they exist and fit the vocabulary, else random tokens."""
-    folder = data_folder()
+    folder = data_dir(dataset)
     try:
         meta = read_meta(folder) or {}
         if meta.get('vocab_size', args['vocab_size']) <= args['vocab_size']:
@@ -186,8 +183,9 @@ def train_speed(args, dev, dtype, peak):
             sync(dev)
             t0 = time.perf_counter()
             x, y = batch(i)
+            depth = model.draw_depth()
             with ctx:
-                _, loss = step_model(x, y)
+                _, loss = step_model(x, y) if not args['n_future'] else step_model(x, y, depth=depth)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
@@ -196,7 +194,7 @@ def train_speed(args, dev, dtype, peak):
             sync(dev)
             if i >= warmup:
                 times.append(time.perf_counter() - t0)
-                passes.append(model.last.get('passes', args['n_loop']))
+                passes.append(depth)
     dt = statistics.median(times)
     flops = model.flops_per_iter(batch_size, args['block_size'], statistics.mean(passes))
     return dict(train_tokens_per_s=batch_size * args['block_size'] / dt, step_ms=dt * 1000, mfu=flops / dt / peak,
@@ -216,7 +214,8 @@ def sampler_model(name, args, dev, trained=True):
 
 def sample_speed(model, dev, dtype, batch, slide=slide):
     """Median over `repeats` runs of sampling sample_tokens tokens at this batch."""
-    s = Settings(temperature=temperature, top_k=top_k, policy=policy, tau=tau, slide=slide, max_loop=sample_max_loop).check()
+    s = Settings(temperature=temperature, top_k=top_k, sampler=sampler, policy=policy, tau=tau, slide=slide,
+                 max_loop=sample_max_loop).check()
     idx = torch.zeros(batch, 1, dtype=torch.long, device=dev)  # one token: '\n' in the char vocabulary
     runs = []
     with runtime.autocast(dev, dtype), PeakMemory(dev) as memory:
@@ -250,7 +249,7 @@ def loss_by_context(model, dev, dtype, lengths, n=512, rows=64):
     """{L: the GPT's mean val loss (nats) on the same n target tokens, each predicted from its L
     preceding tokens}: paired, so that differences between context lengths are not sampling noise."""
     bs, V = model.config.block_size, model.config.vocab_size
-    x, y = TokenShards(data_folder(), 'val', bs, V, verify=False).batch(n, 1234, dev)
+    x, y = TokenShards(data_dir(dataset), 'val', bs, V, verify=False).batch(n, 1234, dev)
     targets = y[:, -1]  # each window's last token, after bs tokens
     losses = {}
     with runtime.autocast(dev, dtype):
@@ -325,12 +324,15 @@ def main():
         torch.set_num_threads(threads)
     peaks = {}
     if dev == 'cpu':
-        for d in ('float32', 'bfloat16'):  # fp16 autocast on CPU is measured against the fp32 peak
-            peaks[d] = runtime.measure_matmul_flops(d, n=2048, repeats=5)
+        native = runtime.cpu_has_bf16()
+        for d in {'float32', *kinds} - {'float16'}:  # fp16 autocast on CPU is measured against the fp32 peak
+            # emulated bf16 matmuls are so slow here that a 2048-sized product takes minutes: measure a small one
+            peaks[d] = runtime.measure_matmul_flops(d, n=2048 if d == 'float32' or native else 256, repeats=5)
         peaks['float16'] = peaks['float32']
-        bf16 = 'native' if runtime.cpu_has_bf16() else 'emulated: no AVX512-BF16/AMX'
-        print(f"cpu, {torch.get_num_threads()} threads: matmul peak (2048 x 2048) fp32 {peaks['float32'] / 1e9:.0f} GFLOP/s, "
-              f"bf16 {peaks['bfloat16'] / 1e9:.0f} GFLOP/s ({bf16}); MFU is against the peak of the row's dtype")
+        bf16 = f", bf16 {peaks['bfloat16'] / 1e9:.0f} GFLOP/s ({'native' if native else 'emulated: no AVX512-BF16/AMX'})" \
+            if 'bfloat16' in peaks else ''
+        print(f"cpu, {torch.get_num_threads()} threads: matmul peak (2048 x 2048) fp32 {peaks['float32'] / 1e9:.0f} GFLOP/s"
+              f"{bf16}; MFU is against the peak of the row's dtype")
     else:
         peaks = {d: runtime.peak_flops(dev, d) for d in ('float32', 'bfloat16', 'float16')}
         print(f"{dev}: {torch.cuda.get_device_name() if dev.startswith('cuda') else dev}, peak (datasheet) "

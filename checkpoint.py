@@ -22,6 +22,7 @@ import zipfile
 import numpy as np
 import torch
 
+from configurator import UserError
 from model import GPT, GPTConfig
 
 FORMAT_VERSION = 1
@@ -30,7 +31,7 @@ TEMP_PREFIX = '.tmp-'  # save() writes here first; a leftover one is a save that
 SHAPE_FIELDS = ('n_layer', 'n_head', 'n_embd', 'vocab_size', 'block_size', 'bias', 'pos_emb', 'n_future')
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     pass
 
 
@@ -151,7 +152,10 @@ def model_args(ckpt):
     unknown = sorted(set(ckpt['model_args']) - set(known))
     if unknown:
         raise CheckpointError(f"checkpoint model_args has fields this code does not know: {unknown}")
-    return dict(ckpt['model_args'])
+    args = dict(ckpt['model_args'])
+    if isinstance(args.get('inject'), bool):  # before inject had kinds it was a switch for adding the input
+        args['inject'] = 'add' if args['inject'] else 'none'
+    return args
 
 
 def build_model(ckpt, **overrides):
@@ -185,3 +189,13 @@ def compare_args(saved, wanted):
     keys = sorted(set(saved) | set(wanted))
     diff = [k for k in keys if saved.get(k, fields[k].default if k in fields else None) != wanted.get(k)]
     return [k for k in diff if k in SHAPE_FIELDS], [k for k in diff if k not in SHAPE_FIELDS]
+
+
+def check_vocabulary(model, codec, meta):
+    """The model must cover the tokenizer its checkpoint (or dataset) names: a larger tokenizer means
+    the meta and the weights come from different preparations, and sampling would print garbage."""
+    V = model.config.vocab_size
+    if codec.vocab_size > V or (meta and meta.get('vocab_size', V) != V and meta.get('tokenizer', 'char') == 'char'):
+        raise CheckpointError(f"the tokenizer ({codec.vocab_size} tokens, meta vocab_size {(meta or {}).get('vocab_size')}) "
+                              f"does not fit the model's vocabulary of {V}: the checkpoint and its meta.pkl come from "
+                              f"different datasets; sample the run with the meta it was trained on")

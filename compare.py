@@ -183,10 +183,10 @@ def run_table(kind, names, speed, flops):
         t0 = time.time()
         result = evaluate_run(run_dir)
         passes = result.pop('passes')
+        mean_passes = result.pop('mean_passes', sum(k * v for k, v in passes.items()) / sum(passes.values()))
         train_time = curve[-1]['train_time']
         rows.append(dict(name=n, iters=iters[n], s_per_iter=speed.get(n, train_time / iters[n]), train_time=train_time,
-                         eval_seconds=time.time() - t0, curve=curve,
-                         mean_passes=sum(k * v for k, v in passes.items()) / sum(passes.values()), **result))
+                         eval_seconds=time.time() - t0, curve=curve, mean_passes=mean_passes, **result))
         print(f"{kind} {n}: {iters[n]} iters, val next-token loss {result['loss']:.4f}", flush=True)
     return rows
 

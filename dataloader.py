@@ -21,12 +21,23 @@ import pickle
 import numpy as np
 import torch
 
+from configurator import UserError
+
 
 MANIFEST = 'manifest.json'
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     pass
+
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+
+
+def data_dir(dataset):
+    """The folder of a dataset setting: a name under the repo's data/ (e.g. 'shakespeare_char'), or a
+    path to a folder (anything with a path separator)."""
+    return dataset if os.sep in dataset else os.path.join(REPO, 'data', dataset)
 
 
 def split_files(data_dir, split):

@@ -1,16 +1,21 @@
 """
 Evaluate any checkpoint (GPT, looped GPT, WFC) the same way, on the same tokens.
 
-    python eval.py --ckpt=out-shakespeare-char-wfc
-    python eval.py --ckpt=out-shakespeare-char-wfc --judge=out-shakespeare-char-judge --samples=16
+    python eval.py --out_dir=out-shakespeare-char-wfc
+    python eval.py --out_dir=out-shakespeare-char-wfc --depths=1,2,4,8,16,32,64 --max_loop=64
+    python eval.py --out_dir=out-shakespeare-char-wfc --judge=out-shakespeare-char-judge --samples=16
 
 - next-token loss, nats and bits per token (bits per character on char data): an exact
-  autoregressive factorisation. WFC: future slot 1 given the true past, converged from e_max;
-  every block phase (pinned) or split (bidirectional) is run so each position gets d = 1 once,
-  with exactly the contexts a GPT sees on the same windows.
-- WFC: loss by distance d = 1..F, the histogram of passes used, and the warm-start sequential
-  loss: the likelihood the sampler experiences, collapsing the true tokens one by one and
-  refining from the carried state.
+  autoregressive factorisation. WFC: future slot 1 given the true past, refined from e_max until it
+  converges (tol) or max_loop; every block phase (pinned) or split (bidirectional) runs, so each
+  position is scored at d = 1 once, with exactly the context a GPT sees on the same windows.
+- WFC: loss by distance d = 1..F, the histogram of the passes each slot took, the past stream's
+  own loss (pinned), and the sequential losses the sampler experiences: collapse the true tokens
+  one by one and refine from the carried state (warm) or from e_max every step (cold).
+- WFC with --depths: the next-token loss after exactly K passes for each K (one run, read on the way),
+  the state norm after those passes, and with --convergence=True: whether two different start
+  states reach the same distributions (mean KL), and how the passes a slot takes follow its
+  entropy (Spearman's rho; compute follows difficulty).
 - with --judge: samples from prompts in the split, scored by the judge GPT (mean NLL per token),
   with their unigram entropy and distinct-n (degenerate repetition shows up there).
 The windows are a fixed seeded subset of the split: two checkpoints see the same tokens.
@@ -18,38 +23,40 @@ The windows are a fixed seeded subset of the split: two checkpoints see the same
 
 import json
 import math
-import os
-import sys
 from collections import Counter
 
 import torch
 import torch.nn.functional as F
 
 import checkpoint
+import engine
 import runtime
-from configurator import ConfigError, configure
-from dataloader import TokenShards, read_meta
+from configurator import UserError, cli, configure, require
+from dataloader import TokenShards, data_dir, read_meta
 from sampling import Settings, generate
-from tokenizer import codec_for
 
 # -----------------------------------------------------------------------------
-ckpt = ''                # run folder (holding ckpt.pt) or checkpoint file
+out_dir = 'out'          # run folder (holding ckpt.pt) or a checkpoint file
+ckpt = ''                # the earlier name of out_dir, still accepted
 dataset = ''             # data folder to read (default: the checkpoint's own dataset)
 split = 'val'
 n_windows = 256          # windows of block_size tokens (a fixed, seeded subset of the split)
 batch_size = 32
 seed = 1234
-warm_positions = 128     # WFC: positions of the warm-start sequential loss per row (0 = skip)
-warm_rows = 8            # WFC: rows of the warm-start sequential loss
+warm_positions = 128     # WFC: positions of the sequential (sampler) losses per row (0 = skip)
+warm_rows = 8            # WFC: rows of the sequential losses
+depths = ''              # WFC: e.g. '1,2,4,8,16,32,64': the next-token loss after exactly K passes, for each K
+convergence = False      # WFC: also path independence and passes vs entropy (see the docstring)
 judge = ''               # judge checkpoint for sample quality ('' = skip)
 samples = 0              # samples to generate and score (0 = skip)
 prompt_tokens = 32       # prompt length of each sample, cut from the split
 sample_tokens = 96       # generated tokens per sample
-max_loop = 0             # override the model's refinement cap (0 = keep)
-tol = -1.0               # override the model's convergence tolerance (< 0 = keep)
+max_loop = 0             # WFC: override the model's refinement cap (0 = keep)
+tol = -1.0               # WFC: override the model's convergence tolerance (< 0 = keep)
 device = 'auto'
 dtype = 'float32'        # evaluation in full precision by default
 out = ''                 # also write the results as JSON here
+# the sampler of the judged samples: every sampling.Settings field
 globals().update({k: v for k, v in vars(Settings(temperature=1.0, top_k=0)).items() if k not in ('max_loop', 'tol')})
 # -----------------------------------------------------------------------------
 
@@ -60,58 +67,76 @@ def windows(data, n, seed, device):
     return x.to(device), y.to(device)
 
 
+def layouts(model):
+    """Every block phase (pinned) or split (bidirectional) of a window: keyword options of score."""
+    c = model.config
+    return [('phase', r) for r in range(c.n_future)] if c.attn == 'pinned' else [('split', r) for r in range(c.block_size)]
+
+
+def by_distance(model, out, by, index=0):
+    """Write the per-slot losses of one layout run (Scored) into by (D, N, T), each (d, target) once."""
+    pinned = model.config.attn == 'pinned'
+    dist = out.dist.expand_as(out.ce)
+    for d in range(1, model.config.n_future + 1):
+        rows, slots = (out.scored & (dist == d)).nonzero(as_tuple=True)
+        targets = slots if pinned else slots - 1  # bidirectional slot i predicts y[:, i - 1]
+        fresh = by[d - 1, rows, targets].isnan()
+        by[d - 1, rows[fresh], targets[fresh]] = out.ce[rows[fresh], slots[fresh]].float()
+
+
 @torch.no_grad()
-def token_losses(model, x, y):
-    """(D, N, T) cross-entropy of target y[:, j] at distance d = 1..D given the true past (D = 1
-    for a GPT; row 0 is the next-token loss), and a histogram {passes: forward calls}."""
+def token_losses(model, x, y, record=(), init=None):
+    """(D, N, T) cross-entropy of target y[:, j] at distance d = 1..D given the true past (D = 1 for
+    a GPT; row 0 is the next-token loss), and per scored slot its passes and entropy (nats). With
+    record: {K: (D, N, T)} after exactly K passes instead (no early exit)."""
     c = model.config
     if c.n_future == 0:
         logits, _ = model(x, y)
-        return F.cross_entropy(logits.float().transpose(1, 2), y, reduction='none')[None], {c.n_loop: 1}
-    N, T = x.shape
-    F_ = c.n_future
-    pinned = c.attn == 'pinned'
-    by = torch.full((F_, N, T), float('nan'), device=x.device)  # loss of target j at distance d, each pair once
-    passes = Counter()
-    for r in range(F_ if pinned else T):  # every block phase / split point
-        model(x, y, converge=True, **{'phase' if pinned else 'split': torch.full((N,), r, device=x.device)})
-        last = model.last
-        passes[last['passes']] += 1
-        dist = last['dist'].expand_as(last['ce'])
-        for d in range(1, F_ + 1):
-            rows, slots = (last['scored'] & (dist == d)).nonzero(as_tuple=True)
-            targets = slots if pinned else slots - 1  # bidirectional slot i predicts y[:, i - 1]
-            fresh = by[d - 1, rows, targets].isnan()
-            by[d - 1, rows[fresh], targets[fresh]] = last['ce'][rows[fresh], slots[fresh]].float()
-    return by, dict(passes)
+        return F.cross_entropy(logits.float().transpose(1, 2), y, reduction='none')[None], {}, []
+    by = torch.full((c.n_future,) + tuple(x.shape), float('nan'), device=x.device)
+    at = {k: by.clone() for k in record}
+    passes, entropy, norms = [], [], Counter()
+    for name, r in layouts(model):
+        kw = {name: torch.full((x.size(0),), r, device=x.device), 'init': init}
+        out = model.score(x, y, **(dict(depth=max(record), record=record) if record else dict(depth='converge')), **kw)
+        by_distance(model, out, by)
+        for k, ce in out.ce_at.items():
+            by_distance(model, out.__class__(**{**vars(out), 'ce': ce}), at[k])
+        passes.append(out.trace.passes[out.scored])
+        entropy.append(model.entropy_of_logits(out.logits)[out.scored])
+        for k, v in out.trace.norms:
+            norms[k] += v / len(layouts(model))
+    extra = dict(passes=torch.cat(passes), entropy=torch.cat(entropy), norms=dict(norms), logits=out.logits)
+    return (at if record else by), extra, out
 
 
 @torch.no_grad()
 def past_stream_loss(model, x, y, batch):
-    """Next-token loss of a pinned WFC's past stream read out directly (decode of its final
-    states): the causal GPT inside the model. Compared with slot 1, it shows what reading the past
-    through future slots costs or gains."""
-    losses = [F.cross_entropy(model.logits(model.cache_past(x[lo:lo + batch])[1]).float().transpose(1, 2),
-                              y[lo:lo + batch], reduction='none') for lo in range(0, len(x), batch)]
+    """Next-token loss of a pinned WFC's past stream read out directly (decode of its final states):
+    the causal GPT inside the model. Beside slot 1, it shows what reading the past through future
+    slots costs or gains."""
+    losses = []
+    for lo in range(0, len(x), batch):
+        pos = torch.arange(x.size(1), device=x.device)
+        states, _ = model.causal(model.input(x[lo:lo + batch], pos), pos)
+        losses.append(F.cross_entropy(model.logits(states).float().transpose(1, 2), y[lo:lo + batch], reduction='none'))
     return torch.cat(losses).mean().item()
 
 
 @torch.no_grad()
-def warm_sequential_loss(model, x, positions, warm=True):
-    """The sampler's own next-token loss: starting from x[:, :1], refine (from the carried state
-    when warm), score future slot 1 against the true next token, collapse it to that token, shift;
-    for `positions` steps. Returns (mean loss, mean passes)."""
-    w = model.start(x[:, :1])
+def sequential_loss(model, x, positions, warm=True):
+    """The sampler's own next-token loss: starting from x[:, :1], refine (from the carried state when
+    warm, else from e_max), score future slot 1 against the true next token, collapse it to that
+    token, shift; for `positions` steps. Returns (mean loss, mean passes per step)."""
+    w = engine.start(model, x[:, :1])
     losses, passes = [], []
     for t in range(1, min(positions + 1, x.size(1))):
-        w, used = model.refine(w if warm else model.forget(w))
-        losses.append(F.cross_entropy(model.future_logits(w)[:, 0].float(), x[:, t]).item())
+        w, used = engine.refine(model, w if warm else engine.forget(model, w))
+        losses.append(F.cross_entropy(w.stats['logits'][:, 0].float(), x[:, t]).item())
         passes.append(used)
         slots = torch.zeros_like(w.decided, dtype=torch.bool)
         slots[:, 0] = True
-        tokens = torch.zeros_like(w.decided)
-        tokens[:, 0] = x[:, t]
-        w, _ = model.shift(model.collapse(w, slots, tokens))
+        w, _ = engine.shift(model, engine.collapse(model, w, slots, x[:, t:t + 1].expand_as(w.decided).contiguous()))
     return sum(losses) / len(losses), sum(passes) / len(passes)
 
 
@@ -119,18 +144,14 @@ def warm_sequential_loss(model, x, positions, warm=True):
 def sequence_nll(model, seq, start):
     """Mean NLL per token of seq[:, start:] under a GPT, each token scored with up to block_size
     tokens of context (windows that overlap by half beyond block_size)."""
-    bs = model.config.block_size
-    total, count = 0.0, 0
-    end = seq.size(1)
-    scored_to = start
+    bs, total, count, end, scored_to = model.config.block_size, 0.0, 0, seq.size(1), start
     while scored_to < end:
         lo = max(0, min(scored_to - bs // 2, end - 1 - bs)) if scored_to > bs else 0
         chunk = seq[:, lo:lo + bs + 1]
         logits, _ = model(chunk[:, :-1], chunk[:, 1:])
         ce = F.cross_entropy(logits.float().transpose(1, 2), chunk[:, 1:], reduction='none')
         new = slice(scored_to - lo - 1, chunk.size(1) - 1)
-        total += ce[:, new].sum().item()
-        count += ce[:, new].numel()
+        total, count = total + ce[:, new].sum().item(), count + ce[:, new].numel()
         scored_to = lo + chunk.size(1)
     return total / count
 
@@ -146,78 +167,138 @@ def unigram_entropy_bits(rows):
     return -sum(c / total * math.log2(c / total) for c in counts.values())
 
 
+def spearman(a, b):
+    """Spearman's rank correlation of two 1-D tensors, ties given their average rank."""
+    def ranks(v):
+        values, inverse, counts = torch.unique(v.double(), return_inverse=True, return_counts=True)
+        first = torch.cumsum(counts, 0) - counts  # rank (0-based) of each distinct value's first member
+        return (first + (counts - 1) / 2)[inverse]
+    ra, rb = ranks(a), ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / (ra.norm() * rb.norm()).clamp(min=1e-12))
+
+
 @torch.no_grad()
 def sample_quality(model, judge_model, prompts, n_tokens, settings, seed):
     """Generate from each prompt and score the continuation with the judge."""
     generated, stats = generate(model, prompts, n_tokens, settings, torch.Generator(device=prompts.device).manual_seed(seed))
-    seq = torch.cat((prompts, generated), 1)
-    rows = generated.tolist()
-    summary = stats.summary()
-    return dict(judge_nll=sequence_nll(judge_model, seq, prompts.size(1)), unigram_bits=unigram_entropy_bits(rows),
-                distinct_2=distinct_n(rows, 2), distinct_3=distinct_n(rows, 3), distinct_4=distinct_n(rows, 4),
-                tokens_per_step=summary['tokens_per_step'], passes_per_token=summary['passes_per_token'])
+    rows, summary = generated.tolist(), stats.summary()
+    return dict(judge_nll=sequence_nll(judge_model, torch.cat((prompts, generated), 1), prompts.size(1)),
+                unigram_bits=unigram_entropy_bits(rows), distinct_2=distinct_n(rows, 2), distinct_3=distinct_n(rows, 3),
+                distinct_4=distinct_n(rows, 4), tokens_per_step=summary['tokens_per_step'],
+                passes_per_token=summary['passes_per_token'])
 
 
-def evaluate(model, data, n, batch, seed, device, warm_positions=0, warm_rows=8):
+def batched(model, x, y, batch, **kw):
+    """token_losses over x in batches: (losses, passes, entropy, norms)."""
+    parts, passes, entropy, norms = [], [], [], Counter()
+    for lo in range(0, len(x), batch):
+        by, extra, _ = token_losses(model, x[lo:lo + batch], y[lo:lo + batch], **kw)
+        parts.append(by)
+        if extra:
+            passes.append(extra['passes'])
+            entropy.append(extra['entropy'])
+            for k, v in extra['norms'].items():
+                norms[k] += v * len(x[lo:lo + batch]) / len(x)
+    losses = {k: torch.cat([p[k] for p in parts], 1) for k in parts[0]} if isinstance(parts[0], dict) else torch.cat(parts, 1)
+    return losses, (torch.cat(passes) if passes else None), (torch.cat(entropy) if entropy else None), dict(norms)
+
+
+def evaluate(model, data, n, batch, seed, device, warm_positions=0, warm_rows=8, depths=(), convergence=False):
     """Every likelihood number for one model on one split. Returns a dict."""
     x, y = windows(data, n, seed, device)
-    parts, passes = [], Counter()
-    for lo in range(0, n, batch):
-        by, part_passes = token_losses(model, x[lo:lo + batch], y[lo:lo + batch])
-        parts.append(by)
-        passes.update(part_passes)
-    by = torch.cat(parts, 1)
+    by, passes, entropy, _ = batched(model, x, y, batch)
     loss = by[0].mean().item()
-    result = dict(loss=loss, bits=loss / math.log(2), tokens=by[0].numel(), passes=dict(passes))
-    if model.config.n_future:
-        result['by_dist'] = [v.nanmean().item() for v in by]
-        if model.config.attn == 'pinned':  # the GPT inside: the past stream's own next-token head
-            result['past_stream_loss'] = past_stream_loss(model, x, y, batch)
-        if warm_positions:
-            warm_loss, warm_passes = warm_sequential_loss(model, x[:warm_rows], warm_positions)
-            result.update(warm_sequential=warm_loss, warm_passes=warm_passes)
+    result = dict(loss=loss, bits=loss / math.log(2), tokens=by[0].numel(),
+                  passes=dict(Counter(passes.tolist())) if passes is not None else {model.config.n_loop: 1})
+    if not model.config.n_future:
+        return result
+    result.update(by_dist=[v.nanmean().item() for v in by], mean_passes=passes.float().mean().item())
+    if model.config.attn == 'pinned':  # the GPT inside: the past stream's own next-token head
+        result['past_stream_loss'] = past_stream_loss(model, x, y, batch)
+    if warm_positions:
+        for name, warm in (('warm', True), ('cold', False)):
+            value, steps = sequential_loss(model, x[:warm_rows], warm_positions, warm)
+            result.update({f'{name}_sequential': value, f'{name}_passes': steps})
+    if depths:
+        at, _, _, norms = batched(model, x, y, batch, record=tuple(depths))
+        result.update(depth_loss={k: v[0].mean().item() for k, v in at.items()}, norm_by_pass=norms)
+    if convergence:
+        result['passes_entropy_spearman'] = spearman(passes.float(), entropy)
+        result['path_kl'] = path_independence(model, x[:batch], y[:batch], seed)
     return result
 
 
-def main():
-    try:
-        configure(globals())
-        settings = Settings(**{k: globals()[k] for k in vars(Settings()) if k not in ('max_loop', 'tol')}).check()
-        dev, dt = runtime.resolve(device, dtype)
-    except (ConfigError, ValueError, RuntimeError) as e:
-        sys.exit(f"error: {e}")
-    overrides = {k: v for k, v in (('max_loop', max_loop), ('tol', tol)) if (v > 0 if k == 'max_loop' else v >= 0)}
-    try:
-        model, info = checkpoint.load_model(ckpt or 'out', dev, **overrides)
-        judge_model = checkpoint.load_model(judge, dev)[0] if judge else None
-    except checkpoint.CheckpointError as e:
-        sys.exit(f"error: {e}")
-    data_dir = dataset or os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', info['config']['dataset'])
-    data = TokenShards(data_dir, split, model.config.block_size, model.config.vocab_size)
-    meta = info.get('meta') or read_meta(data_dir)
-    with runtime.autocast(dev, dt):
-        result = evaluate(model, data, n_windows, batch_size, seed, dev, warm_positions, warm_rows)
-        if judge_model is not None and samples:
-            prompts = data.batch(samples, seed + 1)[0][:, :prompt_tokens].to(dev)
-            result.update(sample_quality(model, judge_model, prompts, sample_tokens, settings, seed))
-    unit = 'bits/char' if meta and 'stoi' in meta else 'bits/token'
-    print(f"{ckpt}: {split} next-token loss {result['loss']:.4f} nats = {result['bits']:.4f} {unit} "
-          f"({result['tokens']} tokens)")
+@torch.no_grad()
+def path_independence(model, x, y, seed):
+    """Mean KL(from e_max || from a random start) of the converged next-token distributions over the
+    windows x: ~0 when the fixed point does not depend on where the refinement started."""
+    _, _, cold = token_losses(model, x, y)
+    torch.manual_seed(seed)
+    _, _, other = token_losses(model, x, y, init='random')
+    p, q = (F.log_softmax(o.logits.float(), -1) for o in (cold, other))
+    return ((p.exp() * (p - q)).sum(-1)[cold.scored]).mean().item()
+
+
+def report(result, name, split, unit):
+    print(f"{name}: {split} next-token loss {result['loss']:.4f} nats = {result['bits']:.4f} {unit} ({result['tokens']} tokens)")
     if 'by_dist' in result:
         print(f"loss by distance d=1..{len(result['by_dist'])}: {' '.join(f'{v:.3f}' for v in result['by_dist'])}")
-        print(f"passes histogram (forward calls): {result['passes']}")
+        print(f"passes histogram (slots): {dict(sorted(result['passes'].items()))}, mean {result['mean_passes']:.2f}")
     if 'past_stream_loss' in result:
         print(f"past stream read out directly (the GPT inside): next-token loss {result['past_stream_loss']:.4f} nats")
     if 'warm_sequential' in result:
         print(f"warm-start sequential loss {result['warm_sequential']:.4f} nats ({result['warm_passes']:.2f} passes/token)")
+        print(f"cold-start sequential loss {result['cold_sequential']:.4f} nats ({result['cold_passes']:.2f} passes/token)")
+    if 'depth_loss' in result:
+        print("loss by depth (passes: next-token loss): " + '  '.join(f"{k}: {v:.4f}" for k, v in result['depth_loss'].items()))
+        print("state norm by pass (watched slots): " + '  '.join(f"{k}: {v:.3f}" for k, v in result['norm_by_pass'].items()))
+    if 'path_kl' in result:
+        print(f"path independence: mean KL(from e_max || from a random start) {result['path_kl']:.5f} nats")
+        print(f"passes vs entropy: Spearman rho {result['passes_entropy_spearman']:.3f}")
     if 'judge_nll' in result:
         print(f"samples: judge NLL {result['judge_nll']:.4f} nats/token, unigram entropy {result['unigram_bits']:.3f} bits, "
               f"distinct-2/3/4 {result['distinct_2']:.3f} {result['distinct_3']:.3f} {result['distinct_4']:.3f}")
+
+
+def main():
+    configure(globals())
+    run = ckpt or out_dir
+    require(not (ckpt and out_dir not in ('out', ckpt)), f"--ckpt={ckpt} and --out_dir={out_dir} name two runs; give one")
+    require(n_windows > 0 and batch_size > 0 and min(warm_positions, warm_rows, samples) >= 0,
+            "need n_windows > 0, batch_size > 0, warm_positions, warm_rows and samples >= 0")
+    require(not samples or (judge and prompt_tokens > 0 and sample_tokens > 0),
+            "--samples needs --judge=<GPT checkpoint> and prompt_tokens, sample_tokens > 0")
+    try:
+        steps = [int(v) for v in depths.split(',') if v.strip()]
+    except ValueError:
+        raise UserError(f"depths must be comma-separated pass counts like '1,2,4,8', got {depths!r}") from None
+    require(all(k >= 1 for k in steps), f"depths must be >= 1, got {depths!r}")
+    settings = Settings(**{k: globals()[k] for k in vars(Settings()) if k not in ('max_loop', 'tol')})
+    try:
+        settings.check()
+        dev, dt = runtime.resolve(device, dtype)
+    except (ValueError, RuntimeError) as e:
+        raise UserError(e) from None
+    overrides = {k: v for k, v in (('max_loop', max_loop), ('tol', tol)) if (v > 0 if k == 'max_loop' else v >= 0)}
+    model, info = checkpoint.load_model(run, dev, **overrides)
+    require(model.config.n_future or not (steps or convergence or overrides),
+            "depths, convergence, max_loop and tol are WFC settings; this checkpoint is a GPT (n_future = 0)")
+    judge_model = checkpoint.load_model(judge, dev)[0] if judge else None
+    folder = dataset or data_dir(info.get('config', {}).get('dataset', ''))
+    data = TokenShards(folder, split, model.config.block_size, model.config.vocab_size)
+    meta = info.get('meta') or read_meta(folder)
+    with runtime.autocast(dev, dt):
+        result = evaluate(model, data, n_windows, batch_size, seed, dev, warm_positions, warm_rows, steps, convergence)
+        if judge_model is not None and samples:
+            prompts = data.batch(samples, seed + 1)[0][:, :prompt_tokens].to(dev)
+            result.update(sample_quality(model, judge_model, prompts, sample_tokens, settings, seed))
+    report(result, run, split, 'bits/char' if meta and 'stoi' in meta else 'bits/token')
     if out:
         with open(out, 'w') as f:
-            json.dump(dict(ckpt=ckpt, split=split, n_windows=n_windows, seed=seed, **result), f, indent=1)
+            json.dump(dict(ckpt=run, split=split, n_windows=n_windows, seed=seed, **result), f, indent=1)
     return result
 
 
 if __name__ == '__main__':
-    main()
+    cli(main)

@@ -1,27 +1,30 @@
 """
-WFC-GPT: a "Wave Function Collapse" language model and its plain GPT baseline, in one file.
+WFC-GPT: a "Wave Function Collapse" language model and its GPT baseline, in one file.
 
-With n_future = 0 this is nanoGPT's causal decoder (learned positions, LayerNorm, GELU MLP,
-tied lm_head, GPT-2 init); nanoGPT checkpoints load into it unchanged. Notable features:
+With n_future = 0 and the default recurrence this is nanoGPT's causal decoder (learned positions,
+LayerNorm, GELU MLP, tied lm_head, GPT-2 init); nanoGPT checkpoints load into it unchanged.
 
-- Weight-tied delta refinement: one stack of blocks is applied pass after pass, each pass adding
-  a delta to the state (x <- x + step_size * delta(x)); n_loop > 1 with n_future = 0 is a
-  "looped GPT" baseline. Optional input injection re-adds the decided embeddings every pass
-  (Huginn, Geiping et al. 2025).
-- Past / future segments: the window holds decided past tokens plus n_future future slots that
-  start at e_max, the embedding of the uniform distribution (mean of the embedding rows).
-  `attn='pinned'`: the past is a causal stream that never sees the future, so its keys/values
-  are a fixed context the future slots iterate against (cacheable). `attn='bidirectional'`:
-  every slot sees every slot and the past is re-contextualised by the future.
-- Vectorised training (pinned): a clean stream and a future stream in one step with a block
-  mask, so every token is a future target exactly once per sequence (as in block diffusion,
-  Arriola et al. 2025). Random passes, truncated backprop, several supervised passes, random
-  future pins and warm starts from a detached, shifted state: train as you sample.
-- Inference as an iterative solver: `refine` runs passes until the future stops moving (or
-  max_loop); `collapse` writes chosen slots (token row, nearest state, or partial), `shift`
-  moves the decided prefix into the past and appends fresh e_max slots (warm start).
-- The maps between spaces (DESIGN.md section 2): embed, decode, entropy, e_max.
-- Rotary positions (recommended for WFC: the state carries no absolute position) or learned.
+- Weight-tied delta refinement. One stack of blocks is applied pass after pass, each pass adding a
+  delta to the state. How a pass updates the state is one function, `GPT.update`, used by every
+  stream: optional re-injection of each slot's input (added, or Huginn's adapter on [state, input];
+  Geiping et al. 2025), a step size, a learned decay a < 1 (Parcae) and a bound on the state
+  (rescaled to the embeddings' RMS, or a learned norm): what a recurrence needs to have a fixed
+  point. n_loop > 1 with n_future = 0 is a "looped GPT" baseline.
+- Past and future. The window holds decided past tokens and n_future future slots that start at
+  e_max, the embedding of the uniform distribution (the mean embedding row). 'pinned': the past
+  is a causal stream that never sees the future, so its keys/values are a fixed context the future
+  iterates against (and a cache); 'bidirectional': every slot sees every slot.
+- Who may see whom is one rule, `visibility`, used by the training layouts, evaluation and the
+  sampler's windows (engine.py) alike.
+- Vectorised pinned training: a clean stream and a future stream in one step, so every token is a
+  future target once per sequence (as in block diffusion, Arriola et al. 2025). Random depth per
+  step (fixed, uniform or Poisson-lognormal), truncated backprop, supervision of the last passes,
+  random pins and warm starts from a detached shifted state: train as you sample.
+- Inference is an iterative solver: `iterate` runs passes until every open slot has converged
+  (KL between successive decoded distributions, or the relative step) or max_loop; a row stops
+  when its slots have, and with slot_exit a converged slot keeps its state while others go on.
+- Attention weights: softmax (fused SDPA kernel), or sparse alpha-entmax, fixed or adaptive.
+- The maps between spaces: embed (probabilities -> state), decode, entropy, e_max.
 """
 
 import math
@@ -31,67 +34,180 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+CHOICES = dict(pos_emb=('learned', 'rope'), attn=('pinned', 'bidirectional'), attn_fn=('softmax', 'entmax', 'adaptive'),
+               inject=('none', 'add', 'adapter'), bound=('none', 'rms', 'norm'), loop_law=('fixed', 'uniform', 'poisson'),
+               past_target=('next', 'self'), exit_rule=('kl', 'delta'))
+
 
 @dataclass
 class GPTConfig:
-    block_size: int = 256     # max past tokens in the window (training context length), >= 1
+    block_size: int = 256     # most past tokens in the window (the training context length), >= 1
     vocab_size: int = 50304   # tokens in the vocabulary (GPT-2's 50257 padded to a multiple of 64)
-    n_layer: int = 12         # blocks in the (weight-tied) stack
+    n_layer: int = 12         # blocks in the weight-tied stack
     n_head: int = 12          # attention heads; must divide n_embd
     n_embd: int = 768         # width of the state, C
-    dropout: float = 0.0      # dropout probability in [0, 1); 0 for pretraining, 0.1+ to finetune
+    dropout: float = 0.0      # dropout probability in [0, 1); 0 for pretraining
     bias: bool = True         # biases in Linear and LayerNorm layers (GPT-2: True)
-    pos_emb: str = 'learned'  # 'learned' (absolute, nanoGPT) or 'rope' (rotary, recommended for WFC)
-    rope_base: float = 10000.0  # rotary frequency base (only for pos_emb='rope')
+    pos_emb: str = 'learned'  # 'learned' (absolute, nanoGPT) or 'rope' (rotary: the state carries no absolute position)
+    rope_base: float = 10000.0  # rotary frequency base (pos_emb='rope')
+    attn_fn: str = 'softmax'  # attention weights: 'softmax', 'entmax' (alpha = entmax_alpha), 'adaptive' (alpha in (1, 2) per head and query from the row's entropy, learned)
+    entmax_alpha: float = 1.5  # attn_fn='entmax': 1 = softmax, 1.5 = entmax15, 2 = sparsemax; in [1, 2]
     n_future: int = 0         # F, future slots; 0 = a plain causal GPT
-    attn: str = 'pinned'      # WFC attention: 'pinned' (past causal, never sees the future) or 'bidirectional'
-    spec_window: int = -1     # per attention layer, a future slot sees future slots up to this many ahead; -1 = all
-    n_loop: int = 1           # passes of the stack in training (the max when loop_law is random), >= 1
-    loop_law: str = 'fixed'   # future passes per training step: 'fixed' (= n_loop) or 'uniform' (1..n_loop)
-    bptt: int = 0             # training passes that carry gradient (the last ones); 0 = all
+    attn: str = 'pinned'      # WFC: 'pinned' (the past is causal and never sees the future) or 'bidirectional'
+    spec_window: int = -1     # a future slot sees future slots up to this many ahead; -1 = all
+    future_frac: float = 1.0  # training (pinned): fraction of each row's future blocks that run, (0, 1]; fewer = cheaper steps
+    n_loop: int = 1           # passes of the causal stream (GPT, the pinned past); > 1 with n_future = 0 is a looped GPT
+    inject: str = 'none'      # every pass re-adds each slot's input: 'none', 'add' (x + x0) or 'adapter' (Linear on [x, x0], Huginn)
+    step_size: float = 1.0    # scale of the delta a pass adds, in (0, 1]
+    decay: float = 0.0        # > 0: a learned per-channel decay a in (0, 1) starting here, x <- a x + delta (Parcae); 0 = off
+    bound: str = 'none'       # after every pass: 'none', 'rms' (each slot rescaled to the embeddings' RMS) or 'norm' (a learned LayerNorm)
+    train_depth: int = 0      # WFC future passes per training step: the value ('fixed'), the max ('uniform'), the mean ('poisson'); 0 = n_loop
+    loop_law: str = 'fixed'   # how the depth is drawn per step: 'fixed', 'uniform' (1..train_depth), 'poisson' (Poisson-lognormal, <= 3 x mean)
+    bptt: int = 0             # last training passes that carry gradient (truncated backprop); 0 = all
     supervise: int = 1        # last training passes whose decoded output is supervised, 1..bptt
-    max_loop: int = 1         # inference cap on refinement passes (WFC), >= 1
-    min_loop: int = 1         # inference floor on refinement passes (WFC)
-    tol: float = 1e-3         # converged when the largest KL(new || old) between successive decoded distributions of an open future slot < tol, nats
-    step_size: float = 1.0    # scale of the delta each pass adds, in (0, 1]
-    inject: bool = False      # re-add the decided slots' input embeddings to the stack input every pass
     dist_power: float = 0.0   # future loss weight of distance d is d ** -dist_power (0 = uniform, 1 = 1/d)
-    past_loss: float = 0.0    # weight of the auxiliary loss on past slots (0 = off)
+    past_loss: float = 0.0    # weight of the auxiliary loss on the past stream (0 = off)
     past_target: str = 'next' # past slots predict the 'next' token (pinned only) or their own token ('self')
     pin_prob: float = 0.0     # training: probability that a future slot is pinned to its true token
-    warm_prob: float = 0.0    # training: probability that a row starts from a detached shifted state
-    future_frac: float = 1.0  # training (pinned): fraction of each row's future blocks that run, (0, 1]; fewer = cheaper steps
-    slot_exit: bool = False   # inference: per-slot early exit, a slot whose own KL < tol keeps its state from then on (pinned: and stops being computed)
+    warm_prob: float = 0.0    # training: probability that a row starts from a detached state of one step earlier
+    max_loop: int = 1         # inference cap on refinement passes (WFC), >= 1
+    min_loop: int = 1         # inference floor on refinement passes (WFC)
+    tol: float = 1e-3         # a slot has converged when its exit_rule measure falls below tol (< 0: never, run max_loop)
+    exit_rule: str = 'kl'     # 'kl': KL(new || old) of the decoded slot, nats; 'delta': ||x_new - x_old|| / ||x_old||
+    slot_exit: bool = False   # inference: a converged slot keeps its state while others go on (else a row stops when all have)
 
     def __post_init__(self):
-        problems = []
-        if self.n_embd % self.n_head:
-            problems.append(f"n_head={self.n_head} must divide n_embd={self.n_embd}")
-        if self.pos_emb not in ('learned', 'rope'):
-            problems.append(f"pos_emb must be 'learned' or 'rope', got {self.pos_emb!r}")
-        if self.pos_emb == 'rope' and (self.n_embd // self.n_head) % 2:
-            problems.append("rope needs an even head size (n_embd / n_head)")
-        if self.attn not in ('pinned', 'bidirectional'):
-            problems.append(f"attn must be 'pinned' or 'bidirectional', got {self.attn!r}")
-        if self.loop_law not in ('fixed', 'uniform'):
-            problems.append(f"loop_law must be 'fixed' or 'uniform', got {self.loop_law!r}")
-        if self.past_target not in ('next', 'self'):
-            problems.append(f"past_target must be 'next' or 'self', got {self.past_target!r}")
-        if self.past_target == 'next' and self.attn == 'bidirectional' and self.past_loss > 0:
-            problems.append("past_target='next' leaks the answer in bidirectional attention; use 'self'")
-        if min(self.n_loop, self.max_loop, self.block_size, self.supervise) < 1 or self.n_future < 0:
-            problems.append("n_loop, max_loop, block_size and supervise must be >= 1, n_future >= 0")
-        if not 0 < self.future_frac <= 1:
-            problems.append(f"future_frac must be in (0, 1], got {self.future_frac}")
-        if not 0 < self.step_size <= 1:
-            problems.append(f"step_size must be in (0, 1], got {self.step_size}")
+        problems = config_problems(self)
         if problems:
             raise ValueError("invalid GPTConfig: " + "; ".join(problems))
 
     @property
-    def n_positions(self):
-        # future slots sit after the past, so positions run up to block_size + n_future - 1
+    def n_positions(self):  # future slots sit after the past: positions run up to block_size + n_future - 1
         return self.block_size + self.n_future
+
+    @property
+    def depth(self):  # the future's training depth (see train_depth)
+        return self.train_depth or self.n_loop
+
+
+def config_problems(c):
+    """Every way a GPTConfig can be wrong, as sentences."""
+    problems = [f"{k} must be one of {v}, got {getattr(c, k)!r}" for k, v in CHOICES.items() if getattr(c, k) not in v]
+    if c.n_embd % c.n_head:
+        problems.append(f"n_head={c.n_head} must divide n_embd={c.n_embd}")
+    if c.pos_emb == 'rope' and (c.n_embd // max(c.n_head, 1)) % 2:
+        problems.append("rope needs an even head size (n_embd / n_head)")
+    if c.past_target == 'next' and c.attn == 'bidirectional' and c.past_loss > 0:
+        problems.append("past_target='next' leaks the answer in bidirectional attention; use 'self'")
+    if min(c.n_layer, c.n_head, c.n_embd, c.vocab_size, c.n_loop, c.max_loop, c.block_size, c.supervise, c.min_loop) < 1:
+        problems.append("n_layer, n_head, n_embd, vocab_size, n_loop, max_loop, min_loop, block_size and supervise must be >= 1")
+    if min(c.n_future, c.train_depth, c.bptt) < 0 or c.spec_window < -1:
+        problems.append("n_future, train_depth and bptt must be >= 0, spec_window >= -1")
+    for name, low, high in (('future_frac', 0, 1), ('step_size', 0, 1)):
+        if not low < getattr(c, name) <= high:
+            problems.append(f"{name} must be in ({low}, {high}], got {getattr(c, name)}")
+    if not 0 <= c.decay < 1 or not 0 <= c.dropout < 1 or not 1 <= c.entmax_alpha <= 2:
+        problems.append(f"need 0 <= decay < 1, 0 <= dropout < 1, 1 <= entmax_alpha <= 2 (got {c.decay}, {c.dropout}, {c.entmax_alpha})")
+    if not (0 <= c.pin_prob <= 1 and 0 <= c.warm_prob <= 1) or c.dist_power < 0 or c.past_loss < 0:
+        problems.append("pin_prob and warm_prob must be in [0, 1], dist_power and past_loss >= 0")
+    if not all(math.isfinite(v) for v in (c.tol, c.rope_base, c.dist_power, c.past_loss)):
+        problems.append("tol, rope_base, dist_power and past_loss must be finite")
+    return problems
+
+
+def visibility(horizon, block, index, key_pos, key_block=None, key_index=None, spec_window=-1, window=0):
+    """Who may see whom: the one attention rule of every layout (training, evaluation, sampling).
+    Keys are past keys at positions key_pos (Tp,) (the causal stream's keys/values) and, optionally,
+    future keys of block key_block at index key_index (..., Tf). A query sees a past key iff its
+    position is <= the query's horizon (the last token the query may know; window > 0: and more than
+    horizon - window), and a future key iff it is in the query's block and at most spec_window
+    slots ahead of the query (-1: any). horizon, block, index: (..., Tq). The causal rule is
+    horizon = the query's own position and no future keys. Returns bool (..., Tq, Tp + Tf)."""
+    see = key_pos <= horizon[..., None]
+    if window > 0:
+        see = see & (key_pos > horizon[..., None] - window)
+    if key_block is None:
+        return see
+    same = key_block[..., None, :] == block[..., :, None]
+    if spec_window >= 0:
+        same = same & (key_index[..., None, :] <= index[..., :, None] + spec_window)
+    return torch.cat((see, same), -1)
+
+
+def block_starts(phase, T, F_):
+    """(B, T) first slot of each future slot's block: blocks start at 0 and at phase + k F_."""
+    j, ph = torch.arange(T, device=phase.device), phase[:, None]
+    return torch.where(j < ph, 0, ph + (j - ph).div(F_, rounding_mode='floor') * F_)
+
+
+def keep_blocks(phase, T, F_, frac):
+    """A random fraction of each row's future blocks (at least one): (B, n) indices of the kept
+    slots in order, padded to the longest row, and (B, n) bool of the real ones."""
+    start = block_starts(phase, T, F_)
+    block = torch.where(start == 0, 0, (start - phase[:, None]).div(F_, rounding_mode='floor') + 1)  # (B, T)
+    n_blocks = block[:, -1] + 1
+    draw = torch.rand(len(phase), T, device=phase.device).masked_fill(
+        torch.arange(T, device=phase.device)[None] >= n_blocks[:, None], 2.0)  # only real blocks compete
+    keep = draw.argsort(1).argsort(1).gather(1, block) < (frac * n_blocks).ceil().long()[:, None]
+    order = (~keep).int().sort(dim=1, stable=True).indices[:, :int(keep.sum(1).max())]
+    return order, keep.gather(1, order)
+
+
+@dataclass
+class Context:
+    """What a pass needs besides the state: each slot's input x0 (B, S, C) (re-injected when inject
+    != 'none'), positions pos (S,) or (B, S), the mask (None = all visible, 'causal', or bool
+    (B or 1, 1, S, keys)) and per layer the (k, v) of the fixed keys it attends to, or None."""
+    x0: torch.Tensor
+    pos: torch.Tensor
+    mask: object = None
+    prefixes: list = None
+
+    def rows(self, idx):
+        """The context of the batch rows idx (1-D long)."""
+        pick = lambda t: t if not torch.is_tensor(t) or t.dim() < 2 or t.size(0) == 1 else t[idx]
+        prefixes = None if self.prefixes is None else [(k[idx], v[idx]) for k, v in self.prefixes]
+        return Context(self.x0[idx], pick(self.pos), pick(self.mask), prefixes)
+
+
+@dataclass
+class Layout:
+    """A WFC training/evaluation layout: the future stream's context and start state, the target
+    and distance of every slot, which slots are open (watched) and which keep their state."""
+    ctx: Context
+    targets: torch.Tensor  # (B, S) token each slot predicts, -1 for none
+    dist: torch.Tensor     # (B, S) distance from the last visible past token, 1 = next token
+    fresh: torch.Tensor    # (B, S) slots that did not exist one sampler step earlier (warm starts)
+    watch: torch.Tensor    # (B, S) open future slots
+    frozen: torch.Tensor   # (B, S) slots that keep their state (pins; the pinned past is not in the stream)
+    self_targets: torch.Tensor = None  # bidirectional: (B, S) a past slot's own token (its past loss), -1 elsewhere
+
+
+@dataclass
+class Trace:
+    """What an inference run of the recurrence did: passes each slot moved (B, S), row-passes
+    computed, passes run, the mean state norm of the watched slots after each pass, and the states
+    after the passes asked for in `record`."""
+    passes: torch.Tensor
+    calls: int = 0
+    steps: int = 0
+    norms: list = field(default_factory=list)
+    states: dict = field(default_factory=dict)
+
+
+@dataclass
+class Scored:
+    """The WFC forward's result (GPT.score): final logits (B, S, V) and loss, per-slot
+    cross-entropy ce (B, S) of the final state (and ce_at {passes: (B, S)} for recorded depths),
+    the layout's dist and targets, scored (B, S) slots that carry a loss, and the trace."""
+    logits: torch.Tensor
+    loss: torch.Tensor
+    ce: torch.Tensor
+    dist: torch.Tensor
+    targets: torch.Tensor
+    scored: torch.Tensor
+    trace: Trace
+    ce_at: dict = field(default_factory=dict)
 
 
 class LayerNorm(nn.Module):
@@ -107,17 +223,24 @@ class LayerNorm(nn.Module):
 
 
 class Rotary(nn.Module):
-    """Rotary position embedding (Su et al. 2021): rotates q and k by their absolute position so
-    attention scores depend only on the relative offset. The tables are buffers, not weights."""
+    """Rotary position embedding (Su et al. 2021): q and k rotate by their absolute position, so
+    attention scores depend only on the offset. Tables are buffers, extended on demand (ensure)."""
 
     def __init__(self, head_size, n_positions, base):
         super().__init__()
-        inv_freq = 1.0 / (base ** (torch.arange(0, head_size, 2).float() / head_size))
-        angles = torch.outer(torch.arange(n_positions).float(), inv_freq)  # (n_pos, hs/2)
-        # full-width tables, so a rotation is x * cos + swap_halves(x) * sin: fewer kernels than
-        # rotating the halves apart, and the same numbers bit for bit (-b * s == -(b * s) in IEEE)
-        self.register_buffer('cos', torch.cat((angles.cos(), angles.cos()), 1), persistent=False)
-        self.register_buffer('sin', torch.cat((-angles.sin(), angles.sin()), 1), persistent=False)
+        self.head_size, self.base = head_size, base
+        self.ensure(n_positions)
+
+    def ensure(self, n_positions, device=None):
+        """Tables for positions 0..n_positions - 1 (a sampler past the block edge needs more)."""
+        if hasattr(self, 'cos') and self.cos.size(0) >= n_positions:
+            return
+        inv_freq = 1.0 / (self.base ** (torch.arange(0, self.head_size, 2).float() / self.head_size))
+        angles = torch.outer(torch.arange(n_positions).float(), inv_freq)  # (n_pos, hs / 2)
+        # full-width tables: a rotation is x * cos + swap_halves(x) * sin, fewer kernels than rotating halves
+        device = device or (self.cos.device if hasattr(self, 'cos') else None)
+        self.register_buffer('cos', torch.cat((angles.cos(), angles.cos()), 1).to(device), persistent=False)
+        self.register_buffer('sin', torch.cat((-angles.sin(), angles.sin()), 1).to(device), persistent=False)
 
     def forward(self, x, pos):  # x (B, nh, T, hs), pos (T,) or (B, T) long
         cos, sin = self.cos[pos].to(x.dtype), self.sin[pos].to(x.dtype)
@@ -127,6 +250,25 @@ class Rotary(nn.Module):
         return x * cos + torch.cat((x2, x1), dim=-1) * sin
 
 
+def attention_weights(scores, attn_fn, alpha, alpha_gain=None, alpha_bias=None, visible=None):
+    """Sparse attention rows (B, nh, Tq, Tk) of scores whose masked entries are already -inf-like.
+    'entmax': alpha-entmax with a fixed alpha (Peters et al. 2019; 1 = softmax, 2 = sparsemax).
+    'adaptive': alpha = 1 + sigmoid(gain_h (1 - h) + bias_h) per head h and query, h the entropy
+    of the softmax row over its visible keys divided by its maximum: a sure (low-entropy) row gets
+    sparser, an unsure one stays dense. gain and bias are learned."""
+    import entmax  # only the sparse attentions need it
+    if attn_fn == 'adaptive':
+        p = torch.softmax(scores, -1)
+        h = -(p * torch.log(p.clamp(min=1e-30))).sum(-1) / torch.log(visible.clamp(min=2))
+        alpha = 1 + torch.sigmoid(alpha_gain[:, None] * (1 - h) + alpha_bias[:, None])
+        return entmax.entmax_bisect(scores, alpha[..., None], dim=-1, n_iter=30)
+    if alpha == 1:
+        return torch.softmax(scores, -1)
+    if alpha == 1.5:
+        return entmax.entmax15(scores, dim=-1)
+    return entmax.sparsemax(scores, dim=-1) if alpha == 2 else entmax.entmax_bisect(scores, alpha, dim=-1, n_iter=30)
+
+
 class SelfAttention(nn.Module):
 
     def __init__(self, config):
@@ -134,14 +276,15 @@ class SelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
-        self.n_head, self.dropout = config.n_head, config.dropout
+        self.n_head, self.dropout, self.attn_fn, self.alpha = config.n_head, config.dropout, config.attn_fn, config.entmax_alpha
+        if config.attn_fn == 'adaptive':  # starts near alpha 1.5 for a row of medium entropy
+            self.alpha_gain, self.alpha_bias = nn.Parameter(torch.full((config.n_head,), 2.0)), nn.Parameter(torch.full((config.n_head,), -1.0))
 
     def forward(self, x, pos, mask, rotary=None, prefix=None, queries=None):
-        """x (B, T, C) attends to `prefix` keys/values (a fixed context, e.g. the past) and to
-        itself. mask: None (all visible), 'causal', or a bool tensor (..., T, T_prefix + T).
-        queries (inference): outputs for the last `queries` positions only (0 = none), when the
-        others are wanted only for their keys/values. Returns the output and this call's own
-        (k, v), for caches."""
+        """x (B, T, C) attends to the `prefix` keys/values (a fixed context such as the past) and to
+        itself. mask: None (all visible), 'causal', or bool (..., T, T_prefix + T). queries
+        (inference): outputs for the last `queries` positions only (0 = none), when the others are
+        wanted only for their keys/values. Returns the output and this call's own (k, v)."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
@@ -152,16 +295,24 @@ class SelfAttention(nn.Module):
             return x[:, :0], own
         if prefix is not None:
             k, v = torch.cat((prefix[0], k), dim=2), torch.cat((prefix[1], v), dim=2)
-        if queries is not None and queries < T:
-            q, S = q[:, :, T - queries:], k.size(2)
-            if isinstance(mask, str):  # causal rows of the last queries positions (the last one sees every key)
-                mask = None if queries == 1 else torch.ones(queries, S, dtype=torch.bool, device=x.device).tril(S - queries)
-            elif mask is not None:
-                mask = mask[..., T - queries:, :]
-        causal = isinstance(mask, str)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=None if causal else mask, is_causal=causal,
-            dropout_p=self.dropout if self.training else 0.0)
+        S, cut = k.size(2), queries is not None and queries < T
+        if isinstance(mask, str) and (cut or S != T or self.attn_fn != 'softmax'):
+            # the causal rule as a tensor (row t sees keys up to S - T + t); the last row sees every key
+            mask = None if queries == 1 else torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
+        if cut:
+            q, mask = q[:, :, T - queries:], None if mask is None else mask[..., T - queries:, :]
+        dropout = self.dropout if self.training else 0.0
+        if self.attn_fn == 'softmax':
+            causal = isinstance(mask, str)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else mask, is_causal=causal, dropout_p=dropout)
+        else:
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))
+            if mask is not None:
+                scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)  # masked keys get exactly zero weight
+            visible = mask.sum(-1).to(scores.dtype) if mask is not None else torch.tensor(float(S), device=x.device)
+            weights = attention_weights(scores, self.attn_fn, self.alpha, getattr(self, 'alpha_gain', None),
+                                        getattr(self, 'alpha_bias', None), visible)
+            y = F.dropout(weights, dropout) @ v
         y = y.transpose(1, 2).contiguous().view(B, q.size(2), C)
         return self.resid_dropout(self.c_proj(y)), own
 
@@ -194,95 +345,63 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x)), kv
 
 
-@dataclass
-class Window:
-    """What the WFC sampler carries from step to step (DESIGN.md section 5), for B rows.
-    past: (B, P) decided token ids. future: (B, F, C) future slot states. decided: (B, F) token
-    of a collapsed or pinned slot, -1 while open. past_x (bidirectional): (B, P, C) past states.
-    cache (pinned): keys/values of the past, per pass and layer: list[list[(k, v)]]. pending
-    (pinned, n_loop = 1): the last `pending` past tokens are not in the cache yet; the next
-    refine computes them in its first pass, with the future (None cache: the whole past)."""
-    past: torch.Tensor
-    future: torch.Tensor
-    decided: torch.Tensor
-    past_x: torch.Tensor = None
-    cache: list = None
-    stats: dict = field(default_factory=dict)
-    pending: int = 0
-
-    def select(self, rows):
-        """A new window made of the batch rows `rows` (1-D long tensor; repeats allowed): how SMC
-        resamples particles that run as the rows of one batch, and how a branch copies a row."""
-        pick = lambda t: None if t is None else t[rows]
-        cache = None if self.cache is None else [
-            None if layers is None else [(k[rows], v[rows]) for k, v in layers] for layers in self.cache]
-        B = self.past.size(0)
-        stats = {k: v[rows] if torch.is_tensor(v) and v.dim() and v.size(0) == B else v for k, v in self.stats.items()}
-        return Window(past=self.past[rows], future=self.future[rows], decided=self.decided[rows],
-                      past_x=pick(self.past_x), cache=cache, stats=stats, pending=self.pending)
-
-
 class GPT(nn.Module):
     """forward(idx, targets) -> (logits, loss), nanoGPT's contract in every mode: logits[:, j]
     predicts targets[:, j] (= idx[:, j + 1] in nanoGPT's batches).
     - GPT / looped GPT (n_future = 0): causal, logits[:, j] sees idx[:, :j + 1].
-    - WFC pinned: future slot j starts at e_max, sees the past idx[:, :s(j) + 1] (s(j): first slot
+    - WFC pinned: future slot j starts at e_max and sees the past idx[:, :s(j) + 1] (s(j): first slot
       of j's block of n_future slots, blocks at a random phase per row) and its block's slots;
       distance d = j - s(j) + 1. Every target is predicted once, at some distance.
-    - WFC bidirectional: one split per row; returns (B, T + F, V) window logits, targets aligned.
-    Keyword options (drawn at random per the config when None, explicit for eval and tests):
-    phase (B,) block phase, split (B,) past end, pins (B, T) bool future slots pinned to their
-    target, warm (B,) bool rows started from a detached shifted state, passes (int) future passes,
-    n_future (int) block size override (curriculum), converge (bool) iterate to tol / max_loop
-    instead of training passes. WFC calls also fill self.last with distances, per-slot losses and
-    passes for the caller's statistics."""
+    - WFC bidirectional: one split per row; (B, T + F, V) window logits, targets aligned.
+    `score` is the WFC forward with its options and its whole result (per-slot losses, passes);
+    generation-time state (windows, caches, collapse, shift) lives in engine.py."""
 
     def __init__(self, config):
         super().__init__()
-        assert config.vocab_size is not None and config.block_size is not None
-        self.config = config
-        modules = dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
-            drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=LayerNorm(config.n_embd, bias=config.bias),
-        )
+        self.config, C = config, config.n_embd
+        modules = dict(wte=nn.Embedding(config.vocab_size, C), drop=nn.Dropout(config.dropout),
+                       h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]), ln_f=LayerNorm(C, bias=config.bias))
         if config.pos_emb == 'learned':
-            n_pos = config.block_size if config.n_future == 0 else config.n_positions
-            modules['wpe'] = nn.Embedding(n_pos, config.n_embd)
+            modules['wpe'] = nn.Embedding(config.block_size if config.n_future == 0 else config.n_positions, C)
+        if config.inject == 'adapter':
+            modules['adapter'] = nn.Linear(2 * C, C, bias=config.bias)
+        if config.bound == 'norm':
+            modules['ln_state'] = LayerNorm(C, bias=config.bias)
         self.transformer = nn.ModuleDict(modules)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(C, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying: embed and decode share W_e
-        self.rotary = (Rotary(config.n_embd // config.n_head, config.n_positions, config.rope_base)
-                       if config.pos_emb == 'rope' else None)
+        self.rotary = Rotary(C // config.n_head, config.n_positions, config.rope_base) if config.pos_emb == 'rope' else None
+        if config.decay:  # a = sigmoid(decay_logit) lies in (0, 1) by construction
+            self.decay_logit = nn.Parameter(torch.full((C,), math.log(config.decay / (1 - config.decay))))
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: scaled init of the residual projections
             if name.endswith('c_proj.weight'):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-        self.last = {}
+        if config.inject == 'adapter':  # starts as inject='add' (x + x0) and learns from there
+            with torch.no_grad():
+                self.transformer.adapter.weight.copy_(torch.cat((torch.eye(C), torch.eye(C)), 1))
 
     def _init_weights(self, module):
-        if isinstance(module, nn.Linear):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None:
-                torch.nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            torch.nn.init.zeros_(module.bias)
 
     def get_num_params(self, non_embedding=True):
-        """Parameter count; the position table is excluded by default (as nanoGPT does). The
-        token table counts: it is also the output layer."""
+        """Parameters; the position table is excluded by default (as nanoGPT does). The token table
+        counts: it is also the output layer."""
         n = sum(p.numel() for p in self.parameters())
-        if non_embedding and 'wpe' in self.transformer:
-            n -= self.transformer.wpe.weight.numel()
-        return n
+        return n - self.transformer.wpe.weight.numel() if non_embedding and 'wpe' in self.transformer else n
 
-    # ---- the maps between spaces (DESIGN.md section 2) ----
+    def flops_per_iter(self, B, T, passes=None):
+        from runtime import training_flops  # FLOPs accounting lives with the MFU arithmetic
+        return training_flops(self.config, self.get_num_params(), B, T, passes)
+
+    # ---- the maps between spaces ----
 
     def e_max(self):
-        """(C,) the max-entropy embedding: embed(uniform) = mean of the embedding rows, computed
-        from the current weights so it tracks training. Without gradient it is kept until the
-        weights change (the sampler needs it every step; a 50k vocabulary makes it costly)."""
+        """(C,) the max-entropy embedding: embed(uniform) = mean of the embedding rows, from the current
+        weights. Without gradient it is kept until the weights change (the sampler needs it every step)."""
         w = self.transformer.wte.weight
         if torch.is_grad_enabled():
             return w.mean(0)
@@ -290,6 +409,10 @@ class GPT(nn.Module):
         if getattr(self, '_e_max', (None,))[0] != key:
             self._e_max = (key, w.mean(0))
         return self._e_max[1]
+
+    def embedding_rms(self):
+        """The RMS of the token embeddings: the scale the 'rms' bound holds every state at."""
+        return self.transformer.wte.weight.detach().pow(2).mean().sqrt()
 
     def embed(self, p):
         """Probabilities (..., V) -> states (..., C): the soft embedding p @ W_e."""
@@ -308,519 +431,256 @@ class GPT(nn.Module):
         return -(logp.exp() * logp).sum(-1)
 
     def entropy(self, x):
-        """States (..., C) -> entropy of the decoded distribution (...), in nats (max ln V)."""
+        """States (..., C) -> entropy of the decoded distribution (...), in nats (at most ln V)."""
         return self.entropy_of_logits(self.logits(x))
 
-    def _input(self, idx, pos):
-        """Token ids at positions -> initial states (+ learned position)."""
+    def input(self, idx, pos):
+        """Token ids at positions -> their states before the first pass (+ learned position)."""
         x = self.transformer.wte(idx)
         return x + self.transformer.wpe(pos) if 'wpe' in self.transformer else x
 
-    def _blank(self, pos):
-        """Fresh future slots at positions pos (T,) -> (T, C): e_max (+ learned position)."""
+    def blank(self, pos):
+        """Fresh future slots at positions pos (...) -> (..., C): e_max (+ learned position)."""
         x = self.e_max().expand(*pos.shape, -1)
         return x + self.transformer.wpe(pos) if 'wpe' in self.transformer else x
 
-    # ---- one pass of the weight-tied stack ----
+    # ---- passes of the weight-tied stack ----
 
-    def _stack(self, x, pos, mask, prefixes=None, queries=None):
-        """Apply every block once. prefixes: per layer (k, v) of a fixed context to attend to.
-        queries: the last block outputs only the last `queries` positions (see SelfAttention).
-        Returns the output state and each layer's own (k, v)."""
+    def stack(self, x, pos, mask, prefixes=None, queries=None):
+        """Every block once. prefixes: per layer the (k, v) of a fixed context to attend to. queries:
+        the last block outputs the last `queries` positions only. Returns the output and each layer's (k, v)."""
         kvs, last = [], len(self.transformer.h) - 1
         for i, block in enumerate(self.transformer.h):
-            x, kv = block(x, pos, mask, self.rotary, None if prefixes is None else prefixes[i],
-                          queries if i == last else None)
+            x, kv = block(x, pos, mask, self.rotary, None if prefixes is None else prefixes[i], queries if i == last else None)
             kvs.append(kv)
         return x, kvs
 
-    def _step(self, x, out, frozen=None):
-        """x <- x + step_size * delta; frozen slots (B, T) keep their state."""
-        new = out if self.config.step_size == 1.0 else x + self.config.step_size * (out - x)
-        return new if frozen is None else torch.where(frozen[..., None], x, new)
-
-    def _causal_passes(self, x, pos, caches=None, queries=None):
-        """The causal stream: GPT, and the past of pinned WFC; n_loop passes. With caches (one
-        entry per pass: None, or per-layer (k, v)), x holds new tokens that attend to the cached
-        ones, and every pass's entry is extended. queries (inference): the final states of the
-        last `queries` positions only (1: the next-token logits; 0: only the caches are wanted);
-        the last block of the last pass then computes just keys and values for the others.
-        Returns the final states and the last pass's per-layer (k, v) (of all cached tokens when
-        cached)."""
-        c, x0, T = self.config, x, x.size(1)
-        fresh = caches is None or caches[0] is None
-        if fresh:
-            mask = 'causal'
-        else:
-            P = caches[0][0][0].size(2)
-            mask = None if T == 1 else torch.ones(T, P + T, dtype=torch.bool, device=x.device).tril(P)
-        for p in range(c.n_loop):
-            injected = c.inject and p > 0
-            inp = x + x0 if injected else x
-            last = queries if p == c.n_loop - 1 else None
-            out, kvs = self._stack(inp, pos, mask, None if fresh else caches[p], last)
-            if last is not None:
-                x, inp = x[:, T - last:], inp[:, T - last:]
-            x = out if not injected and c.step_size == 1 else x + c.step_size * (out - inp)
-            if caches is not None:
-                caches[p] = kvs if fresh else [(torch.cat((ck, k), 2), torch.cat((cv, v), 2))
-                                               for (ck, cv), (k, v) in zip(caches[p], kvs)]
-        return x, kvs if caches is None else caches[-1]
-
-    def _iterate(self, x, one_pass, frozen, watch, passes=None, sup=None, limits=None, slot_exit=False, partial=None):
-        """Future passes x <- x + step_size * delta(x); frozen slots keep their state.
-        Training (passes given): gradient through the last bptt passes only (truncated backprop),
-        sup(x) after each of the last `supervise` ones. Inference (passes None): no gradient, until
-        the decoded distributions of the watched slots stop moving, max KL(new || old) < tol (after
-        min_loop), or max_loop; limits = (max_loop, tol, min_loop) overrides the config. The test is
-        on decoded distributions, not states: the final LayerNorm ignores the state's scale, which
-        keeps growing along the residual stream. States are decoded only where a test needs them.
-        slot_exit: a watched slot whose own KL < tol keeps its state from then on (per-slot early
-        exit); partial(x, cols) -> the pass's output for columns cols (T',) only, so that columns
-        frozen in every row stop being computed and decoded. Returns x, passes."""
+    def update(self, x, ctx, frozen=None, queries=None):
+        """One pass of the recurrence, the rule of every stream: inp = x, x + x0 or adapter([x, x0]);
+        out = stack(inp); x <- a * x + step_size * (out - inp), then the bound. frozen (B, S) slots keep
+        their state. Returns the new state (its last `queries` slots when given) and the layers' (k, v)."""
         c = self.config
-        if passes is None:
-            max_loop, tol, min_loop = limits or (c.max_loop, c.tol, c.min_loop)
-            decode = lambda x: F.log_softmax(self.logits(x).float(), -1)
-            with torch.no_grad():
-                stop, cols = frozen, None  # slots that keep their state; columns computed (None = all)
-                logp = decode(x) if min_loop <= 1 < max_loop else None  # the test after pass 1 needs it
-                for k in range(1, max_loop + 1):
-                    if cols is None:
-                        x = self._step(x, one_pass(x), stop)
-                    else:
-                        x = x.index_copy(1, cols, self._step(x[:, cols], partial(x, cols), stop[:, cols]))
-                    if k == max_loop or k < min_loop - 1:  # no test after this pass or the next one
-                        continue
-                    new_logp = decode(x) if cols is None else logp.index_copy(1, cols, decode(x[:, cols]))
-                    if k >= min_loop:
-                        kl = (new_logp.exp() * (new_logp - logp)).sum(-1)
-                        if not (kl * watch).amax() >= tol:
-                            break
-                        if slot_exit:
-                            stop = stop | (watch & (kl < tol))
-                            open_cols = ~stop.all(0)
-                            if partial is not None and open_cols.any() and not open_cols.all():
-                                cols = open_cols.nonzero()[:, 0]
-                    logp = new_logp
-            return x, k
+        inp = x if c.inject == 'none' else x + ctx.x0 if c.inject == 'add' else self.transformer.adapter(torch.cat((x, ctx.x0), -1))
+        out, kvs = self.stack(inp, ctx.pos, ctx.mask, ctx.prefixes, queries)
+        if queries is not None:
+            x, inp = x[:, x.size(1) - queries:], inp[:, inp.size(1) - queries:]
+            frozen = None if frozen is None else frozen[:, frozen.size(1) - queries:]
+        if c.inject == 'none' and c.step_size == 1 and not c.decay:
+            new = out  # the plain stack: nanoGPT's forward, bit for bit
+        else:
+            new = (torch.sigmoid(self.decay_logit) * x if c.decay else x) + c.step_size * (out - inp)
+        if c.bound == 'rms':
+            new = new * (self.embedding_rms() * torch.rsqrt(new.pow(2).mean(-1, keepdim=True) + 1e-12))
+        elif c.bound == 'norm':
+            new = self.transformer.ln_state(new)
+        return (new if frozen is None else torch.where(frozen[..., None], x, new)), kvs
+
+    def causal(self, x, pos, past=None, queries=None, window=0):
+        """The causal stream (GPT, and the past of pinned WFC): n_loop passes over x (B, T, C) at
+        positions pos (T,). past (inference with a cache): per pass, the per-layer (k, v) of the
+        tokens just before these, which they all see (window > 0: those within `window` positions).
+        Returns the final states (of the last `queries` tokens when given) and per pass the per-layer
+        (k, v) of these tokens."""
+        mask = 'causal'
+        if past is not None:
+            P = past[0][0][0].size(2)
+            keys = torch.arange(int(pos[0]) - P, int(pos[0]) + x.size(1), device=pos.device)
+            mask = None if x.size(1) == 1 and (window <= 0 or P < window) else visibility(pos, None, None, keys, window=window)
+        ctx, new = Context(x, pos, mask), []
+        for p in range(self.config.n_loop):
+            ctx.prefixes = None if past is None else past[p]
+            x, kvs = self.update(x, ctx, queries=queries if p == self.config.n_loop - 1 else None)
+            new.append(kvs)
+        return x, new
+
+    def draw_depth(self):
+        """Future passes of one training step per loop_law, from torch's RNG (seeded per micro-step)."""
+        c, n = self.config, self.config.depth
+        if c.n_future == 0 or c.loop_law == 'fixed':
+            return n
+        if c.loop_law == 'uniform':
+            return int(torch.randint(1, n + 1, ()))
+        # Poisson-lognormal (Huginn): a log-normal rate around the mean, then a Poisson count
+        rate = torch.exp(torch.randn(()) * 0.5 + math.log(max(n - 1, 1e-3)) - 0.125)
+        return int(min(3 * n, 1 + torch.poisson(rate).item()))
+
+    def unroll(self, x, ctx, frozen, passes):
+        """Training passes: gradient through the last bptt only (truncated backprop). Returns the
+        states after each of the last `supervise` passes."""
+        c = self.config
         bptt = passes if c.bptt <= 0 else min(c.bptt, passes)
+        states = []
         for k in range(passes):
             with torch.set_grad_enabled(torch.is_grad_enabled() and k >= passes - bptt):
-                x = self._step(x, one_pass(x), frozen)
-            if sup is not None and k >= passes - min(c.supervise, bptt):
-                sup(x)
-        return x, passes
+                x = self.update(x, ctx, frozen)[0]
+            if k >= passes - min(c.supervise, bptt):
+                states.append(x)
+        return states
 
-    def _injection(self, x0, decided):
-        """What input injection re-adds every pass: the input embeddings of decided slots."""
-        return x0 * decided[..., None] if self.config.inject else None
+    def _exit_ref(self, x):
+        """What the exit test compares between passes: decoded log-probabilities ('kl') or states."""
+        return F.log_softmax(self.logits(x).float(), -1) if self.config.exit_rule == 'kl' else x.float()
 
-    def _one_pass(self, pos, mask, prefix, inject):
-        """One pass as a function of the state: the delta is computed on x (+ re-injected
-        embeddings of decided slots) and added to x."""
-        def one_pass(x):
-            inp = x if inject is None else x + inject
-            out = self._stack(inp, pos, mask, prefix)[0]
-            return out if inject is None else x + (out - inp)
-        return one_pass
+    def _change(self, old, new):
+        if self.config.exit_rule == 'kl':
+            return (new.exp() * (new - old)).sum(-1)
+        return (new - old).norm(dim=-1) / old.norm(dim=-1).clamp(min=1e-12)
 
-    def _future_passes(self, w, pos, mask, inject):
-        """The pinned future's passes for refine, against the past's keys/values in w.cache[-1].
-        one_pass(x): every future slot. Its first call also runs the causal stream (n_loop = 1)
-        on the window's pending past tokens, in the same stack call (they see the past, the
-        future sees them), and extends the cache with their keys/values: a sampler step costs
-        one call of the stack, not one for the moved tokens and one for the future.
-        partial(x, cols): only the slots cols (T',), the others entering attention through their
-        keys/values from the last pass that computed them (per-slot early exit).
-        mask: None or (T, P + T) bool over the whole past. Returns (one_pass, partial)."""
-        if w.cache is None:
-            w.cache = [[None] * self.config.n_layer]
-        layers, kv, n, F_ = w.cache[-1], {}, w.pending, pos.size(0)
-        if n:
-            dev, P0 = pos.device, w.past.size(1) - n
-            pos_n = torch.arange(P0, P0 + n, device=dev)
-            x_n = self._input(w.past[:, P0:], pos_n)  # (B, n, C): the causal stream's input
-            ahead = torch.ones(F_, F_, dtype=torch.bool, device=dev) if mask is None else mask[:, -F_:]
-            joint_mask = torch.cat((  # (n + F, P0 + n + F): pending rows are causal, future rows see all of the past
-                torch.cat((torch.ones(n, P0 + n, dtype=torch.bool, device=dev).tril(P0),
-                           torch.zeros(n, F_, dtype=torch.bool, device=dev)), 1),
-                torch.cat((torch.ones(F_, P0 + n, dtype=torch.bool, device=dev), ahead), 1)), 0)
+    @torch.no_grad()
+    def iterate(self, x, ctx, frozen, watch, max_loop=None, tol=None, min_loop=None, slot_exit=None, record=(), first=None):
+        """Inference passes from x (B, S, C) until every watched slot has converged (its exit_rule
+        measure below tol after min_loop passes) or max_loop. A row whose watched slots have all
+        converged stops and is no longer computed; with slot_exit a converged slot also keeps its
+        state while its row goes on. frozen slots keep theirs throughout. record: passes after
+        which to keep the state (and the norms). first: the state after pass 1, when the caller
+        computed it (engine.py joins it with the past's pending tokens). Returns x and a Trace."""
+        c = self.config
+        max_loop, min_loop = max_loop or c.max_loop, min_loop or c.min_loop
+        tol, slot_exit = c.tol if tol is None else tol, c.slot_exit if slot_exit is None else slot_exit
+        trace = Trace(passes=torch.zeros(watch.shape, dtype=torch.long, device=x.device))
+        rows, sub, stopped = torch.arange(x.size(0), device=x.device), ctx, frozen.clone()
+        ref = self._exit_ref(x) if tol >= 0 and min_loop <= 1 < max_loop else None
+        for k in range(1, max_loop + 1):
+            whole = len(rows) == x.size(0)
+            new = first if k == 1 and first is not None else self.update(x if whole else x[rows], sub, stopped[rows])[0]
+            x = new if whole else x.index_copy(0, rows, new)
+            trace.passes.index_add_(0, rows, (~stopped[rows]).long())
+            trace.calls, trace.steps = trace.calls + len(rows), k
+            if k in record:
+                trace.states[k] = x
+                trace.norms.append((k, x[watch].norm(dim=-1).mean().item()))
+            if tol < 0 or not min_loop - 1 <= k < max_loop:
+                continue
+            new_ref = self._exit_ref(new)
+            if k >= min_loop:
+                done = (self._change(ref, new_ref) < tol) | ~watch[rows] | stopped[rows]
+                if slot_exit:
+                    stopped[rows] |= done & watch[rows]
+                keep = ~done.all(1)
+                rows, new_ref = rows[keep], new_ref[keep]
+                if not len(rows):
+                    break
+                sub = ctx if len(rows) == x.size(0) else ctx.rows(rows)
+            ref = new_ref
+        return x, trace
 
-        def one_pass(x):
-            nonlocal n
-            inp = x if inject is None else x + inject
-            if n:  # the last block computes only the future's outputs (the pending tokens' keys/values suffice)
-                out, kvs = self._stack(torch.cat((x_n, inp), 1), torch.cat((pos_n, pos)), joint_mask, layers, F_)
-                for i, (k, v) in enumerate(kvs):
-                    new = (k[:, :, :n], v[:, :, :n])
-                    layers[i] = new if layers[i] is None else (torch.cat((layers[i][0], new[0]), 2),
-                                                                torch.cat((layers[i][1], new[1]), 2))
-                kv['slots'] = [(k[:, :, n:], v[:, :, n:]) for k, v in kvs]
-                n = w.pending = 0
-            else:
-                out, kv['slots'] = self._stack(inp, pos, mask, layers)
-            return out if inject is None else x + (out - inp)
-
-        def partial(x, cols):
-            P = layers[0][0].size(2)
-            shut = torch.ones(x.size(1), dtype=torch.bool, device=x.device).index_fill(0, cols, False).nonzero()[:, 0]
-            prefixes = [(torch.cat((ck, k[:, :, shut]), 2), torch.cat((cv, v[:, :, shut]), 2))
-                        for (ck, cv), (k, v) in zip(layers, kv['slots'])]
-            sub_mask = None if mask is None else torch.cat((mask[cols, :P], mask[cols][:, P + shut], mask[cols][:, P + cols]), 1)
-            x = x[:, cols]
-            inp = x if inject is None else x + inject[:, cols]
-            out, new = self._stack(inp, pos[cols], sub_mask, prefixes)
-            kv['slots'] = [(k.index_copy(2, cols, nk), v.index_copy(2, cols, nv)) for (k, v), (nk, nv) in zip(kv['slots'], new)]
-            return out if inject is None else x + (out - inp)
-        return one_pass, partial
-
-    # ---- training forward ----
+    # ---- the training / evaluation forward ----
 
     def forward(self, idx, targets=None, **wfc):
-        if self.config.n_future == 0:
-            if wfc:
-                raise TypeError(f"GPT mode (n_future=0) takes no WFC options, got {sorted(wfc)}")
-            return self._forward_gpt(idx, targets)
-        if targets is None:
-            raise ValueError("the WFC forward needs targets (it is the training/eval layout); "
-                             "generate with start -> refine -> collapse -> shift")
-        return self._forward_wfc(idx, targets, **wfc)
-
-    def _forward_gpt(self, idx, targets):
-        T = idx.size(1)
-        assert T <= self.config.block_size, f"sequence of {T} tokens > block_size {self.config.block_size}"
-        pos = torch.arange(T, device=idx.device)
-        x, _ = self._causal_passes(self.transformer.drop(self._input(idx, pos)), pos)
+        c = self.config
+        if c.n_future:
+            if targets is None:
+                raise ValueError("the WFC forward is the training/evaluation layout and needs targets; "
+                                 "generate with engine.py (start -> refine -> collapse -> shift)")
+            out = self.score(idx, targets, **wfc)
+            return out.logits, out.loss
+        if wfc:
+            raise TypeError(f"GPT mode (n_future=0) takes no WFC options, got {sorted(wfc)}")
+        assert idx.size(1) <= c.block_size, f"sequence of {idx.size(1)} tokens > block_size {c.block_size}"
+        pos = torch.arange(idx.size(1), device=idx.device)
+        x, _ = self.causal(self.transformer.drop(self.input(idx, pos)), pos)
         if targets is None:  # inference: only the last position's logits are needed
             return self.logits(x[:, [-1], :]), None
         logits = self.logits(x)
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
+        return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
 
-    def _block_starts(self, phase, T, F_):
-        """(B, T) first slot of each future slot's block: blocks start at 0 and at phase + k F_."""
-        j, ph = torch.arange(T, device=phase.device), phase[:, None]
-        return torch.where(j < ph, 0, ph + (j - ph).div(F_, rounding_mode='floor') * F_)
-
-    def _keep_blocks(self, phase, T, F_, frac):
-        """A random fraction of each row's blocks (at least one): (B, n) indices of the kept
-        slots in order, padded to the longest row, and (B, n) bool of the real ones."""
-        start = self._block_starts(phase, T, F_)
-        block = torch.where(start == 0, 0, (start - phase[:, None]).div(F_, rounding_mode='floor') + 1)  # (B, T)
-        n_blocks = block[:, -1] + 1
-        draw = torch.rand(len(phase), T, device=phase.device).masked_fill(
-            torch.arange(T, device=phase.device)[None] >= n_blocks[:, None], 2.0)  # only real blocks compete
-        rank = draw.argsort(1).argsort(1)
-        keep = rank.gather(1, block) < (frac * n_blocks).ceil().long()[:, None]
-        order = (~keep).int().sort(dim=1, stable=True).indices[:, :int(keep.sum(1).max())]
-        return order, keep.gather(1, order)
-
-    def _pinned_layout(self, phase, past_kv, T, F_, slots=None, real=None):
-        """The vectorised pinned layout. Future slot j (predicting token j + 1, at position j + 1)
-        is in the block of F_ slots that starts at s(j). It sees the clean stream up to s(j) and
-        its block's slots up to spec_window ahead. slots (B, n): run only these (default all T),
-        real (B, n): which of them are not padding. fresh: the newest slot of each block."""
-        j = torch.arange(T, device=phase.device)
-        start = self._block_starts(phase, T, F_)
-        if slots is not None:
-            j, start = slots, start.gather(1, slots)
-        jj = j if j.dim() == 2 else j[None]
-        see_past = torch.arange(T, device=phase.device)[None, None, :] <= start[:, :, None]
-        same_block = start[:, :, None] == start[:, None, :]
-        if real is not None:
-            same_block = same_block & real[:, None, :]
-        if self.config.spec_window >= 0:
-            same_block = same_block & (jj[:, None, :] <= jj[:, :, None] + self.config.spec_window)
-        mask = torch.cat((see_past, same_block), dim=2)[:, None]  # (B, 1, n, T + n)
-        dist, pos = j - start + 1, j + 1
-        future = torch.ones_like(dist, dtype=torch.bool) if real is None else real
-        x0 = self._blank(pos).expand(len(phase), start.size(1), -1)
-        return dict(x0=x0, pos=pos, mask=mask, prefix=past_kv, dist=dist, fresh=dist == F_, future=future,
-                    slots=slots, real=real)
-
-    def _bidirectional_layout(self, idx, split, F_):
-        """One window per row: the past idx[:, :s + 1] at slots 0..s, future slots s + 1..s + F_
-        (slot i predicts targets[:, i - 1]), padding after. Everything valid sees everything
-        valid. fresh: slot s (just decided, one step earlier) and slot s + F_ (just added)."""
-        B, T = idx.shape
-        W, dev = T + F_, idx.device
-        i, s = torch.arange(W, device=dev), split[:, None]
-        past, future = i <= s, (i > s) & (i <= s + F_)
-        valid = past | future
-        mask = ((valid[:, None, :] & valid[:, :, None]) | torch.eye(W, dtype=torch.bool, device=dev))[:, None]
-        tokens = torch.cat((idx, idx.new_zeros(B, F_)), 1)
-        x0 = torch.where(past[..., None], self._input(tokens, i), self._blank(i))
-        return dict(x0=x0, pos=i, mask=mask, prefix=None, dist=(i - s).clamp(min=1), past=past, tokens=tokens,
-                    fresh=(i == s) | (i == s + F_) | ~valid, future=future)
-
-    def _forward_wfc(self, idx, targets, phase=None, split=None, pins=None, warm=None, passes=None,
-                     n_future=None, converge=False):
+    def score(self, idx, targets, depth=None, record=(), n_future=None, phase=None, split=None, pins=None, warm=None,
+              init=None):
+        """The WFC forward. depth: training passes (None: drawn per loop_law), an int (fixed) or
+        'converge' (iterate to tol / max_loop). record: pass counts whose per-slot loss to keep
+        (ce_at). phase (B,) block phase, split (B,) past end, pins (B, S) slots pinned to their
+        target, warm (B,) rows started from a detached state of one step earlier: drawn per the
+        config when None (and training). init='random': open slots start at a random state of the
+        embeddings' scale instead of e_max (path independence). Returns a Scored."""
         c, (B, T), dev = self.config, idx.shape, idx.device
         assert T <= c.block_size, f"sequence of {T} tokens > block_size {c.block_size}"
-        F_ = n_future or c.n_future
-        if passes is None and not converge:
-            passes = c.n_loop if c.loop_law == 'fixed' else int(torch.randint(1, c.n_loop + 1, ()))
+        F_, depth = n_future or c.n_future, self.draw_depth() if depth is None else depth
         if warm is None and self.training and c.warm_prob > 0:
             warm = torch.rand(B, device=dev) < c.warm_prob
-        pinned = c.attn == 'pinned'
-        if pinned:
-            pos_c = torch.arange(T, device=dev)
-            x_c, past_kv = self._causal_passes(self.transformer.drop(self._input(idx, pos_c)), pos_c)
-            phase = torch.randint(0, F_, (B,), device=dev) if phase is None else phase
-            slots = real = None
-            if self.training and c.future_frac < 1:  # run a random subset of future blocks: a cheaper step
-                slots, real = self._keep_blocks(phase, T, F_, c.future_frac)
-            lay = self._pinned_layout(phase, past_kv, T, F_, slots, real)
-            slot_targets = targets if slots is None else targets.gather(1, slots).masked_fill(~real, -1)
+        x_c = past_kv = slots = None
+        if c.attn == 'pinned':
+            pos = torch.arange(T, device=dev)
+            x_c, kvs = self.causal(self.transformer.drop(self.input(idx, pos)), pos)
+            past_kv, phase = kvs[-1], torch.randint(0, F_, (B,), device=dev) if phase is None else phase
+            if self.training and c.future_frac < 1:  # a random subset of the future blocks: a cheaper step
+                slots = keep_blocks(phase, T, F_, c.future_frac)
         else:
             split = torch.randint(0, T, (B,), device=dev) if split is None else split
-            lay = self._bidirectional_layout(idx, split, F_)
-            slot_targets = torch.cat((targets.new_full((B, 1), -1), targets, targets.new_full((B, F_ - 1), -1)), 1)
-            slot_targets = slot_targets.masked_fill(~lay['future'], -1)
-            warm = None if warm is None else warm & (split > 0)  # no earlier step at split 0
-        x0, S = lay['x0'], slot_targets.size(1)
-        if pins is None and self.training and c.pin_prob > 0:
-            pins = torch.rand(B, S, device=dev) < c.pin_prob
-        pins = torch.zeros(B, S, dtype=torch.bool, device=dev) if pins is None else pins & lay['future'] & (slot_targets >= 0)
-        x0 = torch.where(pins[..., None], self._input(slot_targets.clamp(min=0), lay['pos']), x0)
-        inject = self._injection(x0, pins if pinned else pins | lay['past'])
-        one_pass = self._one_pass(lay['pos'], lay['mask'], lay['prefix'], inject)
-        watch = lay['future'] & ~pins
-        if warm is not None and warm.any():
-            # train as you sample: start from the state one step earlier, refined for a random
-            # number of passes without gradient, for every slot that existed then (DESIGN.md 4)
-            with torch.no_grad():
-                if pinned:
-                    prev = self._pinned_layout((phase - 1) % F_, past_kv, T, F_, lay['slots'], lay['real'])
-                else:
-                    prev = self._bidirectional_layout(idx, (split - 1).clamp(min=0), F_)
-                prev_inject = self._injection(prev['x0'], prev.get('past', torch.zeros_like(pins)))
-                prev_pass = self._one_pass(prev['pos'], prev['mask'], prev['prefix'], prev_inject)
-                x_prev, _ = self._iterate(prev['x0'], prev_pass, torch.zeros_like(pins), watch,
-                                          int(torch.randint(1, c.n_loop + 1, ())))
-            carry = warm[:, None] & ~lay['fresh'] & ~pins
-            x0 = torch.where(carry[..., None], x_prev, x0)
-        terms, out = [], {}
+        lay = self.layout(idx, targets, F_, past_kv, phase, split, slots)
+        x = self._start(lay, idx, targets, F_, past_kv, phase, split, slots, pins, warm, init)
+        if depth == 'converge' or record or not torch.is_grad_enabled():
+            limits = {} if depth == 'converge' else dict(max_loop=depth, tol=-1.0)
+            x, trace = self.iterate(x, lay.ctx, lay.frozen, lay.watch, record=record, **limits)
+            states = [x]
+        else:
+            states = self.unroll(x, lay.ctx, lay.frozen, depth)
+            trace = Trace(passes=lay.watch.long() * depth, calls=B * depth, steps=depth)
+        return self._scored(states, lay, x_c, targets if c.past_target == 'next' else idx, trace)
 
-        def supervise(x):
-            logits = self.logits(x)
-            ce = F.cross_entropy(logits.transpose(1, 2).float(), slot_targets.clamp(min=0), reduction='none')
-            w = lay['dist'].float().pow(-c.dist_power) * (watch & (slot_targets >= 0))
-            terms.append((ce * w).sum() / w.sum().clamp(min=1e-8))
-            out.update(logits=logits, ce=ce, x=x)
-
-        # only pins are frozen: in bidirectional mode the past updates too (re-contextualised)
-        x, used = self._iterate(x0, one_pass, pins, watch, None if converge else passes,
-                                None if converge else supervise)
-        if converge:
-            supervise(x)
-        loss = torch.stack(terms).mean()
-        if c.past_loss > 0:
-            if pinned:
-                past_logits, past_targets = self.logits(x_c), (targets if c.past_target == 'next' else idx)
-            else:  # past slots reproduce their own token (the seed: past outputs equal their inputs)
-                past_logits, past_targets = self.logits(out['x']), lay['tokens'].masked_fill(~lay['past'], -1)
-            loss = loss + c.past_loss * F.cross_entropy(past_logits.reshape(-1, past_logits.size(-1)),
-                                                        past_targets.reshape(-1), ignore_index=-1)
-        self.last = dict(dist=lay['dist'], ce=out['ce'].detach(), passes=used,
-                         scored=watch & (slot_targets >= 0), targets=slot_targets)
-        return out['logits'], loss
-
-    # ---- generation: converge -> collapse -> shift (DESIGN.md section 5) ----
-
-    def max_past(self, n_future=None):
-        """Most past tokens a window holds: block_size (learned WFC positions: less, so the future
-        slots stay on positions seen in training)."""
-        c = self.config
-        F_ = c.n_future if n_future is None else n_future
-        return c.block_size if self.rotary is not None or F_ == 0 else c.block_size - F_ + 1
-
-    @torch.no_grad()
-    def cache_past(self, idx, cache=None, start=0, queries=None):
-        """Run the causal stream on idx (B, n) at positions start.. and append its keys/values to
-        cache (a new one when None: one entry per pass). Returns the cache and the final states
-        (of the last `queries` tokens only when given: 1 for the next-token logits, 0 for none)."""
-        cache = [None] * self.config.n_loop if cache is None else cache
-        pos = torch.arange(start, start + idx.size(1), device=idx.device)
-        x, _ = self._causal_passes(self._input(idx, pos), pos, cache, queries)
-        return cache, x
-
-    @torch.no_grad()
-    def start(self, idx, n_future=None):
-        """A window for the prompt idx (B, P): its last max_past tokens as the past, and F fresh
-        e_max future slots."""
-        F_ = n_future or self.config.n_future
-        idx = idx[:, -self.max_past(F_):]
-        B, P = idx.shape
-        pos_f = torch.arange(P, P + F_, device=idx.device)
-        w = Window(past=idx, future=self._blank(pos_f).expand(B, F_, -1).clone(),
-                   decided=torch.full((B, F_), -1, dtype=torch.long, device=idx.device))
+    def layout(self, idx, targets, F_, past_kv=None, phase=None, split=None, slots=None):
+        """The future stream of a WFC step. Pinned: slot j (predicting token j + 1, at position j + 1)
+        is in the block of F_ slots starting at s(j); slots = (indices, real) runs only those. Bidirectional:
+        the past idx[:, :s + 1] at slots 0..s, future slots s + 1..s + F_ (slot i predicts token i), padding after."""
+        (B, T), dev = idx.shape, idx.device
         if self.config.attn == 'pinned':
-            w.cache, _ = self.cache_past(idx, queries=0)  # the future reads only the past's keys/values
-        else:
-            w.past_x = self._input(idx, torch.arange(P, device=idx.device))
-        return w
+            start, j = block_starts(phase, T, F_), torch.arange(T, device=dev).expand(B, T)
+            real = torch.ones(B, T, dtype=torch.bool, device=dev)
+            if slots is not None:
+                j, real = slots
+                start = start.gather(1, j)
+            mask = visibility(start, start, j, torch.arange(T, device=dev), torch.where(real, start, -2), j,
+                              self.config.spec_window)[:, None]  # padding slots are nobody's keys
+            tg, dist = targets.gather(1, j).masked_fill(~real, -1), j - start + 1
+            ctx = Context(self.blank(j + 1), j[0] + 1 if slots is None else j + 1, mask, past_kv)
+            return Layout(ctx, tg, dist, dist == F_, real & (tg >= 0), torch.zeros_like(real))
+        i, s = torch.arange(T + F_, device=dev), split[:, None]
+        past, future = i <= s, (i > s) & (i <= s + F_)
+        mask = visibility((s + F_).expand(B, T + F_), None, None, i)[:, None]  # everything valid sees everything valid
+        tokens = torch.cat((idx, idx.new_zeros(B, F_)), 1)
+        tg = torch.cat((targets.new_full((B, 1), -1), targets, targets.new_full((B, F_ - 1), -1)), 1).masked_fill(~future, -1)
+        ctx = Context(torch.where(past[..., None], self.input(tokens, i), self.blank(i)), i, mask)
+        return Layout(ctx, tg, (i - s).clamp(min=1), (i == s) | (i == s + F_) | ~(past | future), future & (tg >= 0),
+                      past & False, tokens.masked_fill(~past, -1))
 
-    @torch.no_grad()
-    def refine(self, w, max_loop=None, tol=None, min_loop=None, slot_exit=None):
-        """Run passes from the window's current (warm) state until the open future slots
-        converge or max_loop (slot_exit: each slot stops on its own, see GPTConfig; None = the
-        config's). Returns w and the passes used; w.stats['entropy'] is (B, F), nats, and
-        w.stats['logits'] (B, F, V) the future's logits."""
-        c, (B, P), F_ = self.config, w.past.shape, w.future.size(1)
-        dev = w.past.device
-        decided = w.decided >= 0
-        pos_f = torch.arange(P, P + F_, device=dev)
-        limits = (max_loop or c.max_loop, c.tol if tol is None else tol, min_loop or c.min_loop)
-        slot_exit = c.slot_exit if slot_exit is None else slot_exit
-        inject_f = self._injection(self._input(w.decided.clamp(min=0), pos_f), decided) if c.inject else None
-        if c.attn == 'pinned':
-            mask = None
-            if c.spec_window >= 0:
-                j = torch.arange(F_, device=dev)
-                mask = torch.cat((torch.ones(F_, P, dtype=torch.bool, device=dev),
-                                  j[None, :] <= j[:, None] + c.spec_window), 1)
-            one_pass, partial = self._future_passes(w, pos_f, mask, inject_f)
-            w.future, used = self._iterate(w.future, one_pass, decided, ~decided, limits=limits,
-                                           slot_exit=slot_exit, partial=partial if slot_exit else None)
-        else:
-            pos = torch.arange(P + F_, device=dev)
-            inject = None if inject_f is None else torch.cat((self._input(w.past, pos[:P]), inject_f), 1)
-            frozen = torch.cat((torch.zeros(B, P, dtype=torch.bool, device=dev), decided), 1)
-            one_pass = self._one_pass(pos, None, None, inject)
-            watch = torch.cat((torch.zeros(B, P, dtype=torch.bool, device=dev), ~decided), 1)
-            x, used = self._iterate(torch.cat((w.past_x, w.future), 1), one_pass, frozen, watch, limits=limits,
-                                    slot_exit=slot_exit)
-            w.past_x, w.future = x[:, :P], x[:, P:]
-        logits = self.logits(w.future)  # (B, F, V), kept for the sampler (one decode per step)
-        w.stats = dict(passes=used, entropy=self.entropy_of_logits(logits), logits=logits)
-        return w, used
+    def _start(self, lay, idx, targets, F_, past_kv, phase, split, slots, pins, warm, init):
+        """The state the future starts from: e_max, pinned slots at their token's row, warm rows at
+        the detached state of one sampler step earlier (train as you sample), or a random state."""
+        c, x = self.config, lay.ctx.x0
+        if pins is None and self.training and c.pin_prob > 0:
+            pins = torch.rand(lay.watch.shape, device=x.device) < c.pin_prob
+        if pins is not None:
+            pins = pins & lay.watch
+            x = lay.ctx.x0 = torch.where(pins[..., None], self.input(lay.targets.clamp(min=0), lay.ctx.pos), x)
+            lay.frozen, lay.watch = lay.frozen | pins, lay.watch & ~pins
+        if warm is not None and split is not None:
+            warm = warm & (split > 0)  # no earlier step at split 0
+        if warm is not None and warm.any():
+            with torch.no_grad():  # one step earlier: every block one token less advanced, refined 1..depth passes
+                prev = self.layout(idx, targets, F_, past_kv, None if phase is None else (phase - 1) % F_,
+                                   None if split is None else (split - 1).clamp(min=0), slots)
+                x_prev, _ = self.iterate(prev.ctx.x0, prev.ctx, prev.frozen, prev.watch,
+                                         max_loop=int(torch.randint(1, c.depth + 1, ())), tol=-1.0)
+            x = torch.where((warm[:, None] & ~lay.fresh & ~lay.frozen)[..., None], x_prev, x)
+        if init == 'random':
+            x = torch.where(lay.watch[..., None], torch.randn_like(x) * self.embedding_rms(), x)
+        return x
 
-    @torch.no_grad()
-    def forget(self, w):
-        """A cold start, the state training's one refinement starts from (for models not trained to
-        warm-start): open future slots back to e_max and, in bidirectional mode, the past back to
-        its token embeddings (refine adds a delta to the past's states too; carried over steps, they
-        drift where training never took them)."""
-        P, F_ = w.past.size(1), w.future.size(1)
-        pos = torch.arange(P + F_, device=w.past.device)
-        blank = self._blank(pos[P:])
-        w.future = torch.where((w.decided < 0)[..., None], blank.to(w.future.dtype), w.future)
-        if w.past_x is not None:
-            w.past_x = self._input(w.past, pos[:P]).to(w.past_x.dtype)
-        return w
+    def _ce(self, logits, targets):
+        return F.cross_entropy(logits.transpose(1, 2).float(), targets.clamp(min=0), reduction='none')
 
-    def future_logits(self, w):
-        """(B, F, V) logits of the future slots."""
-        return self.logits(w.future)
-
-    @torch.no_grad()
-    def collapse(self, w, slots, tokens, mode='token', eps=0.1, lam=0.5, decide=True):
-        """Measure future slots (B, F) bool as tokens (B, F). mode 'token' writes the token's
-        embedding row (as a GPT would); 'partial' moves lam of the way there; 'nearest' writes the
-        closest state on the way from the current state to the row that decodes to the token with
-        p >= 1 - eps (the seed's proposal: keep the nuance). decide=False leaves the slots open (a
-        nudge, as the median policy does)."""
-        P = w.past.size(1)
-        rows = self._input(tokens.clamp(min=0), torch.arange(P, P + w.future.size(1), device=tokens.device))
-        if mode == 'token':
-            new = rows
-        elif mode == 'partial':
-            new = w.future + lam * (rows - w.future)
-        elif mode == 'nearest':
-            new = self._nearest(w.future, rows, tokens.clamp(min=0), eps)
-        else:
-            raise ValueError(f"collapse mode must be 'token', 'nearest' or 'partial', got {mode!r}")
-        w.future = torch.where(slots[..., None], new.to(w.future.dtype), w.future)
-        if decide:
-            w.decided = torch.where(slots, tokens, w.decided)
-        return w
-
-    def _nearest(self, x, rows, tokens, eps, steps=20):
-        """Bisection on the segment x -> row (extended along the ray when the row itself decodes
-        with p < 1 - eps) for the smallest move that gives the token p >= 1 - eps."""
-        def ok(lam):
-            logp = F.log_softmax(self.logits(x + lam[..., None] * (rows - x)).float(), -1)
-            return logp.gather(-1, tokens[..., None])[..., 0] >= math.log(1 - eps)
-        lo, hi = torch.zeros(x.shape[:-1], device=x.device), torch.ones(x.shape[:-1], device=x.device)
-        already = ok(lo)
-        for _ in range(4):  # the row itself is not enough: try 2, 4, 8, 16 times as far
-            short = ~ok(hi)
-            lo, hi = torch.where(short, hi, lo), torch.where(short, 2 * hi, hi)
-        reachable = ok(hi)
-        for _ in range(steps):  # invariant: ok(hi), not ok(lo)
-            mid = (lo + hi) / 2
-            good = ok(mid)
-            lo, hi = torch.where(good, lo, mid), torch.where(good, mid, hi)
-        lam = torch.where(already, 0.0, torch.where(reachable, hi, 1.0))  # unreachable: the row
-        return x + lam[..., None] * (rows - x)
-
-    def _rebase(self, x, old_pos, new_pos):
-        """Move states from positions old_pos to new_pos: learned positions are part of the state."""
-        if 'wpe' not in self.transformer:
-            return x
-        return x + self.transformer.wpe(new_pos) - self.transformer.wpe(old_pos)
-
-    @torch.no_grad()
-    def shift(self, w, slide=0):
-        """Move the decided prefix (leading decided slots, as many as every row has) into the
-        past and append fresh e_max slots. When the past outgrows max_past, drop its oldest
-        tokens (slide more than needed to rebuild the cache less often). Returns w and the
-        moved tokens (B, n)."""
-        n = int((w.decided >= 0).long().cumprod(1).sum(1).min())
-        if n == 0:
-            return w, w.past[:, :0]
-        (B, P), F_, dev = w.past.shape, w.future.size(1), w.past.device
-        moved = w.decided[:, :n]
-        past = torch.cat((w.past, moved), 1)
-        drop = max(0, past.size(1) - self.max_past(F_))
-        drop = min(past.size(1) - 1, drop + slide) if drop else 0
-        carried, first = w.future[:, n:], P + n  # carried future slots keep their positions
-        if drop:
-            carried = self._rebase(carried, torch.arange(first, P + F_, device=dev),
-                                   torch.arange(first - drop, P + F_ - drop, device=dev))
-        if self.config.attn == 'pinned' and self.config.n_loop == 1:  # the next refine computes them (Window.pending)
-            w.cache, w.pending = (None, past.size(1) - drop) if drop else (w.cache, w.pending + n)
-        elif self.config.attn == 'pinned':  # the future reads only the past's keys/values (queries=0)
-            if drop:
-                w.cache, _ = self.cache_past(past[:, drop:], queries=0)
-            else:
-                self.cache_past(moved, w.cache, start=P, queries=0)
-        else:
-            past_x = torch.cat((w.past_x, w.future[:, :n]), 1)
-            if drop:
-                past_x = self._rebase(past_x[:, drop:], torch.arange(drop, P + n, device=dev),
-                                      torch.arange(P + n - drop, device=dev))
-            w.past_x = past_x
-        w.past = past[:, drop:]
-        P2 = w.past.size(1)
-        new_pos = torch.arange(P2 + F_ - n, P2 + F_, device=dev)
-        w.future = torch.cat((carried, self._blank(new_pos).expand(B, n, -1)), 1)
-        w.decided = torch.cat((w.decided[:, n:], w.decided.new_full((B, n), -1)), 1)
-        return w, moved
-
-    # ---- cost ----
-
-    def flops_per_iter(self, B, T, passes=None):
-        """Matmul FLOPs of one training forward + backward on B rows of T tokens (PaLM appendix B,
-        as nanoGPT counts them), counting what WFC really computes: every pass, both streams of
-        the pinned layout, dense attention over all keys, decodes of supervised passes, warm-start
-        passes (expected). Passes without gradient count forward only."""
+    def _scored(self, states, lay, x_c, past_targets, trace):
+        """Losses of the supervised states: the mean over them of the distance-weighted future
+        cross-entropy, plus past_loss x the past stream's own loss."""
         c = self.config
-        V, C, L = c.vocab_size, c.n_embd, c.n_layer
-        stack = 2 * (self.get_num_params() - V * C)  # forward FLOPs per token per pass (dense part)
-        attn = lambda keys: 4 * L * C * keys         # QK^T and AV, forward, per query token
-        decode = 2 * V * C
-        if c.n_future == 0:
-            return 3 * B * T * (c.n_loop * (stack + attn(T)) + decode)
-        passes = passes or (c.n_loop if c.loop_law == 'fixed' else (c.n_loop + 1) / 2)
-        bptt = passes if c.bptt <= 0 else min(c.bptt, passes)
-        S, keys = (T * c.future_frac, T * (1 + c.future_frac)) if c.attn == 'pinned' else (T + c.n_future, T + c.n_future)
-        per_pass = stack + attn(keys)
-        future = 3 * bptt * per_pass + (passes - bptt) * per_pass + 3 * min(c.supervise, bptt) * decode
-        future += c.warm_prob * (c.n_loop + 1) / 2 * per_pass
-        total = S * future
-        if c.attn == 'pinned':
-            total += 3 * T * (c.n_loop * (stack + attn(T)) + (decode if c.past_loss > 0 else 0))
-        return B * total
+        weight = lay.dist.float().pow(-c.dist_power) * lay.watch
+        terms = []
+        for x in states:
+            logits = self.logits(x)
+            ce = self._ce(logits, lay.targets)
+            terms.append((ce * weight).sum() / weight.sum().clamp(min=1e-8))
+        loss = torch.stack(terms).mean()
+        if c.past_loss > 0:  # pinned: the causal stream's own next-token (or own-token) loss; bidirectional: past slots
+            past_logits, past_targets = (self.logits(x_c), past_targets) if x_c is not None else (logits, lay.self_targets)
+            loss = loss + c.past_loss * F.cross_entropy(past_logits.flatten(0, 1), past_targets.flatten(), ignore_index=-1)
+        ce_at = {k: self._ce(self.logits(v), lay.targets) for k, v in trace.states.items()}
+        return Scored(logits, loss, ce.detach(), lay.dist, lay.targets, lay.watch, trace, ce_at)

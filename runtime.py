@@ -84,3 +84,27 @@ def peak_flops(device, dtype):
     if kind == 'cpu':  # 1024-sized products: ~20 ms at start-up; bench.py measures larger ones
         return measure_matmul_flops(dtype if dtype != 'float16' else 'float32', n=1024, repeats=5)
     return float('nan')  # mps: no reliable number
+
+
+def training_flops(c, n_params, B, T, passes=None):
+    """Matmul FLOPs of one training forward + backward on B rows of T tokens (PaLM appendix B, as
+    nanoGPT counts them), counting what WFC really computes: every pass, both streams of the pinned
+    layout, dense attention over all keys, decodes of supervised passes, warm-start passes
+    (expected). Passes without gradient count forward only. passes: the future's depth (default:
+    its mean under loop_law)."""
+    V, C, L = c.vocab_size, c.n_embd, c.n_layer
+    stack = 2 * (n_params - V * C)        # forward FLOPs per token per pass (dense part)
+    attn = lambda keys: 4 * L * C * keys  # QK^T and AV, forward, per query token
+    decode = 2 * V * C
+    if c.n_future == 0:
+        return 3 * B * T * (c.n_loop * (stack + attn(T)) + decode)
+    passes = passes or (c.depth if c.loop_law != 'uniform' else (c.depth + 1) / 2)
+    bptt = passes if c.bptt <= 0 else min(c.bptt, passes)
+    S, keys = (T * c.future_frac, T * (1 + c.future_frac)) if c.attn == 'pinned' else (T + c.n_future, T + c.n_future)
+    per_pass = stack + attn(keys)
+    future = 3 * bptt * per_pass + (passes - bptt) * per_pass + 3 * min(c.supervise, bptt) * decode
+    future += c.warm_prob * (c.depth + 1) / 2 * per_pass
+    total = S * future
+    if c.attn == 'pinned':
+        total += 3 * T * (c.n_loop * (stack + attn(T)) + (decode if c.past_loss > 0 else 0))
+    return B * total

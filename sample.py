@@ -1,13 +1,14 @@
 """
-Sample from a trained model: a GPT decodes token by token; a WFC model runs converge -> collapse
--> shift (sampling.py has the policies and modes).
+Sample from a trained model. A GPT decodes token by token with its cache; a WFC checkpoint samples
+speculatively by default (its future slots draft, its causal stream verifies: exact and faster), or
+with --sampler=collapse runs converge -> collapse -> shift with policies, collapse modes and goals.
 
     python sample.py --out_dir=out-shakespeare-char-wfc
-    python sample.py --out_dir=out-shakespeare-char-wfc --start="ROMEO:" --policy=threshold --tau=0.5 --stats=True
-    python sample.py --out_dir=out-shakespeare-char-wfc --pin="6:king" --mode=nearest
+    python sample.py --out_dir=out-shakespeare-char-wfc --start="ROMEO:" --stats=True
+    python sample.py --out_dir=out-shakespeare-char-wfc --sampler=collapse --policy=threshold --tau=0.5
+    python sample.py --out_dir=out-shakespeare-char-wfc --goal="24:the king" --mode=nearest
     python sample.py --init_from=path/to/nanogpt/ckpt.pt --start=FILE:prompt.txt
     python sample.py --out_dir=out-shakespeare-char-wfc --steer=smc --potential=forbid:the,and --particles=8
-    python sample.py --out_dir=out-shakespeare-char-wfc --steer=best_of_n --judge=out-shakespeare-char-gpt
     python sample.py --out_dir=out-shakespeare-char-wfc --calibrate=True
 """
 
@@ -20,16 +21,16 @@ import torch
 import checkpoint
 import runtime
 import steering
-from configurator import ConfigError, configure
-from dataloader import read_meta
-from sampling import Settings, generate
+from configurator import UserError, cli, configure, require
+from dataloader import data_dir, read_meta
+from sampling import Settings, generate, inapplicable, parse_goal, pick_sampler
 from tokenizer import codec_for
 
 # -----------------------------------------------------------------------------
 init_from = 'resume'     # 'resume' (out_dir/ckpt.pt) or a checkpoint file (ours or nanoGPT's)
-out_dir = 'out'
+out_dir = 'out'          # the run folder to sample (with init_from='resume')
 start = '\n'             # the prompt, or FILE:path to read it from a file
-num_samples = 3          # samples, generated together as one batch
+num_samples = 3          # samples (generated together as one batch; the speculative sampler runs them in turn)
 max_new_tokens = 500     # tokens per sample
 stop = ''                # stop a sample at the first occurrence of this text ('' = never; EOS always stops)
 seed = 1337
@@ -37,14 +38,14 @@ device = 'auto'
 dtype = 'auto'
 compile = False          # torch.compile the block stack
 stats = False            # per-step table on stderr: tokens, passes, entropy of what collapsed, the window's entropy curve
-entropy_png = ''         # write the window's entropy by step and slot to this PNG (needs matplotlib)
-pin = ''                 # WFC goal: 'offset:text' puts text at future slot offset (1 = the next token)
+entropy_png = ''         # collapse sampler: write the window's entropy by step and slot to this PNG (needs matplotlib)
+goal = ''                # WFC: 'offset:text' puts text at generated offset (1 = the first new token), pinned as it comes into the window
+pin = ''                 # the earlier name of goal (the same idea: a pin is a goal inside the first window)
 schedule = ''            # temperature by progress: 'linear:T0[:T1]', 'cosine:..', 'exp:..' (T1 defaults to temperature)
 # steering (steering.py): num_samples independent runs, one text each, and a summary line
 steer = ''               # '' = plain batch above; 'plain' | 'smc' | 'rejection' | 'best_of_n' | 'tree'
 particles = 8            # SMC particles / best-of-N candidates / rejection batch / tree width x branch
-potential = ''           # 'forbid:w1,w2' | 'regex:PATTERN' (forbidden) | 'contain:word:within[:lookahead]' | 'judge[:weight]'
-goal = ''                # WFC: 'offset:text' at generated offset (1 = first token), pinned as it comes into the window
+potential = ''           # 'forbid:w1,w2' | 'regex:PATTERN' (forbidden) | 'match:REGEX' (required format) | 'contain:word:within[:lookahead]' | 'judge[:weight]'
 ess = 0.5                # SMC: resample when the effective sample size < ess x particles
 segment = 16             # tree: tokens per round
 judge = ''               # GPT checkpoint scoring each run's text (NLL); also best_of_n / tree's default score
@@ -54,11 +55,7 @@ calibrate = False        # WFC: print entropy / varentropy percentiles on the va
 # sampler and WFC settings: every field of sampling.Settings
 globals().update(vars(Settings()))
 # -----------------------------------------------------------------------------
-
-
-def fail(message):
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+STEERING_KEYS = dict(particles=8, potential='', ess=0.5, segment=16, scorer='', nll_ref=0.0)
 
 
 def sparkline(bits, top):
@@ -72,9 +69,10 @@ def write_entropy_png(steps, path, top):
         matplotlib.use('Agg')
         import matplotlib.pyplot as plt
     except ImportError:
-        print("entropy_png: matplotlib is not installed (pip install matplotlib); skipped", file=sys.stderr)
-        return
+        raise UserError("entropy_png needs matplotlib (pip install matplotlib)") from None
     grid = [s['window_bits'] for s in steps if s['window_bits']]
+    width = max(len(g) for g in grid)
+    grid = [g + [float('nan')] * (width - len(g)) for g in grid]  # future='auto': windows of several lengths
     fig, ax = plt.subplots(figsize=(6, 4))
     image = ax.imshow(torch.tensor(grid).T, aspect='auto', origin='lower', vmin=0, vmax=top, cmap='viridis')
     ax.set(xlabel='step', ylabel='future slot (distance - 1)', title='entropy of the future window (bits)')
@@ -83,108 +81,143 @@ def write_entropy_png(steps, path, top):
     print(f"wrote {path}", file=sys.stderr)
 
 
-def main():
-    try:
-        configure(globals())
-        settings = Settings(**{k: globals()[k] for k in vars(Settings())}).check()
-        dev, dt = runtime.resolve(device, dtype)
-        if max_new_tokens <= 0 or num_samples <= 0:
-            raise ValueError(f"need max_new_tokens > 0 and num_samples > 0, got {max_new_tokens} and {num_samples}")
-    except (ConfigError, ValueError, RuntimeError) as e:
-        fail(e)
-    torch.manual_seed(seed)
-    try:
-        model, ckpt = checkpoint.load_model(out_dir if init_from == 'resume' else init_from, dev)
-    except checkpoint.CheckpointError as e:
-        fail(e)
-    if compile:
-        model._stack = torch.compile(model._stack, dynamic=True)
+def check_settings():
+    """Every setting's range and what it needs, before any work."""
+    require(max_new_tokens > 0 and num_samples > 0, f"need max_new_tokens > 0 and num_samples > 0, got {max_new_tokens} and {num_samples}")
+    require(not (goal and pin), "--pin is the earlier name of --goal: give one")
+    require(0 < ess <= 1 and particles >= 1 and segment >= 1, "need 0 < ess <= 1, particles >= 1 and segment >= 1")
+    require(steer in ('', 'plain', 'smc', 'rejection', 'best_of_n', 'tree'),
+            f"steer must be '', 'plain', 'smc', 'rejection', 'best_of_n' or 'tree', got {steer!r}")
+    if not steer:
+        changed = [k for k, v in STEERING_KEYS.items() if globals()[k] != v] + (['judge'] if judge else [])
+        require(not changed, f"--{changed[0] if changed else ''} is a steering option: it needs --steer=... "
+                             f"(smc, rejection, best_of_n, tree or plain)")
+    if entropy_png:
+        require(os.path.isdir(os.path.dirname(os.path.abspath(entropy_png))), f"entropy_png: no folder for {entropy_png}")
+
+
+def load(dev):
+    """The model, its checkpoint's other contents, and the codec."""
+    model, ckpt = checkpoint.load_model(out_dir if init_from == 'resume' else init_from, dev)
     meta = ckpt.get('meta')  # ours carry their vocabulary; nanoGPT's point at data/<dataset>/meta.pkl
-    prompt = start
+    if meta is None and 'dataset' in ckpt.get('config', {}):
+        meta = read_meta(data_dir(ckpt['config']['dataset']))
     try:
-        if meta is None and 'dataset' in ckpt.get('config', {}):
-            meta = read_meta(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', ckpt['config']['dataset']))
         codec = codec_for(meta)
-        if prompt.startswith('FILE:'):
-            with open(prompt[5:], encoding='utf-8') as f:
-                prompt = f.read()
-    except (ValueError, RuntimeError, OSError) as e:  # unreadable meta or prompt file, tokenizer unavailable
-        fail(e)
+    except (ValueError, RuntimeError) as e:
+        raise UserError(e) from None
+    checkpoint.check_vocabulary(model, codec, meta)
+    return model, ckpt, codec
+
+
+def prompt_ids(codec, vocab):
+    text = start
+    if text.startswith('FILE:'):
+        try:
+            with open(text[5:], encoding='utf-8') as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"cannot read the prompt file {text[5:]}: {e}") from None
     try:
-        ids = codec.encode(prompt)
-        pins = []
-        if pin:
-            offset, sep, text = pin.partition(':')
-            if not sep or not offset.strip().isdigit() or not text:
-                raise ValueError(f"pin must look like 'offset:text' (e.g. '6:king'), got {pin!r}")
-            pins = [(int(offset), codec.encode(text))]
-        vocab = model.config.vocab_size
-        if max(ids + [i for _, p in pins for i in p], default=0) >= vocab:  # a tokenizer larger than the model's vocabulary
-            raise ValueError(f"the prompt or pin has token ids >= the model's vocabulary size {vocab}: this checkpoint "
-                             f"was trained with another tokenizer than its meta describes")
+        ids = codec.encode(text)
+        wanted = parse_goal(goal or pin, codec.encode)
     except ValueError as e:
-        fail(e)
-    if not ids:
-        fail("the prompt is empty; give at least one token with --start")
-    if calibrate or steer:
-        try:
-            if calibrate:
-                dataset = ckpt.get('config', {}).get('dataset')
-                if not dataset:
-                    raise ValueError("calibrate reads the validation split of the checkpoint's dataset; this checkpoint names none")
-                data_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', dataset)
-                return steering.calibrate_command(model, data_dir, settings, seed=seed)
-            judge_model = checkpoint.load_model(judge, dev)[0] if judge else None
-            scorer_model = checkpoint.load_model(scorer, dev)[0] if scorer else judge_model
-            with runtime.autocast(dev, dt):
-                return steering.command(model, codec, ids, settings, globals(), judge_model, scorer_model)
-        except (ValueError, checkpoint.CheckpointError) as e:
-            fail(e)
-    idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=dev)
-    texts = [''] * num_samples
-    done = [False] * num_samples
-    stream = num_samples == 1
+        raise UserError(e) from None
+    require(ids, "the prompt is empty; give at least one token with --start")
+    require(max(ids + (wanted[1] if wanted else [])) < vocab,
+            f"the prompt or goal has token ids >= the model's vocabulary size {vocab}: this checkpoint was trained "
+            f"with another tokenizer than its meta describes")
+    return text, ids, wanted
 
-    def on_tokens(new):
-        for row, tokens in enumerate(new.tolist()):
-            if done[row]:
-                continue
-            if codec.eos is not None and codec.eos in tokens:
-                tokens, done[row] = tokens[:tokens.index(codec.eos)], True
-            piece = codec.decode(tokens)
-            if stop and stop in texts[row] + piece:
-                piece = (texts[row] + piece)[:(texts[row] + piece).index(stop)][len(texts[row]):]
-                done[row] = True
-            texts[row] += piece
-            if stream:
-                print(piece, end='', flush=True)
-        return all(done)
 
-    if stream:
-        print(prompt, end='', flush=True)
-    g = torch.Generator(device=dev).manual_seed(seed)
-    with runtime.autocast(dev, dt):
-        try:
-            _, record = generate(model, idx, max_new_tokens, settings, generator=g, pins=pins, on_tokens=on_tokens,
-                                 schedule=steering.schedule(schedule, settings.temperature))
-        except ValueError as e:
-            fail(e)
-    for text in texts:
-        print('' if stream else prompt + text)  # a streamed sample is on the screen already: end its line
-        print('---------------')
-    top = math.log2(model.config.vocab_size)  # the most entropy a slot can have, bits
+def print_stats(record, top, sampler):
     if stats:
-        print("step  tokens  passes  collapsed(bits)   window entropy (bits)", file=sys.stderr)
+        print("step  tokens  passes  live  collapsed(bits)   window entropy (bits)", file=sys.stderr)
         for k, step in enumerate(record.steps):
             collapsed = ' '.join(f'{b:.2f}' for b in step['collapsed_bits'])
-            print(f"{k:4d}  {step['emitted']:6d}  {step['passes']:6d}  {collapsed:16s}  {sparkline(step['window_bits'], top)}",
-                  file=sys.stderr)
+            live = step['live'] if step['live'] is not None else '-'
+            print(f"{k:4d}  {step['emitted']:6d}  {step['passes']:6d}  {live:>4}  {collapsed:16s}  "
+                  f"{sparkline(step['window_bits'], top)}", file=sys.stderr)
     summary = record.summary()
-    print(f"[{summary['tokens']} tokens in {summary['seconds']:.2f}s: {summary['tokens_per_s']:.1f} tokens/s, "
-          f"{summary['passes_per_token']:.2f} passes/token, {summary['tokens_per_step']:.2f} tokens/step]", file=sys.stderr)
+    extra = ''
+    if 'acceptance' in summary:
+        extra = ", acceptance by distance " + ' '.join(f'{a:.2f}' for a in summary['acceptance'])
+    print(f"[{sampler}: {summary['tokens']} tokens in {summary['seconds']:.2f}s: {summary['tokens_per_s']:.1f} tokens/s, "
+          f"{summary['passes_per_token']:.2f} passes/token, {summary['tokens_per_step']:.2f} tokens/step, "
+          f"{summary['tokens_per_call']:.2f} tokens/stack call{extra}]", file=sys.stderr)
+
+
+def main():
+    configure(globals(), sources=(Settings,))
+    check_settings()
+    settings = Settings(**{k: globals()[k] for k in vars(Settings())})
+    try:
+        settings.check()
+        dev, dt = runtime.resolve(device, dtype)
+        heat = steering.schedule(schedule, settings.temperature)
+    except (ValueError, RuntimeError) as e:
+        raise UserError(e) from None
+    torch.manual_seed(seed)
+    model, ckpt, codec = load(dev)
+    if compile:
+        model.stack = torch.compile(model.stack, dynamic=True)
+    text, ids, wanted = prompt_ids(codec, model.config.vocab_size)
+    if calibrate or steer:
+        return steer_or_calibrate(model, ckpt, codec, ids, settings, dev, dt)
+    try:
+        sampler = pick_sampler(model, settings, wanted)
+    except ValueError as e:
+        raise UserError(e) from None
+    unused = inapplicable(model, settings, sampler) + ([] if not entropy_png or sampler == 'collapse' else
+                                                       ["--entropy_png draws the collapse sampler's window (--sampler=collapse)"])
+    require(not unused, unused[0] if unused else '')
+    texts, stream = [''] * num_samples, num_samples == 1
+
+    def on_tokens(row, tokens):
+        """Decode a row's new tokens; True when the row has ended (EOS or the stop text)."""
+        done = codec.eos is not None and codec.eos in tokens
+        piece = codec.decode(tokens[:tokens.index(codec.eos)] if done else tokens)
+        if stop and stop in texts[row] + piece:
+            piece, done = (texts[row] + piece)[:(texts[row] + piece).index(stop)][len(texts[row]):], True
+        texts[row] += piece
+        if stream:
+            print(piece, end='', flush=True)
+        return done
+
+    if stream:
+        print(text, end='', flush=True)
+    g = torch.Generator(device=dev).manual_seed(seed)
+    idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=dev)
+    with runtime.autocast(dev, dt):
+        try:
+            _, record = generate(model, idx, max_new_tokens, settings, g, wanted, on_tokens, heat, detail=stats or bool(entropy_png))
+        except ValueError as e:
+            raise UserError(e) from None
+    for piece in texts:
+        print('' if stream else text + piece)  # a streamed sample is on the screen already: end its line
+        print('---------------')
+    top = math.log2(model.config.vocab_size)  # the most entropy a slot can have, bits
+    print_stats(record, top, sampler)
     if entropy_png:
         write_entropy_png(record.steps, entropy_png, top)
 
 
+def steer_or_calibrate(model, ckpt, codec, ids, settings, dev, dt):
+    try:
+        if calibrate:
+            dataset = ckpt.get('config', {}).get('dataset')
+            require(dataset, "calibrate reads the validation split of the checkpoint's dataset; this checkpoint names none")
+            return steering.calibrate_command(model, data_dir(dataset), settings, seed=seed)
+        judge_model = checkpoint.load_model(judge, dev)[0] if judge else None
+        scorer_model = checkpoint.load_model(scorer, dev)[0] if scorer else judge_model
+        options = {k: globals()[k] for k in ('max_new_tokens', 'particles', 'potential', 'schedule', 'goal', 'steer',
+                                             'num_samples', 'seed', 'ess', 'segment', 'nll_ref')}
+        options['goal'] = goal or pin
+        with runtime.autocast(dev, dt):
+            return steering.command(model, codec, ids, settings, options, judge_model, scorer_model)
+    except ValueError as e:
+        raise UserError(e) from None
+
+
 if __name__ == '__main__':
-    main()
+    cli(main)

@@ -1,19 +1,23 @@
 """
-Generation engines; sample.py is their command line, evaluation and steering reuse them.
+Generation loops; sample.py is their command line, evaluation and steering reuse them.
 
 - sample_tokens: temperature / top_k / top_p / min_p; temperature 0 is argmax.
-- generate: a GPT (or looped GPT) decodes token by token with a KV cache; a WFC model runs
-  converge -> collapse -> shift (DESIGN.md section 5) with a collapse policy and mode, and pins.
+- generate(model, idx, n, settings) picks the sampler (Settings.sampler):
+  causal       token by token from the causal stream with its KV cache: a GPT, or a pinned WFC
+               model's past stream read out directly (the "GPT inside")
+  speculative  WFC: the future slots draft the next tokens, the causal stream verifies them in one
+               call; exact: the output follows the causal stream's distribution (speculative.py)
+  collapse     WFC: converge -> collapse -> shift with a policy and a collapse mode, and pins/goals
+  auto         speculative where the model can verify its drafts, else collapse (GPT: causal)
 
-Policies (which future slots to collapse each step):
+Collapse policies (which future slots to collapse each step):
   first      the first open slot: one token per step (the seed's default)
   threshold  every leading open slot whose entropy is below tau bits, at least one: several tokens per step
   lowest     the open slot with the least entropy, anywhere (non-causal; a step may emit nothing)
   median     the first open slot, plus a partial nudge of the median-entropy open slot toward a sample
-             (the seed's way of drawing the speculation horizon further out)
-  entropy    per row, from the entropy and varentropy (bits) of the first open slot (entropix-style,
-             seed 002): certain -> greedy, several slots; forked (high varentropy) -> branch and keep
-             the candidate that leaves the future most certain; very uncertain -> refine more; else sample
+  entropy    per row, from the entropy and varentropy (bits) of the first open slot (entropix-style):
+             certain -> greedy, several slots; forked (high varentropy) -> branch and keep the
+             candidate that leaves the future most certain; very uncertain -> refine more; else sample
 Pins put given tokens at future offsets before the first step (goal-directed infill).
 """
 
@@ -24,9 +28,12 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
+import engine
+
 LN2 = math.log(2)
 POLICIES = ('first', 'threshold', 'lowest', 'median', 'entropy')
 MODES = ('token', 'nearest', 'partial')
+SAMPLERS = ('auto', 'speculative', 'collapse', 'causal')
 
 
 @dataclass
@@ -35,41 +42,44 @@ class Settings:
     top_k: int = 200           # keep the k likeliest tokens (0 = all)
     top_p: float = 1.0         # keep the smallest set with this much probability (1 = all)
     min_p: float = 0.0         # drop tokens below min_p x the top probability (0 = none)
-    policy: str = 'first'      # WFC: which slots to collapse (see above)
-    tau: float = 1.0           # WFC threshold policy: entropy limit, bits
-    mode: str = 'token'        # WFC collapse: 'token', 'nearest' or 'partial'
-    eps: float = 0.1           # WFC nearest collapse: the state decodes to its token with p >= 1 - eps
-    lam: float = 0.5           # WFC partial collapse / median nudge: fraction of the way to the token
+    sampler: str = 'auto'      # 'auto', 'speculative', 'collapse', 'causal' (see above)
+    future: str = 'fixed'      # WFC: 'fixed' (all n_future slots) or 'auto' (the live slots follow the entropy curve, see tau)
+    policy: str = 'first'      # collapse sampler: which slots to collapse (see above)
+    tau: float = 1.0           # entropy limit, bits: the threshold policy's, and future='auto's (a slot below it is worth speculating)
+    mode: str = 'token'        # collapse: 'token', 'nearest' or 'partial'
+    eps: float = 0.1           # nearest collapse: the state decodes to its token with p >= 1 - eps
+    lam: float = 0.5           # partial collapse / median nudge: fraction of the way to the token
     max_loop: int = 0          # WFC refinement cap per step (0 = the model's max_loop)
     tol: float = -1.0          # WFC convergence tolerance (< 0 = the model's tol)
-    slide: int = 0             # when the window is full, drop this many extra old tokens (0 = exact sliding)
-    warm: str = 'auto'         # WFC: refine from the carried state ('on'), from e_max every step ('off'), or
-                               # 'auto': warm only for models trained to warm-start (warm_prob > 0)
-    # entropy policy thresholds (`sample.py --calibrate=True` prints the percentiles for a model: fixed
-    # values do not transfer between models). Defaults: out-shakespeare-char-wfc's p25, p90, p90 at d = 1.
+    slide: int = 0             # learned positions: at the block edge drop this many extra old tokens (0 = exact sliding)
+    warm: str = 'auto'         # collapse: refine from the carried state ('on'), from e_max every step ('off'), or
+                               # 'auto': warm only for models trained to warm-start (warm_prob > 0) or to converge (bound set)
+    # entropy policy thresholds (`sample.py --calibrate=True` prints the percentiles for a model)
     ent_low: float = 1.9       # entropy (bits) below this: certain, collapse greedily (every leading slot below it)
     ent_high: float = 4.3      # entropy (bits) at or above this: very uncertain, refine boost_loop more passes first
     var_high: float = 5.3      # varentropy (bits^2) at or above this: the slot forks between modes: branch
     branch: int = 4            # candidates tried at a fork, one refine each (< 2 = never branch)
-    boost_loop: int = 0        # extra refinement passes when very uncertain (0 = none; a one-pass model gains nothing)
+    boost_loop: int = 0        # extra refinement passes when very uncertain (0 = none)
 
     def check(self):
         problems = []
-        if self.temperature < 0:
-            problems.append(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1 or not 0 <= self.min_p < 1 or self.top_k < 0:
-            problems.append("need top_k >= 0, 0 < top_p <= 1 and 0 <= min_p < 1")
-        if self.policy not in POLICIES:
-            problems.append(f"policy must be one of {POLICIES}, got {self.policy!r}")
-        if self.warm not in ('auto', 'on', 'off'):
-            problems.append(f"warm must be 'auto', 'on' or 'off', got {self.warm!r}")
-        if self.mode not in MODES:
-            problems.append(f"collapse mode must be one of {MODES}, got {self.mode!r}")
+        if not self.temperature >= 0 or not 0 < self.top_p <= 1 or not 0 <= self.min_p < 1 or self.top_k < 0:
+            problems.append("need temperature >= 0, top_k >= 0, 0 < top_p <= 1 and 0 <= min_p < 1")
+        for name, allowed in (('policy', POLICIES), ('mode', MODES), ('sampler', SAMPLERS), ('warm', ('auto', 'on', 'off')),
+                              ('future', ('fixed', 'auto'))):
+            if getattr(self, name) not in allowed:
+                problems.append(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if not 0 <= self.ent_low <= self.ent_high or self.var_high < 0 or min(self.branch, self.boost_loop) < 0:
             problems.append("entropy policy: need 0 <= ent_low <= ent_high, var_high >= 0, branch >= 0, boost_loop >= 0")
+        if min(self.max_loop, self.slide) < 0 or not (self.tau >= 0 and 0 < self.eps < 1 and 0 <= self.lam <= 1):
+            problems.append("need max_loop >= 0, slide >= 0, tau >= 0, 0 < eps < 1 and 0 <= lam <= 1")
         if problems:
             raise ValueError('; '.join(problems))
         return self
+
+    def limits(self):
+        """The refinement overrides for engine.refine."""
+        return dict(max_loop=self.max_loop or None, tol=None if self.tol < 0 else self.tol)
 
 
 def filtered_probs(logits, temperature, top_k=0, top_p=1.0, min_p=0.0):
@@ -88,14 +98,18 @@ def filtered_probs(logits, temperature, top_k=0, top_p=1.0, min_p=0.0):
     return probs / probs.sum(-1, keepdim=True)
 
 
+def draw(probs, generator=None):
+    """One token per row of probs (..., V)."""
+    return torch.multinomial(probs.reshape(-1, probs.size(-1)), 1, generator=generator).view(probs.shape[:-1])
+
+
 def sample_tokens(logits, s, generator=None, temperature=None):
     """logits (..., V) -> token ids (...) under the settings s; temperature (a schedule's value for
     this step, see steering.py) overrides s.temperature."""
     temperature = s.temperature if temperature is None else temperature
     if temperature == 0:
         return logits.argmax(-1)
-    probs = filtered_probs(logits, temperature, s.top_k, s.top_p, s.min_p)
-    return torch.multinomial(probs.reshape(-1, probs.size(-1)), 1, generator=generator).view(probs.shape[:-1])
+    return draw(filtered_probs(logits, temperature, s.top_k, s.top_p, s.min_p), generator)
 
 
 def entropy_bits(logits):
@@ -109,66 +123,129 @@ def entropy_bits(logits):
 
 
 class Stats:
-    """Per-step record of a generation: passes, tokens emitted, entropy (bits) of what collapsed,
-    and the entropy curve of the window (row 0)."""
+    """Per-step record of a generation: passes, tokens emitted, stack calls, the entropy (bits) of
+    what collapsed and the window's entropy curve (row 0; detail=True only, it costs a sync per step),
+    and for the speculative sampler drafts proposed and accepted by distance."""
 
-    def __init__(self):
-        self.steps, self.t0 = [], time.time()
+    def __init__(self, detail=False):
+        self.steps, self.t0, self.detail = [], time.time(), detail
+        self.proposed, self.accepted = [], []
 
-    def add(self, passes, emitted, collapsed_bits, window_bits):
-        self.steps.append(dict(passes=passes, emitted=emitted, collapsed_bits=collapsed_bits, window_bits=window_bits))
+    def add(self, passes, emitted, collapsed_bits=(), window_bits=(), calls=1, live=None):
+        self.steps.append(dict(passes=passes, emitted=emitted, calls=calls, collapsed_bits=collapsed_bits,
+                               window_bits=window_bits, live=live))
+
+    def drafts(self, proposed, accepted):
+        """Speculation bookkeeping: drafts at distances 1..proposed, the first `accepted` of them taken."""
+        grow = proposed - len(self.proposed)
+        self.proposed, self.accepted = self.proposed + [0] * max(0, grow), self.accepted + [0] * max(0, grow)
+        for d in range(proposed):
+            self.proposed[d] += 1
+            self.accepted[d] += d < accepted
 
     def summary(self):
         tokens = sum(s['emitted'] for s in self.steps)
-        seconds = time.time() - self.t0
-        return dict(tokens=tokens, steps=len(self.steps), seconds=seconds, tokens_per_s=tokens / max(seconds, 1e-9),
-                    passes_per_token=sum(s['passes'] for s in self.steps) / max(tokens, 1),
-                    tokens_per_step=tokens / max(len(self.steps), 1))
+        seconds, calls = time.time() - self.t0, sum(s['calls'] for s in self.steps)
+        out = dict(tokens=tokens, steps=len(self.steps), seconds=seconds, tokens_per_s=tokens / max(seconds, 1e-9),
+                   passes_per_token=sum(s['passes'] for s in self.steps) / max(tokens, 1),
+                   tokens_per_step=tokens / max(len(self.steps), 1), tokens_per_call=tokens / max(calls, 1))
+        if self.proposed:
+            out['acceptance'] = [a / max(p, 1) for a, p in zip(self.accepted, self.proposed)]
+        return out
+
+
+def pick_sampler(model, s, goal=None):
+    """The sampler that runs for settings s (and a goal), or a ValueError saying why the asked one cannot."""
+    c = model.config
+    if c.n_future == 0:
+        if s.sampler not in ('auto', 'causal') or goal is not None:
+            raise ValueError(f"{'a goal' if goal is not None else f'sampler={s.sampler!r}'} needs a WFC model "
+                             f"(n_future > 0): it uses the future slots; a GPT samples with 'causal'")
+        return 'causal'
+    verifies = c.attn == 'pinned' and c.past_loss > 0 and c.past_target == 'next'
+    if s.sampler in ('speculative', 'causal') and not verifies:
+        raise ValueError(f"sampler={s.sampler!r} reads the causal stream's next-token head, which this model did not "
+                         f"train (it needs attn='pinned', past_loss > 0 and past_target='next'); use --sampler=collapse")
+    if s.sampler == 'speculative' and (c.n_loop != 1 or model.rotary is None):
+        raise ValueError("sampler='speculative' needs n_loop = 1 and rotary positions (pos_emb='rope'), so that drafts "
+                         "verify in one call and the window rolls; use --sampler=collapse")
+    if goal is not None and s.sampler in ('speculative', 'causal'):
+        raise ValueError(f"a goal pins future slots, which sampler={s.sampler!r} does not refine; use --sampler=collapse")
+    if s.sampler == 'auto':
+        fast = verifies and c.n_loop == 1 and model.rotary is not None and s.policy == 'first' and goal is None
+        return 'speculative' if fast else 'collapse'
+    return s.sampler
 
 
 @torch.no_grad()
-def generate(model, idx, max_new_tokens, s, generator=None, pins=(), on_tokens=None, schedule=None):
-    """Continue idx (B, P) by max_new_tokens tokens. pins: [(offset, token ids)] placed at future
-    slots offset, offset + 1, ... (offset 1 = the next token; WFC only). on_tokens(new (B, n))
-    is called as tokens are decided; returning True stops. schedule(progress in [0, 1)) -> the
-    temperature of a step (steering.schedule makes them); None keeps s.temperature. Returns
-    (new tokens (B, n), Stats)."""
+def generate(model, idx, max_new_tokens, s, generator=None, goal=None, on_tokens=None, schedule=None, detail=False):
+    """Continue idx (B, P) by max_new_tokens tokens. goal = (offset, token ids): the text must hold
+    these tokens at generated offset (1 = the first new token): each is pinned as its future slot
+    comes into the window (collapse sampler; see pin_goal). on_tokens(row,
+    ids) is called as tokens are decided; returning True ends that row (the batch ends when every
+    row has). schedule(progress in [0, 1)) -> the temperature of a step (steering.schedule makes
+    them); None keeps s.temperature. Returns (new tokens (B, n), Stats)."""
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be > 0, got {max_new_tokens}")
     s.check()
-    if model.config.n_future == 0:
-        if pins:
-            raise ValueError("pins need a WFC model (n_future > 0): a GPT has no future slots to pin")
-        if s.policy == 'entropy':
-            raise ValueError("the entropy policy needs a WFC model (n_future > 0)")
-        return _generate_gpt(model, idx, max_new_tokens, s, generator, on_tokens, schedule)
-    return _generate_wfc(model, idx, max_new_tokens, s, generator, pins, on_tokens, schedule)
+    sampler = pick_sampler(model, s, goal)
+    if s.policy != 'first' and sampler != 'collapse':
+        raise ValueError(f"policy={s.policy!r} needs the collapse sampler (--sampler=collapse)")
+    stats = Stats(detail)
+    if sampler == 'speculative':
+        from speculative import generate_speculative
+        out = generate_speculative(model, idx, max_new_tokens, s, generator, on_tokens, schedule, stats)
+    elif sampler == 'causal':
+        out = _generate_causal(model, idx, max_new_tokens, s, generator, on_tokens, schedule, stats)
+    else:
+        out = _generate_collapse(model, idx, max_new_tokens, s, generator, goal, on_tokens, schedule, stats)
+    return out, stats
 
 
-def _generate_gpt(model, idx, max_new_tokens, s, generator, on_tokens, schedule):
-    stats, out = Stats(), []
-    window = idx[:, -model.max_past():]
-    cache, x = model.cache_past(window, queries=1)  # the last position's state is all the logits need
+class Emitter:
+    """Hands decided tokens to on_tokens row by row and tracks which rows are finished."""
+
+    def __init__(self, on_tokens, B):
+        self.on_tokens, self.done = on_tokens, [False] * B
+
+    def __call__(self, new):
+        """new (B, n) tokens; returns True when every row is finished."""
+        if self.on_tokens is None or not new.size(1):
+            return False
+        for row, ids in enumerate(new.tolist()):
+            if not self.done[row]:
+                self.done[row] = bool(self.on_tokens(row, ids))
+        return all(self.done)
+
+
+def _generate_causal(model, idx, max_new_tokens, s, generator, on_tokens, schedule, stats):
+    """Token by token from the causal stream; the cache rolls past the block edge (rotary) or is
+    rebuilt from the last block_size - slide tokens (learned positions)."""
+    bs, emit, out = model.config.block_size, Emitter(on_tokens, idx.size(0)), []
+    window = idx[:, -bs:]
+    cache = engine.KVCache()
+    x = engine.run_causal(model, window, cache, queries=1)
     for step in range(max_new_tokens):
         logits = model.logits(x[:, -1])
         temperature = None if schedule is None else schedule(step / max_new_tokens)
         token = sample_tokens(logits, s, generator, temperature)[:, None]
         out.append(token)
-        stats.add(model.config.n_loop, 1, (model.entropy_of_logits(logits[0]) / LN2).item(), [])
-        if on_tokens is not None and on_tokens(token):
+        bits = [(model.entropy_of_logits(logits[0]) / LN2).item()] if stats.detail else ()
+        stats.add(model.config.n_loop, 1, bits)
+        if emit(token) or step == max_new_tokens - 1:
             break
-        window = torch.cat((window, token), 1)
-        if window.size(1) > model.max_past():  # slide: rebuild the cache on the most recent tokens
-            window = window[:, -max(1, model.max_past() - s.slide):]
-            cache, x = model.cache_past(window, queries=1)
+        window = torch.cat((window, token), 1)[:, -bs:]
+        if not engine.rolls(model) and cache.end >= bs:  # learned positions: re-encode the last tokens
+            window, cache = window[:, -max(1, bs - s.slide):], engine.KVCache()
+            x = engine.run_causal(model, window, cache, queries=1)
         else:
-            cache, x = model.cache_past(token, cache, start=window.size(1) - 1)
-    return torch.cat(out, 1), stats
+            x = engine.run_causal(model, token, cache, queries=1)
+    return torch.cat(out, 1)
 
 
 def choose_slots(policy, bits, open_, tau):
     """(B, F) bool: the slots to collapse this step. bits (B, F) entropy; open_ (B, F) undecided."""
-    B, F_ = bits.shape
+    F_ = bits.size(1)
     first = F.one_hot(open_.float().argmax(1), F_).bool() & open_  # first open slot of each row
     if policy in ('first', 'median'):
         return first
@@ -190,9 +267,17 @@ def median_slot(bits, candidates):
     return F.one_hot(pick, bits.size(1)).bool() & candidates & (count > 0)[:, None]
 
 
-def entropy_step(model, w, logits, s, generator, temperature, limits):
+def live_slots(bits, tau):
+    """future='auto': how many future slots are worth keeping, from row 0's entropy curve (bits): the
+    leading slots below tau and one beyond them (the frontier), within [1, F]. Where the curve reaches
+    its plateau further slots would be guesses that cost a slot each."""
+    below = (bits[0] < tau).long().cumprod(0).sum().item()
+    return int(min(bits.size(1), below + 1))
+
+
+def entropy_step(model, w, logits, s, generator, temperature):
     """The entropy policy's decision, per row, from the entropy H and varentropy V (bits) of its
-    first open slot (entropix's quadrants, seed 002; thresholds in Settings):
+    first open slot (entropix's quadrants; thresholds in Settings):
       H < ent_low, V < var_high   certain: every leading open slot below ent_low, argmax
       V >= var_high               forked between modes: branch (see branch_tokens), one slot
       H >= ent_high               very uncertain: boost_loop more passes on that row, then sample
@@ -208,26 +293,26 @@ def entropy_step(model, w, logits, s, generator, temperature, limits):
     extra = 0
     if s.boost_loop and unsure.any():
         rows = unsure.nonzero()[:, 0]
-        sub, extra = model.refine(w.select(rows), max_loop=s.boost_loop, tol=limits['tol'], min_loop=s.boost_loop)
+        sub, extra = engine.refine(model, w.select(rows), max_loop=s.boost_loop, tol=s.limits()['tol'], min_loop=s.boost_loop)
         w.future[rows] = sub.future
         if w.past_x is not None:
             w.past_x[rows] = sub.past_x
-        logits = model.future_logits(w)
+        logits = engine.future_logits(model, w)
     tokens = sample_tokens(logits, s, generator, temperature)
     tokens = torch.where(certain[:, None], logits.argmax(-1), tokens)
     slots = torch.where(certain[:, None], choose_slots('entropy', bits, open_, s.ent_low), first)
     if fork.any():
         rows = fork.nonzero()[:, 0]
-        picked, used = branch_tokens(model, w, rows, first, logits, s, generator, temperature, limits)
+        picked, used = branch_tokens(model, w, rows, first, logits, s, generator, temperature)
         tokens[rows] = torch.where(first[rows], picked[:, None], tokens[rows])
         extra += used
     return w, slots, tokens, extra
 
 
-def branch_tokens(model, w, rows, first, logits, s, generator, temperature, limits):
-    """A one-step lookahead (tree search, seed 003) for the forked rows: draw s.branch distinct
-    candidates for the first open slot, collapse each in a copy of the row, refine the copies, and
-    keep the candidate after which the remaining open slots are most certain (lowest mean entropy).
+def branch_tokens(model, w, rows, first, logits, s, generator, temperature):
+    """A one-step lookahead (tree search) for the forked rows: draw s.branch distinct candidates for
+    the first open slot, collapse each in a copy of the row, refine the copies, and keep the
+    candidate after which the remaining open slots are most certain (lowest mean entropy).
     Returns the chosen tokens (R,) and the passes of that refine."""
     t = s.temperature if temperature is None else temperature
     slot_logits = logits[rows][first[rows]]  # (R, V)
@@ -240,64 +325,104 @@ def branch_tokens(model, w, rows, first, logits, s, generator, temperature, limi
     k = candidates.size(1)
     copies = w.select(rows.repeat_interleave(k))
     slot = first[rows].repeat_interleave(k, 0)
-    copies = model.collapse(copies, slot, candidates.reshape(-1, 1).expand_as(slot), mode=s.mode, eps=s.eps, lam=s.lam)
-    copies, used = model.refine(copies if warm_start(model, s) else model.forget(copies), **limits)
+    copies = engine.collapse(model, copies, slot, candidates.reshape(-1, 1).expand_as(slot), mode=s.mode, eps=s.eps, lam=s.lam)
+    copies, used = engine.refine(model, copies if warm_start(model, s) else engine.forget(model, copies), **s.limits())
     open_ = copies.decided < 0
-    bits = entropy_bits(model.future_logits(copies))[0]
+    bits = entropy_bits(engine.future_logits(model, copies))[0]
     spread = (bits * open_).sum(1) / open_.sum(1).clamp(min=1)  # (R * k,) mean entropy of the open slots
-    best = spread.view(-1, k).argmin(1)
-    return candidates.gather(1, best[:, None])[:, 0], used
+    return candidates.gather(1, spread.view(-1, k).argmin(1)[:, None])[:, 0], used
 
 
 def warm_start(model, s):
-    """Whether to refine from the carried state: a model refined once per step in training has
-    never seen a carried state, it needs a cold start."""
-    return s.warm == 'on' or (s.warm == 'auto' and model.config.warm_prob > 0)
+    """Whether to refine from the carried state. A model refined a fixed number of times from e_max
+    in training has never seen a carried state and needs a cold start; one trained to warm-start
+    (warm_prob > 0) or to converge (a bounded state) continues from where it was."""
+    return s.warm == 'on' or (s.warm == 'auto' and (model.config.warm_prob > 0 or model.config.bound != 'none'))
 
 
-def place_pins(model, w, pins, s):
-    F_ = w.future.size(1)
-    for offset, ids in pins:
-        ids = torch.as_tensor(ids, dtype=torch.long, device=w.past.device)
-        if offset < 1 or offset + len(ids) - 1 > F_:
-            raise ValueError(f"a pin of {len(ids)} tokens at offset {offset} does not fit the {F_} future slots: "
-                             f"offsets run 1..{F_ - len(ids) + 1} for this pin (or train with a larger n_future)")
-        slots = torch.zeros_like(w.decided, dtype=torch.bool)
-        slots[:, offset - 1:offset - 1 + len(ids)] = True
-        tokens = torch.zeros_like(w.decided)
-        tokens[:, offset - 1:offset - 1 + len(ids)] = ids
-        if (w.decided[slots] >= 0).any():
-            raise ValueError(f"pins overlap at offset {offset}")
-        w = model.collapse(w, slots, tokens, mode=s.mode, eps=s.eps, lam=s.lam)
-    return w
+def parse_goal(spec, encode):
+    """'offset:text' -> (offset, token ids), or None for ''."""
+    if not spec:
+        return None
+    offset, sep, text = spec.partition(':')
+    if not sep or not offset.strip().isdigit() or int(offset) < 1 or not text:
+        raise ValueError(f"goal must look like 'offset:text' with offset >= 1 (e.g. '24:the king'), got {spec!r}")
+    return int(offset), encode(text)
 
 
-def _generate_wfc(model, idx, max_new_tokens, s, generator, pins, on_tokens, schedule):
-    stats, out, produced = Stats(), [], 0
-    limits = dict(max_loop=s.max_loop or None, tol=None if s.tol < 0 else s.tol)
-    w = place_pins(model, model.start(idx), pins, s)
-    warm = warm_start(model, s)
+def pin_goal(model, w, goal, produced, s):
+    """Pin the goal's tokens whose slots are in the window and still open. goal = (offset, ids):
+    ids at generated positions offset, offset + 1, ... (1 = the first generated token); a goal far
+    beyond the window is pinned slot by slot as it comes into reach, so the infill is refined toward it."""
+    if goal is None:
+        return w
+    offset, ids = goal
+    slots, tokens = torch.zeros_like(w.decided, dtype=torch.bool), torch.zeros_like(w.decided)
+    for j, token in enumerate(ids):
+        slot = offset + j - 1 - produced
+        if 0 <= slot < slots.size(1):
+            slots[:, slot], tokens[:, slot] = True, token
+    slots &= w.decided < 0
+    return engine.collapse(model, w, slots, tokens, mode=s.mode, eps=s.eps, lam=s.lam) if slots.any() else w
+
+
+def collapse_step(model, w, s, generator, temperature):
+    """One converge -> collapse -> shift step of the collapse sampler. Returns w, the moved tokens
+    (B, n), the passes, the collapsed slots' entropy (bits, row 0) and the window's (row 0)."""
+    w, used = engine.refine(model, w if warm_start(model, s) else engine.forget(model, w), **s.limits())
+    logits, bits, open_ = w.stats['logits'], w.stats['entropy'] / LN2, w.decided < 0
+    if s.policy == 'entropy' and open_.any():
+        w, slots, tokens, extra = entropy_step(model, w, logits, s, generator, temperature)
+        used += extra
+    else:
+        slots = choose_slots(s.policy, bits, open_, s.tau) if open_.any() else open_
+        tokens = sample_tokens(logits, s, generator, temperature)
+    w = engine.collapse(model, w, slots, tokens, mode=s.mode, eps=s.eps, lam=s.lam)
+    if s.policy == 'median':
+        w = engine.collapse(model, w, median_slot(bits, open_ & ~slots), tokens, mode='partial', lam=s.lam, decide=False)
+    length = live_slots(bits, s.tau) if s.future == 'auto' else None
+    w, moved = engine.shift(model, w, slide=s.slide, length=length)
+    return w, moved, used, bits, slots
+
+
+def _generate_collapse(model, idx, max_new_tokens, s, generator, goal, on_tokens, schedule, stats):
+    out, produced, emit = [], 0, Emitter(on_tokens, idx.size(0))
+    w = engine.start(model, idx)
     while produced < max_new_tokens:
-        w, used = model.refine(w if warm else model.forget(w), **limits)
-        logits = w.stats['logits']  # model.future_logits(w), decoded once by refine
-        bits = w.stats['entropy'] / LN2
-        open_ = w.decided < 0
         temperature = None if schedule is None else schedule(produced / max_new_tokens)
-        if s.policy == 'entropy' and open_.any():
-            w, slots, tokens, extra = entropy_step(model, w, logits, s, generator, temperature, limits)
-            used += extra
-        else:
-            slots = choose_slots(s.policy, bits, open_, s.tau) if open_.any() else open_
-            tokens = sample_tokens(logits, s, generator, temperature)
-        w = model.collapse(w, slots, tokens, mode=s.mode, eps=s.eps, lam=s.lam)
-        if s.policy == 'median':
-            w = model.collapse(w, median_slot(bits, open_ & ~slots), tokens, mode='partial', lam=s.lam, decide=False)
-        w, moved = model.shift(w, slide=s.slide)
+        w = pin_goal(model, w, goal, produced, s)
+        w, moved, used, bits, slots = collapse_step(model, w, s, generator, temperature)
         moved = moved[:, :max_new_tokens - produced]
         produced += moved.size(1)
-        stats.add(used, moved.size(1), bits[0][slots[0]].tolist(), bits[0].tolist())
+        detail = (bits[0][slots[0]].tolist(), bits[0].tolist()) if stats.detail else ((), ())
+        stats.add(used, moved.size(1), *detail, live=w.future.size(1))
         if moved.size(1):
             out.append(moved)
-            if on_tokens is not None and on_tokens(moved):
+            if emit(moved):
                 break
-    return torch.cat(out, 1), stats
+    return torch.cat(out, 1)
+
+
+def inapplicable(model, s, sampler):
+    """The settings of s, changed from their defaults, that the chosen sampler would ignore, each with
+    what would use it: an option without effect is refused, not silently dropped."""
+    d, c = Settings(), model.config
+    rolling = model.rotary is not None and (c.n_future == 0 or c.attn == 'pinned')
+    uses = dict(
+        sampler=(c.n_future > 0, "a WFC checkpoint"),
+        future=(sampler in ('collapse', 'speculative'), "the collapse or speculative sampler of a WFC checkpoint"),
+        policy=(sampler == 'collapse', "the collapse sampler (--sampler=collapse, WFC)"),
+        mode=(sampler == 'collapse', "the collapse sampler (--sampler=collapse, WFC)"),
+        warm=(sampler == 'collapse', "the collapse sampler (--sampler=collapse, WFC)"),
+        eps=(sampler == 'collapse' and s.mode == 'nearest', "--mode=nearest"),
+        lam=(sampler == 'collapse' and (s.mode == 'partial' or s.policy == 'median'), "--mode=partial or --policy=median"),
+        tau=(sampler == 'collapse' and s.policy == 'threshold' or s.future == 'auto', "--policy=threshold or --future=auto"),
+        max_loop=(sampler in ('collapse', 'speculative'), "the refinement of a WFC sampler"),
+        tol=(sampler == 'collapse' or sampler == 'speculative' and (s.max_loop or c.max_loop) > 1,
+             "refinement over several passes (--max_loop > 1)"),
+        slide=(sampler in ('causal', 'collapse') and not rolling,
+               "a window that is rebuilt at the block edge (learned positions, or bidirectional WFC); a rotary one rolls"),
+        **{k: (sampler == 'collapse' and s.policy == 'entropy', "--policy=entropy")
+           for k in ('ent_low', 'ent_high', 'var_high', 'branch', 'boost_loop')})
+    return [f"--{k}={getattr(s, k)!r} has no effect with the {sampler} sampler of this checkpoint; it is used by {why}"
+            for k, (applies, why) in uses.items() if getattr(s, k) != getattr(d, k) and not applies]

@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 import torch
 
 from eval import distinct_n, sequence_nll
-from sampling import Settings, choose_slots, entropy_bits, generate, sample_tokens, warm_start
+import engine
+from sampling import Settings, choose_slots, entropy_bits, generate, parse_goal, pin_goal, sample_tokens, warm_start
 
 NEG_INF = float('-inf')
 
@@ -168,22 +169,6 @@ def resample(logw, generator=None, method='systematic'):
     return torch.searchsorted(cdf, points, right=True).clamp(max=N - 1)
 
 
-def pin_goal(model, w, goal, produced, s):
-    """Pin the goal's tokens whose slots are in the window and still open. goal = (offset, ids):
-    ids at generated positions offset, offset + 1, ... (1 = the first generated token)."""
-    if goal is None:
-        return w
-    offset, ids = goal
-    slots = torch.zeros_like(w.decided, dtype=torch.bool)
-    tokens = torch.zeros_like(w.decided)
-    for j, token in enumerate(ids):
-        slot = offset + j - 1 - produced
-        if 0 <= slot < slots.size(1):
-            slots[:, slot], tokens[:, slot] = True, token
-    slots &= w.decided < 0
-    return model.collapse(w, slots, tokens, mode=s.mode, eps=s.eps, lam=s.lam) if slots.any() else w
-
-
 @dataclass
 class SMCResult:
     tokens: torch.Tensor  # (N, n) the particles' generated tokens
@@ -220,8 +205,7 @@ def smc(model, prompt, max_new_tokens, potential, decode, particles=8, s=None, e
     potential = potential or (lambda text, n: 0.0)
     N, device = particles, model.e_max().device
     idx = torch.as_tensor(prompt, dtype=torch.long, device=device).view(1, -1).expand(N, -1)
-    w, warm = model.start(idx), warm_start(model, s)
-    limits = dict(max_loop=s.max_loop or None, tol=None if s.tol < 0 else s.tol)
+    w, warm = engine.start(model, idx), warm_start(model, s)
     generated, texts = idx[:, :0], [''] * N
     pot = torch.full((N,), float(potential('', 0)), dtype=torch.float64)
     if pot[0] == NEG_INF:
@@ -232,9 +216,9 @@ def smc(model, prompt, max_new_tokens, potential, decode, particles=8, s=None, e
         finished = generated.size(1) >= max_new_tokens
         if not finished:
             w = pin_goal(model, w, goal, generated.size(1), s)
-            w, used = model.refine(w if warm else model.forget(w), **limits)
+            w, used = engine.refine(model, w if warm else engine.forget(model, w), **s.limits())
             result.passes += used * N
-            logits = model.future_logits(w)
+            logits = w.stats['logits']
         if generated.size(1):  # reweight by the last step's text (and what the refined future promises)
             new_twist = torch.zeros(N, dtype=torch.float64)
             if lookahead is not None and not finished:
@@ -261,7 +245,7 @@ def smc(model, prompt, max_new_tokens, potential, decode, particles=8, s=None, e
         open_ = w.decided < 0
         tokens = sample_tokens(logits, s, generator, temperature)  # all slots, as generate does: same RNG
         slots = choose_slots('first', logits[..., 0], open_, 0.0) if open_.any() else open_
-        w, moved = model.shift(model.collapse(w, slots, tokens, mode=s.mode, eps=s.eps, lam=s.lam), slide=s.slide)
+        w, moved = engine.shift(model, engine.collapse(model, w, slots, tokens, mode=s.mode, eps=s.eps, lam=s.lam), slide=s.slide)
         generated = torch.cat((generated, moved[:, :max_new_tokens - generated.size(1)]), 1)
         texts = [decode(row) for row in generated.tolist()]
         new_pot = torch.tensor([float(potential(t, generated.size(1))) for t in texts], dtype=torch.float64)
@@ -275,16 +259,10 @@ def smc(model, prompt, max_new_tokens, potential, decode, particles=8, s=None, e
 # ---- rejection, best-of-N, tree ----
 
 def sample_n(model, prompt, max_new_tokens, n, s, generator=None, schedule=None, goal=None):
-    """n independent samples (n, max_new_tokens), their passes x rows and the sampler's steps. A
-    goal needs a WFC model and policy 'first' (it runs as SMC without a potential: plain sampling)."""
-    if goal is not None:
-        if model.config.n_future == 0 or s.policy != 'first':
-            raise ValueError("a goal needs a WFC model (n_future > 0) and policy 'first'")
-        result = smc(model, prompt, max_new_tokens, None, lambda ids: '', n, s, schedule=schedule, goal=goal,
-                     generator=generator)
-        return result.tokens, result.passes, len(result.ess)
+    """n independent samples (n, max_new_tokens) as one batch, their passes x rows and the sampler's
+    steps. A goal runs the collapse sampler, which pins it as it comes into the window."""
     idx = torch.as_tensor(prompt, dtype=torch.long, device=model.e_max().device).view(1, -1).expand(n, -1)
-    tokens, stats = generate(model, idx, max_new_tokens, s, generator, schedule=schedule)
+    tokens, stats = generate(model, idx, max_new_tokens, s, generator, goal=goal, schedule=schedule)
     return tokens, sum(step['passes'] for step in stats.steps) * n, len(stats.steps)
 
 
@@ -360,17 +338,16 @@ def calibrate(model, x, percentiles=(10, 25, 50, 75, 90), s=None):
     if model.config.n_future == 0:
         raise ValueError("calibration reads the future slots of a WFC model (n_future > 0)")
     s = s or Settings()
-    w, warm = model.start(x[:, :1]), warm_start(model, s)
-    limits = dict(max_loop=s.max_loop or None, tol=None if s.tol < 0 else s.tol)
+    w, warm = engine.start(model, x[:, :1]), warm_start(model, s)
     bits, var = [], []
     for t in range(1, x.size(1)):
-        w, _ = model.refine(w if warm else model.forget(w), **limits)
-        h, v = entropy_bits(model.future_logits(w))
+        w, _ = engine.refine(model, w if warm else engine.forget(model, w), **s.limits())
+        h, v = entropy_bits(w.stats['logits'])
         bits.append(h)
         var.append(v)
         slots = torch.zeros_like(w.decided, dtype=torch.bool)
         slots[:, 0] = True
-        w, _ = model.shift(model.collapse(w, slots, x[:, t:t + 1].expand_as(w.decided).contiguous()))
+        w, _ = engine.shift(model, engine.collapse(model, w, slots, x[:, t:t + 1].expand_as(w.decided).contiguous()))
     values = dict(entropy=torch.cat(bits).float(), varentropy=torch.cat(var).float())  # (B * (T - 1), F)
     q = torch.tensor(percentiles, dtype=torch.float) / 100
     out = dict(percentiles=list(percentiles), values=values,
@@ -420,12 +397,7 @@ def command(model, codec, prompt, s, o, judge=None, scorer=None):
     n, N = o['max_new_tokens'], o['particles']
     potential = make_potential(o['potential'], codec.encode, prompt, scorer)
     heat = schedule(o['schedule'], s.temperature)
-    goal = None
-    if o['goal']:
-        offset, sep, text = o['goal'].partition(':')
-        if not sep or not offset.strip().isdigit() or int(offset) < 1 or not text:
-            raise ValueError(f"goal must look like 'offset:text' with offset >= 1, got {o['goal']!r}")
-        goal = (int(offset), codec.encode(text))
+    goal = parse_goal(o['goal'], codec.encode)
     score = judge_score(scorer, prompt) if scorer is not None else \
         None if potential is None else (lambda ids: potential(codec.decode(ids), len(ids)))
     if o['steer'] == 'tree' and goal is not None:

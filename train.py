@@ -31,8 +31,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint
 import runtime
-from configurator import ConfigError, configure
-from dataloader import DataError, TokenShards, read_meta, step_seed
+from configurator import UserError, configure, fail
+from dataloader import TokenShards, data_dir, read_meta, step_seed
 from model import GPT, GPTConfig
 
 # -----------------------------------------------------------------------------
@@ -83,14 +83,9 @@ seed = 1337
 # -----------------------------------------------------------------------------
 
 
-def fail(message, code=2):
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(code)
-
-
 try:
-    config = configure(globals())
-except ConfigError as e:
+    config = configure(globals(), sources=(GPTConfig,))
+except UserError as e:
     fail(e)
 model_keys = list(GPTConfig.__dataclass_fields__)
 if spike_action not in ('warn', 'stop') or keep_last < 0:
@@ -124,16 +119,15 @@ ctx = runtime.autocast(device, dtype)
 
 # -----------------------------------------------------------------------------
 # data
-repo = os.path.dirname(os.path.abspath(__file__))
-data_dir = dataset if os.sep in dataset else os.path.join(repo, 'data', dataset)
+folder = data_dir(dataset)
 try:
-    meta = read_meta(data_dir)  # the tokenizer; stored in checkpoints so they sample without the data folder
+    meta = read_meta(folder)  # the tokenizer; stored in checkpoints so they sample without the data folder
     if meta is not None and 'vocab_size' in meta:
         vocab_size = config['vocab_size'] = meta['vocab_size']
     meta = meta or {'tokenizer': 'gpt2'}
-    train_data = TokenShards(data_dir, 'train', block_size, vocab_size)
-    val_data = TokenShards(data_dir, 'val', block_size, vocab_size)
-except DataError as e:
+    train_data = TokenShards(folder, 'train', block_size, vocab_size)
+    val_data = TokenShards(folder, 'val', block_size, vocab_size)
+except UserError as e:
     fail(e)
 
 # -----------------------------------------------------------------------------
@@ -210,7 +204,7 @@ if master:
 def evaluate():
     """Loss on the same eval_iters batches of each split every time. GPT: the next-token loss.
     WFC: the next-token loss (future slot 1 given the true past, converged from e_max: the
-    number that compares with GPT), the loss by distance d = 1..F and the mean passes."""
+    number that compares with GPT), the loss by distance d = 1..F and the mean passes per slot."""
     raw_model.eval()
     results = {}
     F_ = n_future
@@ -227,12 +221,11 @@ def evaluate():
                     sums[0] += loss.item() * y.numel()
                     counts[0] += y.numel()
                     continue
-                raw_model(x, y, converge=True)
-            last = raw_model.last
-            scored = last['scored']
-            sums.index_add_(0, last['dist'].expand_as(scored)[scored].cpu(), last['ce'][scored].double().cpu())
-            counts.index_add_(0, last['dist'].expand_as(scored)[scored].cpu(), torch.ones(int(scored.sum()), dtype=torch.float64))
-            passes += last['passes']
+                out = raw_model.score(x, y, depth='converge')
+            at = out.dist.expand_as(out.scored)[out.scored].cpu()  # the distance of every scored slot
+            sums.index_add_(0, at, out.ce[out.scored].double().cpu())
+            counts.index_add_(0, at, torch.ones(len(at), dtype=torch.float64))
+            passes += out.trace.passes[out.scored].double().mean().cpu()
         stats = torch.cat((sums, counts, passes)).to(device)
         if ddp:
             dist.all_reduce(stats)
@@ -376,14 +369,15 @@ while True:
         x, y = train_data.batch(batch_size, step, device)
         if ddp:
             model.require_backward_grad_sync = micro == accum - 1
+        depth = raw_model.draw_depth()  # future passes of this micro-step (loop_law), from the seeded RNG
         with ctx:
-            _, loss = model(x, y) if n_future == 0 else model(x, y, n_future=F_now)
+            _, loss = model(x, y) if n_future == 0 else model(x, y, depth=depth, n_future=F_now)
             loss = loss / accum
         if fault('nan_loss') or fault('spike'):
             loss = loss * (float('nan') if fault('nan_loss') else 100.0)
         scaler.scale(loss).backward()
         loss_sum += loss.detach()
-        passes_sum += raw_model.last.get('passes', n_loop)
+        passes_sum += depth
     if fault('nan_grad'):
         next(raw_model.parameters()).grad.fill_(float('nan'))
     if grad_clip > 0:

@@ -34,6 +34,7 @@ import time
 import numpy as np
 import torch
 
+import engine
 from model import GPT, GPTConfig
 
 
@@ -85,23 +86,23 @@ def train_toy(steps=400, seed=0):
 
 @torch.no_grad()
 def generate_paths(model, prompt, steps=2):
-    """The sampler's loop (DESIGN.md 5), greedy, recording every pass: refine max_loop passes
+    """The sampler's loop, greedy, recording every pass: refine max_loop passes
     (warm: from where the last step left the slots), collapse slot 1 to its likeliest token,
     shift. Returns per step the future states per pass (passes + 1, F, C), slot 1's state after
     the collapse and its token."""
-    w = model.start(torch.tensor([prompt]))
+    w = engine.start(model, torch.tensor([prompt]))
     record = []
     for _ in range(steps):
         path = [w.future[0].clone()]
         for _ in range(model.config.max_loop):
-            w, _ = model.refine(w, max_loop=1, min_loop=1)
+            w, _ = engine.refine(model, w, max_loop=1, min_loop=1)
             path.append(w.future[0].clone())
         token = int(model.decode(w.future[0, 0]).argmax())
         slots = torch.zeros(1, w.future.size(1), dtype=torch.bool)
         slots[0, 0] = True
-        w = model.collapse(w, slots, torch.full((1, w.future.size(1)), token))
+        w = engine.collapse(model, w, slots, torch.full((1, w.future.size(1)), token))
         record.append(dict(path=torch.stack(path), after=w.future[0, 0].clone(), token=token))
-        w, _ = model.shift(w)
+        w, _ = engine.shift(model, w)
     return record
 
 

@@ -43,26 +43,25 @@ def test_wfc_table_agrees_with_the_training_eval_slot_for_slot(pattern_data, tmp
     data = TokenShards(pattern_data, 'val', model.config.block_size)
     for k, (x, y) in enumerate(training_eval_batches(data, info)):
         torch.manual_seed(step_seed(SEED, -1, k))  # the training eval's layout draws
-        model(x, y, converge=True)
-        trained = model.last
-        table, _ = evaluation.token_losses(model, x, y)
+        trained = model.score(x, y, depth='converge')
+        table, _, _ = evaluation.token_losses(model, x, y)
         # a row's first block is cut short by its phase (fewer speculative slots than sampling ever
         # has); the exhaustive table runs full blocks, so compare every slot after that first block
-        dist = trained['dist']
+        dist = trained.dist
         starts = (dist == 1) & (torch.arange(dist.size(1)) > 0)
         phase = starts.float().argmax(1) % 4
         full_block = torch.arange(dist.size(1))[None] >= phase[:, None]
         for d in range(1, 5):
-            at_d = trained['scored'] & (dist == d) & full_block
+            at_d = trained.scored & (dist == d) & full_block
             assert at_d.sum() > 0
-            assert torch.allclose(trained['ce'][at_d], table[d - 1][at_d], atol=1e-5), d
+            assert torch.allclose(trained.ce[at_d], table[d - 1][at_d], atol=1e-5), d
 
 
 def test_warm_sequential_loss_is_near_zero_on_a_predictable_sequence():
     model = train_pattern_model(n_future=4, pos_emb='rope', n_loop=3, loop_law='uniform', warm_prob=0.5, supervise=2,
                                 max_loop=8, tol=1e-3)
     x = (torch.arange(40)[None] + torch.arange(4)[:, None]) % 7
-    warm_loss, passes = evaluation.warm_sequential_loss(model, x, 30)
+    warm_loss, passes = evaluation.sequential_loss(model, x, 30)
     assert warm_loss < 0.1 and 1 <= passes <= 8
 
 

@@ -1,6 +1,7 @@
 """model.py keeps its claims: weight tying across passes, who sees what in pinned / bidirectional
-attention and the speculation window, e_max, refine's stopping rule, GPT mode equal to a naive
-reference computation, nanoGPT checkpoints loading, sane initial loss and one-batch overfitting."""
+attention and the speculation window (one visibility rule, the fused causal kernel equal to it),
+e_max, refine's stopping rule, GPT mode equal to a naive reference computation, nanoGPT checkpoints
+loading, sane initial loss and one-batch overfitting."""
 
 import math
 
@@ -10,6 +11,8 @@ import torch.nn.functional as F
 
 from conftest import tiny
 import checkpoint
+import engine
+from model import visibility
 
 
 def block_calls(model, run):
@@ -141,28 +144,46 @@ def test_speculation_window_hides_slots_further_ahead():
             assert reacts == (k <= visible_ahead), f"window {window}, {passes} passes: slot 0 vs slot {k}"
 
 
+def causal_states(model, idx):
+    pos = torch.arange(idx.size(1))
+    return model.causal(model.input(idx, pos), pos)[0]
+
+
 def test_pinned_past_never_depends_on_later_tokens_or_the_future():
     model = tiny(n_future=4, pos_emb='rope', n_loop=2).eval()
     idx = torch.randint(0, 13, (1, 12))
-    _, states = model.cache_past(idx)
-    for k in range(12):
-        changed = idx.clone()
-        changed[0, k] = (idx[0, k] + 3) % 13
-        _, moved = model.cache_past(changed)
-        assert torch.equal(moved[:, :k], states[:, :k]), f"past output before {k} changed"
-    window = model.start(idx)
-    cache_before = [[(k.clone(), v.clone()) for k, v in layer] for layer in window.cache]
-    window = model.collapse(window, torch.tensor([[False, True, False, False]]), torch.tensor([[0, 7, 0, 0]]))
-    window, _ = model.refine(window, max_loop=3)
-    assert all(torch.equal(a, b) for p, q in zip(cache_before, window.cache) for x, y in zip(p, q) for a, b in zip(x, y))
+    with torch.no_grad():
+        states = causal_states(model, idx)
+        for k in range(12):
+            changed = idx.clone()
+            changed[0, k] = (idx[0, k] + 3) % 13
+            assert torch.equal(causal_states(model, changed)[:, :k], states[:, :k]), f"past output before {k} changed"
+    window = engine.start(model, idx)
+    cache_before = window.cache.buf[..., :window.cache.length, :].clone()
+    window = engine.collapse(model, window, torch.tensor([[False, True, False, False]]), torch.tensor([[0, 7, 0, 0]]))
+    window, _ = engine.refine(model, window, max_loop=3)
+    assert torch.equal(window.cache.buf[..., :window.cache.length, :], cache_before)
+
+
+def test_the_fused_causal_kernel_is_the_visibility_rule():
+    """GPT mode passes 'causal' to SDPA's fused kernel; the same call with the mask that
+    visibility() builds for queries whose horizon is their own position gives the same outputs."""
+    model = tiny(pos_emb='rope').eval()
+    idx = torch.randint(0, 13, (2, 16))
+    pos = torch.arange(16)
+    x = model.input(idx, pos)
+    fused, _ = model.stack(x, pos, 'causal')
+    explicit, _ = model.stack(x, pos, visibility(pos, None, None, pos))
+    assert torch.allclose(fused, explicit, atol=1e-6)
+    assert torch.equal(visibility(pos, None, None, pos), torch.ones(16, 16, dtype=torch.bool).tril())
 
 
 def test_bidirectional_future_reaches_the_past():
     model = tiny(n_future=4, pos_emb='rope', attn='bidirectional').eval()
     idx = torch.randint(0, 13, (1, 8))
-    plain, _ = model.refine(model.start(idx), max_loop=1)
-    nudged = model.collapse(model.start(idx), torch.tensor([[False, False, True, False]]), torch.tensor([[0, 0, 7, 0]]))
-    nudged, _ = model.refine(nudged, max_loop=1)
+    plain, _ = engine.refine(model, engine.start(model, idx), max_loop=1)
+    nudged = engine.collapse(model, engine.start(model, idx), torch.tensor([[False, False, True, False]]), torch.tensor([[0, 0, 7, 0]]))
+    nudged, _ = engine.refine(model, nudged, max_loop=1)
     assert (plain.past_x - nudged.past_x).abs().max() > 1e-6
 
 
@@ -211,15 +232,15 @@ def test_e_max_is_uniform_at_init_and_tracks_the_embedding():
 def test_refine_stops_when_the_state_stops_moving_and_never_exceeds_max_loop(attn):
     model = tiny(n_future=4, pos_emb='rope', attn=attn, max_loop=7, tol=1e-4).eval()
     idx = torch.randint(0, 13, (2, 8))
-    _, used = model.refine(model.start(idx), tol=0.0)
+    _, used = engine.refine(model, engine.start(model, idx), tol=0.0)
     assert used == 7
-    _, used = model.refine(model.start(idx), max_loop=3, tol=0.0)
+    _, used = engine.refine(model, engine.start(model, idx), max_loop=3, tol=0.0)
     assert used == 3
     with torch.no_grad():  # residual branches that add nothing: the state cannot move
         for name, p in model.named_parameters():
             if name.endswith('c_proj.weight'):
                 p.zero_()
-    _, used = model.refine(model.start(idx))
+    _, used = engine.refine(model, engine.start(model, idx))
     assert used == 1
-    _, used = model.refine(model.start(idx), min_loop=2)
+    _, used = engine.refine(model, engine.start(model, idx), min_loop=2)
     assert used == 2

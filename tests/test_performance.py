@@ -1,9 +1,11 @@
-"""The speed work changes no result: the WFC sampler with the pinned past's cache draws the same
-tokens as one that recomputes the past every step; a GPT samples the same tokens with its KV
-cache as with nanoGPT's crop-and-recompute loop; outputs of the last positions only (cache_past's
-`queries`) are the full run's; refinement decodes only where a test needs it; per-slot early exit
-computes fewer slots and leaves converged outputs within tol; batched rows are the single runs;
-bench.py prints its table and tools/vs_nanogpt.py reads both programs' logs. Never timing."""
+"""The speed work changes no result. The collapse sampler with the pinned past's cache draws the
+same tokens as one that recomputes the past from scratch every step; a GPT samples the same tokens
+with its KV cache as with nanoGPT's crop-and-recompute loop (learned positions) or as attention
+over a rolling window recomputed from scratch (rotary: the cache rolls past the block edge and is
+never rebuilt); the last positions only (`queries`) equal the full run's; refinement decodes only
+where a test needs it; rows that have converged stop being computed without changing the others;
+batched rows are the single runs; bench.py prints its table; tools/vs_nanogpt.py reads both
+programs' logs. Never timing."""
 
 import math
 import os
@@ -12,112 +14,137 @@ import sys
 import pytest
 import torch
 
+import engine
 from conftest import REPO, run_script, tiny, train_pattern_model
+from model import Context, visibility
 from sampling import Settings, choose_slots, generate, sample_tokens
 
 sys.path.insert(0, os.path.join(REPO, 'tools'))
 import vs_nanogpt  # noqa: E402
 
 
-def record_refines(model):
-    """The future's logits after every refine of this model, in a list."""
-    seen, original = [], model.refine
+def record_refines(monkeypatch):
+    """The future's logits after every engine.refine, in a list."""
+    seen, original = [], engine.refine
 
-    def refine(w, *args, **kwargs):
-        w, used = original(w, *args, **kwargs)
+    def refine(model, w, *args, **kwargs):
+        w, used = original(model, w, *args, **kwargs)
         seen.append(w.stats['logits'].clone())
         return w, used
-    model.refine = refine
+    monkeypatch.setattr(engine, 'refine', refine)
     return seen
 
 
-def record_decodes(model):
-    """Every output of the model's lm_head, flattened to (rows, V), in a list."""
-    seen = []
-    model.lm_head.register_forward_hook(lambda module, args, out: seen.append(out.reshape(-1, out.size(-1)).clone()))
-    return seen
+def recomputed_causal(model, history):
+    """The causal stream over the token history from scratch: what the cache must equal. Learned
+    positions: the window as nanoGPT crops it. Rotary: every token attends to the block_size tokens
+    up to itself (the rolling window), positions counting from 0. Returns states and per-pass (k, v)."""
+    bs = model.config.block_size
+    history = history if engine.rolls(model) else history[:, -bs:]
+    pos = torch.arange(history.size(1))
+    engine.ensure_positions(model, history.size(1) + model.config.n_future + 1)
+    x = model.input(history, pos)
+    ctx, kvs = Context(x, pos, visibility(pos, None, None, pos, window=bs)), []
+    for _ in range(model.config.n_loop):
+        x, layers = model.update(x, ctx)
+        kvs.append(layers)
+    return x, kvs
 
 
-def uncached_wfc(model, idx, n, s, generator):
-    """The sampler's loop with no cache to speak of: the past's keys/values are recomputed from
-    scratch (all final states too) at every step. Policy and draws as in sampling.generate."""
-    w, out = model.start(idx), []
+def uncached_collapse(model, idx, n, s, generator):
+    """The collapse sampler's loop with the past's keys/values recomputed from scratch every step
+    (recomputed_causal over the whole history). Policy and draws as in sampling.generate."""
+    w, out, history = engine.start(model, idx), [], idx
     while sum(t.size(1) for t in out) < n:
-        w.cache, w.pending = model.cache_past(w.past)[0], 0
-        w, _ = model.refine(w if s.warm == 'on' else model.forget(w))
-        logits = model.future_logits(w)
-        bits = model.entropy_of_logits(logits) / math.log(2)
-        slots = choose_slots(s.policy, bits, w.decided < 0, s.tau)
-        w = model.collapse(w, slots, sample_tokens(logits, s, generator))
-        w, moved = model.shift(w, slide=s.slide)
+        _, kvs = recomputed_causal(model, history if engine.rolls(model) else w.past)  # learned: the window itself
+        keep = w.past.size(1)
+        w.cache = engine.KVCache(start=history.size(1) - keep if engine.rolls(model) else 0)
+        w.cache.append([[(k[:, :, -keep:], v[:, :, -keep:]) for k, v in layers] for layers in kvs])
+        w.pending = 0
+        w, _ = engine.refine(model, w if s.warm == 'on' else engine.forget(model, w))
+        logits = w.stats['logits']
+        slots = choose_slots(s.policy, model.entropy_of_logits(logits) / math.log(2), w.decided < 0, s.tau)
+        w = engine.collapse(model, w, slots, sample_tokens(logits, s, generator))
+        w, moved = engine.shift(model, w, slide=s.slide)
         out.append(moved)
+        history = torch.cat((history, moved), 1)
     return torch.cat(out, 1)[:, :n]
 
 
 @pytest.fixture(scope='module')
 def pattern_wfc():
-    """Trained a little on the repeating pattern: sure of some slots and not of others, so the
-    threshold policy commits one token in some steps and several in others."""
+    """Trained a little on the repeating pattern: sure of some slots and not of others."""
     return {'rope': train_pattern_model(steps=100, n_future=4, pos_emb='rope'),
-            'learned-looped': train_pattern_model(steps=250, n_future=4, pos_emb='learned', n_loop=2, inject=True,
+            'learned-looped': train_pattern_model(steps=250, n_future=4, pos_emb='learned', n_loop=2, inject='add',
                                                   spec_window=1, max_loop=3)}
 
 
-@pytest.mark.parametrize('kind', ['rope', 'learned-looped'])
-@pytest.mark.parametrize('slide', [0, 3])
-def test_cached_past_sampler_draws_the_same_tokens_as_recomputing_the_past(pattern_wfc, kind, slide):
+@pytest.mark.parametrize('kind,slide', [('rope', 0), ('learned-looped', 0), ('learned-looped', 3)])
+def test_cached_collapse_sampler_draws_the_same_tokens_as_recomputing_the_past(pattern_wfc, kind, slide, monkeypatch):
     model = pattern_wfc[kind]
-    idx = torch.tensor([[0], [3]])  # a short prompt: the past grows through 15 cached extensions first
-    s = Settings(temperature=1.0, top_k=0, policy='threshold', tau=1.0, slide=slide, warm='on')
-    seen = record_refines(model)
-    try:
-        cached, stats = generate(model, idx, 40, s, torch.Generator().manual_seed(1))  # slides past block_size 16
-        steps, _ = list(seen), seen.clear()
-        assert torch.equal(cached, uncached_wfc(model, idx, 40, s, torch.Generator().manual_seed(1)))
-    finally:
-        del model.refine
-    # fp32 rounding of the two ways (up to ~1e-4 after warm starts carry it a few steps); a stale cache is O(1)
+    idx = torch.tensor([[0], [3]])  # a short prompt: the past grows through cached extensions first
+    s = Settings(temperature=1.0, top_k=0, policy='threshold', tau=1.0, slide=slide, warm='on', sampler='collapse')
+    seen = record_refines(monkeypatch)
+    cached, stats = generate(model, idx, 40, s, torch.Generator().manual_seed(1))  # slides past block_size 16
+    steps, _ = list(seen), seen.clear()
+    assert torch.equal(cached, uncached_collapse(model, idx, 40, s, torch.Generator().manual_seed(1)))
+    # fp32 rounding of the two ways (warm starts carry it a few steps); a stale cache is O(1)
     assert len(steps) == len(seen) and all(torch.allclose(a, b, atol=1e-3) for a, b in zip(steps, seen))
-    emitted = {step['emitted'] for step in stats.steps}
-    assert 1 in emitted and max(emitted) > 1, "steps that commit one token and steps that commit several"
 
 
-@pytest.mark.parametrize('overrides', [dict(), dict(n_loop=2), dict(pos_emb='rope', n_loop=2, inject=True, step_size=0.5)])
+@pytest.mark.parametrize('overrides', [dict(), dict(n_loop=2), dict(pos_emb='rope'),
+                                       dict(pos_emb='rope', n_loop=2, inject='add', step_size=0.5)])
 @pytest.mark.parametrize('slide', [0, 5])
 def test_gpt_kv_cache_draws_the_same_tokens_as_recomputing(overrides, slide):
     model = tiny(**overrides).eval()
+    if slide and model.rotary is not None:
+        pytest.skip("a rotary cache rolls: slide applies to learned positions only")
     idx = torch.randint(0, 13, (3, 4), generator=torch.Generator().manual_seed(0))
     s = Settings(temperature=1.0, top_k=0, slide=slide)
-    seen = record_decodes(model)
     cached, _ = generate(model, idx, 40, s, torch.Generator().manual_seed(2))
-    steps, _ = list(seen), seen.clear()
-    g, seq, window = torch.Generator().manual_seed(2), idx, idx
-    bs = model.config.block_size
+    g, seq, window, bs = torch.Generator().manual_seed(2), idx, idx, model.config.block_size
     with torch.no_grad():
-        for _ in range(40):  # nanoGPT's loop: a full forward of the window, the last position's logits
-            logits, _ = model(window)
+        for _ in range(40):
+            if model.rotary is None:  # nanoGPT's loop: a full forward of the cropped window
+                logits, _ = model(window)
+            else:  # the rolling window, recomputed from scratch over everything so far
+                logits = model.logits(recomputed_causal(model, seq)[0])
             token = sample_tokens(logits[:, -1], s, g)[:, None]
             seq, window = torch.cat((seq, token), 1), torch.cat((window, token), 1)
             if window.size(1) > bs:
                 window = window[:, -max(1, bs - slide):]
     assert torch.equal(cached, seq[:, 4:])
-    assert len(steps) == len(seen) == 40 and all(torch.allclose(a, b, atol=1e-5) for a, b in zip(steps, seen))
 
 
-@pytest.mark.parametrize('overrides', [dict(), dict(pos_emb='rope', n_loop=2, inject=True, step_size=0.5)])
-def test_cache_past_last_positions_match_the_full_run(overrides):
+@pytest.mark.parametrize('overrides', [dict(), dict(pos_emb='rope', n_loop=2, inject='add', step_size=0.5)])
+def test_run_causal_last_positions_match_the_full_run(overrides):
     model = tiny(**overrides).eval()
     idx = torch.randint(0, 13, (2, 12))
-    full_cache, full = model.cache_past(idx)
+    full_cache = engine.KVCache()
+    full = engine.run_causal(model, idx, full_cache)
     for queries in (0, 1, 3):
-        cache, last = model.cache_past(idx, queries=queries)
+        cache = engine.KVCache()
+        last = engine.run_causal(model, idx, cache, queries=queries)
         assert last.shape == (2, queries, 32)
         assert torch.allclose(last, full[:, 12 - queries:], atol=1e-5)
-        assert all(torch.equal(a, b) for p, q in zip(cache, full_cache) for x, y in zip(p, q) for a, b in zip(x, y))
-    grown, _ = model.cache_past(idx[:, :7])  # extending a cache: the new tokens' states and keys
-    _, tail = model.cache_past(idx[:, 7:], grown, start=7, queries=2)
+        assert torch.equal(cache.buf[..., :12, :], full_cache.buf[..., :12, :])
+    grown = engine.KVCache()
+    engine.run_causal(model, idx[:, :7], grown)  # extending a cache: the new tokens' states and keys
+    tail = engine.run_causal(model, idx[:, 7:], grown, queries=2)
     assert torch.allclose(tail, full[:, -2:], atol=1e-5)
-    assert all(torch.allclose(a, b, atol=1e-5) for x, y in zip(grown[-1], full_cache[-1]) for a, b in zip(x, y))
+    assert torch.allclose(grown.buf[..., :12, :], full_cache.buf[..., :12, :], atol=1e-5)
+
+
+def test_the_cache_truncates_selects_and_compacts():
+    cache = engine.KVCache()
+    k = torch.arange(2 * 3 * 70 * 4, dtype=torch.float).view(2, 3, 70, 4)  # (B, heads, n, head size)
+    cache.append([[(k, -k)]])
+    assert cache.length == 70 and torch.equal(cache.views(0)[0][0], k) and torch.equal(cache.views(0, 5)[0][1], -k[:, :, -5:])
+    cache.truncate(60)
+    assert cache.end == 60 and torch.equal(cache.views(0)[0][0], k[:, :, :60])
+    assert torch.equal(cache.select(torch.tensor([1, 1])).views(0)[0][0], k[[1, 1], :, :60])
+    cache.compact(10)
+    assert (cache.start, cache.length) == (50, 10) and torch.equal(cache.views(0)[0][0], k[:, :, 50:60])
 
 
 def count_decodes(model):
@@ -129,14 +156,17 @@ def count_decodes(model):
 def test_refinement_decodes_only_where_the_convergence_test_needs_it():
     model = tiny(n_future=4, pos_emb='rope', max_loop=1).eval()
     calls = count_decodes(model)
-    w = model.start(torch.randint(0, 13, (1, 6)))
-    model.refine(w)
+    w = engine.start(model, torch.randint(0, 13, (1, 6)))
+    engine.refine(model, w)
     assert len(calls) == 1, "one pass decides nothing: the only decode is refine's report (entropy, logits)"
     calls.clear()
-    model.refine(w, max_loop=4, min_loop=4, tol=-1.0)
+    engine.refine(model, w, max_loop=4, min_loop=4, tol=0.0)
     assert len(calls) == 1 + 1, "min_loop = max_loop: one decode before the last test is all there is"
     calls.clear()
-    _, used = model.refine(w, max_loop=5, tol=-1.0)
+    engine.refine(model, w, max_loop=5, tol=-1.0)
+    assert len(calls) == 1, "tol < 0: a fixed depth, no test at all"
+    calls.clear()
+    _, used = engine.refine(model, w, max_loop=5, tol=0.0)
     assert used == 5 and len(calls) == 5 + 1, "before pass 1, after passes 1..4, and the report"
 
 
@@ -146,34 +176,24 @@ def slow_converger():
     return train_pattern_model(steps=60, n_future=6, pos_emb='rope', n_loop=3, step_size=0.25, max_loop=60)
 
 
-def test_slot_exit_computes_fewer_slots_and_keeps_converged_outputs_within_tol(slow_converger):
+def test_converged_rows_stop_being_computed_and_the_others_do_not_change(slow_converger):
     model, tol = slow_converger, 1e-5
     idx = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 0, 1, 2], [3, 4, 5, 6, 0, 1, 2, 3, 4, 8], [8, 8, 1, 2, 3, 4, 5, 6, 0, 1]])
-    computed = []
-    stack = model._stack
-    model._stack = lambda x, *a, **k: (computed.append(x.size(1)), stack(x, *a, **k))[1]
-    try:
-        plain, plain_passes = model.refine(model.start(idx), tol=tol, slot_exit=False)
-        full_slots = sum(computed)
-        computed.clear()
-        early, early_passes = model.refine(model.start(idx), tol=tol, slot_exit=True)
-    finally:
-        del model._stack
-    assert sum(computed) < full_slots, "converged slots must stop being computed"
-    assert early_passes <= plain_passes
-    logp, logq = (torch.log_softmax(w.stats['logits'].float(), -1) for w in (plain, early))
-    kl = (logq.exp() * (logq - logp)).sum(-1)
-    assert kl.max() <= tol, kl
-    same, _ = model.refine(model.start(idx), tol=-1.0, max_loop=8, slot_exit=True)  # nothing converges
-    ref, _ = model.refine(model.start(idx), tol=-1.0, max_loop=8, slot_exit=False)
-    assert torch.equal(same.future, ref.future)
+    together, used = engine.refine(model, engine.start(model, idx), tol=tol)
+    trace = together.stats['trace']
+    alone = [engine.refine(model, engine.start(model, idx[r:r + 1]), tol=tol)[0] for r in range(3)]
+    steps = [w.stats['trace'].steps for w in alone]
+    assert len(set(steps)) > 1, "rows that converge at different passes"
+    assert trace.calls == sum(steps) < 3 * used, "a converged row is not computed any more"
+    for r in range(3):
+        assert torch.allclose(together.future[r], alone[r].future[0], atol=1e-5)
 
 
-@pytest.mark.parametrize('kind', ['gpt', 'wfc'])
+@pytest.mark.parametrize('kind', ['gpt', 'wfc', 'speculative'])
 def test_batched_rows_are_the_single_runs(kind):
-    model = tiny(**({} if kind == 'gpt' else dict(n_future=4, pos_emb='rope'))).eval()
+    model = tiny(**({} if kind == 'gpt' else dict(n_future=4, pos_emb='rope', past_loss=1.0))).eval()
     idx = torch.randint(0, 13, (3, 5), generator=torch.Generator().manual_seed(0))
-    s = Settings(temperature=0, policy='first')
+    s = Settings(temperature=0, sampler='collapse' if kind == 'wfc' else 'auto')
     batched, _ = generate(model, idx, 30, s)
     for row in range(3):
         single, _ = generate(model, idx[row:row + 1], 30, s)

@@ -394,9 +394,8 @@ SAMPLER_ERRORS = {  # checkpoint, extra arguments, what the message must say
     'weights_of_another_shape': ('wrong_shapes', [], 'do not fit the model'),
     'out_of_vocabulary_prompt': ('gpt', ['--start=abc!'], "outside the model's 9-character vocabulary: '!'"),
     'missing_prompt_file': ('gpt', ['--start=FILE:/nonexistent/prompt.txt'], 'No such file'),
-    'pin_on_a_gpt': ('gpt', ['--pin=1:ab'], 'pins need a WFC model'),
-    'pin_past_the_future': ('wfc', ['--pin=2:abc'], 'does not fit the 2 future slots'),
-    'malformed_pin': ('wfc', ['--pin=abc'], "pin must look like 'offset:text'"),
+    'goal_on_a_gpt': ('gpt', ['--goal=1:ab'], 'a goal needs a WFC model'),
+    'malformed_goal': ('wfc', ['--goal=abc'], "goal must look like 'offset:text'"),
     'max_new_tokens_zero': ('gpt', ['--max_new_tokens=0'], 'need max_new_tokens > 0'),
 }
 

@@ -1,14 +1,18 @@
-"""The sampler (sampling.py) and the window operations behind it: seeded determinism, real warm
-starts, cold starts equal to a fresh window, the threshold policy's multi-token steps, nearest collapse, pins, sliding past
-block_size, the GPT KV cache against a plain loop, and the sampling filters."""
+"""The collapse sampler (sampling.py) and the window operations behind it (engine.py): seeded
+determinism, real warm starts, cold starts equal to a fresh window, the threshold policy's
+multi-token steps, nearest collapse, goals (near and beyond the window), future='auto' windows,
+sliding past block_size, the GPT KV cache against nanoGPT's loop, and the sampling filters."""
 
 import math
 
 import pytest
 import torch
 
+import engine
 from conftest import tiny, train_pattern_model
-from sampling import Settings, choose_slots, filtered_probs, generate
+from sampling import Settings, choose_slots, filtered_probs, generate, live_slots
+
+COLLAPSE = dict(sampler='collapse')
 
 
 @pytest.fixture(scope='module')
@@ -21,26 +25,29 @@ def looped():
 def test_same_seed_same_text_and_another_seed_differs():
     model = tiny(n_future=4, pos_emb='rope').eval()
     idx = torch.randint(0, 13, (1, 5))
+    for s in (Settings(temperature=1.0, top_k=0, **COLLAPSE), Settings(temperature=1.0, top_k=0)):
+        run = lambda seed: generate(model, idx, 40, s, torch.Generator().manual_seed(seed))[0]
+        assert torch.equal(run(1), run(1))
+        assert not torch.equal(run(1), run(2))
     s = Settings(temperature=1.0, top_k=0)
-    run = lambda seed: generate(model, idx, 40, s, torch.Generator().manual_seed(seed))[0]
     assert torch.equal(run(1), run(1))
     assert not torch.equal(run(1), run(2))
 
 
 def test_warm_start_carries_the_state_and_saves_passes(looped):
     idx = torch.arange(10)[None] % 7
-    w, _ = looped.refine(looped.start(idx))
+    w, _ = engine.refine(looped, engine.start(looped, idx))
     warm, cold = [], []
     for _ in range(6):
         before = w.future.clone()
         slots = torch.tensor([[True, False, False, False]])
-        w = looped.collapse(w, slots, looped.future_logits(w).argmax(-1))
-        w, _ = looped.shift(w)
+        w = engine.collapse(looped, w, slots, w.stats['logits'].argmax(-1))
+        w, _ = engine.shift(looped, w)
         assert torch.equal(w.future[:, :3], before[:, 1:]), "the carried slots must keep their refined state"
         assert torch.allclose(w.future[:, 3], looped.e_max()), "the new slot starts at e_max"
-        w, used = looped.refine(w)
+        w, used = engine.refine(looped, w)
         warm.append(used)
-        cold.append(looped.refine(looped.start(w.past))[1])
+        cold.append(engine.refine(looped, engine.start(looped, w.past))[1])
     assert sum(warm) < sum(cold), (warm, cold)
 
 
@@ -50,20 +57,20 @@ def test_a_cold_start_sees_what_a_fresh_window_sees(attn):
     collapse/shift steps, the refined future equals that of a new window on the same tokens. In
     bidirectional mode refine also moves the past's states, so forget must reset them too."""
     model = tiny(n_future=3, pos_emb='rope', attn=attn).eval()
-    w, _ = model.refine(model.start(torch.arange(6)[None] % 5))
+    w, _ = engine.refine(model, engine.start(model, torch.arange(6)[None] % 5))
     for _ in range(4):
         slots = torch.tensor([[True, False, False]])
-        w, _ = model.shift(model.collapse(w, slots, model.future_logits(w).argmax(-1)))
-        w, _ = model.refine(model.forget(w))
-    fresh, _ = model.refine(model.start(w.past))
+        w, _ = engine.shift(model, engine.collapse(model, w, slots, w.stats['logits'].argmax(-1)))
+        w, _ = engine.refine(model, engine.forget(model, w))
+    fresh, _ = engine.refine(model, engine.start(model, w.past))
     assert torch.allclose(w.future, fresh.future, atol=1e-5)
 
 
 def test_threshold_commits_several_certain_tokens_and_exactly_one_otherwise(looped):
     idx = torch.arange(10)[None] % 7
-    _, stats = generate(looped, idx, 24, Settings(temperature=0, policy='threshold', tau=1.0))
+    _, stats = generate(looped, idx, 24, Settings(temperature=0, policy='threshold', tau=1.0, **COLLAPSE))
     assert max(s['emitted'] for s in stats.steps) > 1
-    _, stats = generate(looped, idx, 12, Settings(temperature=0, policy='threshold', tau=0.0))
+    _, stats = generate(looped, idx, 12, Settings(temperature=0, policy='threshold', tau=0.0, **COLLAPSE))
     assert all(s['emitted'] == 1 for s in stats.steps)
     bits = torch.tensor([[0.1, 0.2, 3.0, 0.1], [2.0, 0.1, 0.1, 0.1]])
     open_ = torch.tensor([[True, True, True, True], [True, True, True, True]])
@@ -74,12 +81,12 @@ def test_nearest_collapse_is_sure_and_no_farther_than_the_token_row():
     model = tiny(n_future=4, pos_emb='rope').eval()
     with torch.no_grad():  # embedding rows that decode to themselves with confidence
         model.transformer.wte.weight.copy_(3.0 * torch.linalg.qr(torch.randn(32, 13))[0].T)
-    w = model.start(torch.randint(0, 13, (2, 5)))
+    w = engine.start(model, torch.randint(0, 13, (2, 5)))
     w.future = w.future + 0.3 * torch.randn_like(w.future)
     before = w.future.clone()
     tokens = torch.randint(0, 13, (2, 4))
     slots = torch.ones(2, 4, dtype=torch.bool)
-    w = model.collapse(w, slots, tokens, mode='nearest', eps=0.1)
+    w = engine.collapse(model, w, slots, tokens, mode='nearest', eps=0.1)
     p = model.decode(w.future).gather(-1, tokens[..., None])[..., 0]
     assert (p >= 0.9 - 1e-4).all()
     rows = model.transformer.wte.weight[tokens]
@@ -88,12 +95,27 @@ def test_nearest_collapse_is_sure_and_no_farther_than_the_token_row():
 
 
 @pytest.mark.parametrize('policy', ['first', 'threshold', 'lowest', 'median'])
-def test_a_pin_appears_at_its_offset_and_generation_continues(looped, policy):
+@pytest.mark.parametrize('offset', [3, 9])
+def test_a_goal_appears_at_its_offset_and_generation_continues(looped, policy, offset):
+    """Offset 3 lies in the first window (what pins used to be); offset 9 lies beyond it and is
+    pinned as its slots come into reach."""
     idx = torch.arange(10)[None] % 7  # next tokens would be 3 4 5 6 ...
-    pin = [6, 6]
-    out, _ = generate(looped, idx, 12, Settings(temperature=0, policy=policy), pins=[(3, pin)])
-    assert out.size(1) == 12
-    assert out[0, 2:4].tolist() == pin
+    goal = [6, 6]
+    out, _ = generate(looped, idx, 14, Settings(temperature=0, policy=policy), goal=(offset, goal))
+    assert out.size(1) == 14
+    assert out[0, offset - 1:offset + 1].tolist() == goal
+
+
+def test_future_auto_follows_the_entropy_curve(looped):
+    assert live_slots(torch.tensor([[0.1, 0.2, 3.0, 0.1]]), 1.0) == 3  # two sure slots and the frontier
+    assert live_slots(torch.tensor([[2.0, 0.1, 0.1, 0.1]]), 1.0) == 1
+    assert live_slots(torch.tensor([[0.0, 0.0, 0.0, 0.0]]), 1.0) == 4
+    idx = torch.arange(10)[None] % 7
+    for tau, expect in ((0.0, {1}), (50.0, {4})):  # nothing is sure: one slot; everything is: all four
+        _, stats = generate(looped, idx, 12, Settings(temperature=0, future='auto', tau=tau, **COLLAPSE))
+        assert {s['live'] for s in stats.steps} == expect
+    out, stats = generate(looped, idx, 30, Settings(temperature=0, future='auto', tau=1.0, **COLLAPSE))
+    assert out.shape == (1, 30) and 1 <= min(s['live'] for s in stats.steps)
 
 
 @pytest.mark.parametrize('kind', ['gpt', 'pinned-rope', 'pinned-learned', 'bidirectional-learned'])
@@ -103,8 +125,10 @@ def test_generation_slides_past_block_size(kind):
                                 'bidirectional-learned': dict(n_future=4, attn='bidirectional')})[kind]
     model = tiny(**overrides).eval()
     for slide in (0, 5):
-        out, stats = generate(model, torch.randint(0, 13, (2, 3)), 50, Settings(temperature=1.0, slide=slide),
-                              torch.Generator().manual_seed(0))
+        if slide and kind == 'pinned-rope':
+            continue  # a rotary pinned window rolls: slide does not apply
+        out, stats = generate(model, torch.randint(0, 13, (2, 3)), 50, Settings(temperature=1.0, slide=slide, **(
+            {} if kind == 'gpt' else COLLAPSE)), torch.Generator().manual_seed(0))
         assert out.shape == (2, 50) and 0 <= out.min() and out.max() < 13
 
 
@@ -121,12 +145,14 @@ def test_gpt_kv_cache_matches_the_plain_sliding_loop():
 
 def test_bad_sampler_inputs_are_clear_errors(looped):
     idx = torch.arange(10)[None] % 7
-    with pytest.raises(ValueError, match='does not fit the 4 future slots'):
-        generate(looped, idx, 5, Settings(), pins=[(3, [1, 2, 3])])
     with pytest.raises(ValueError, match='max_new_tokens must be > 0'):
         generate(looped, idx, 0, Settings())
-    with pytest.raises(ValueError, match='pins need a WFC model'):
-        generate(tiny().eval(), idx, 5, Settings(), pins=[(1, [1])])
+    with pytest.raises(ValueError, match='a goal needs a WFC model'):
+        generate(tiny().eval(), idx, 5, Settings(), goal=(1, [1]))
+    with pytest.raises(ValueError, match="did not train"):  # no past_loss: its causal head cannot verify
+        generate(looped, idx, 5, Settings(sampler='speculative'))
+    with pytest.raises(ValueError, match="a goal pins future slots"):
+        generate(tiny(n_future=2, pos_emb='rope', past_loss=1.0).eval(), idx, 5, Settings(sampler='speculative'), goal=(1, [1]))
     with pytest.raises(ValueError, match='policy must be one of'):
         generate(looped, idx, 5, Settings(policy='best'))
 

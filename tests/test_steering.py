@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+import engine
 import steering
 from conftest import run_script, tiny
 from sampling import Settings, generate
@@ -155,7 +156,7 @@ def test_a_goal_beyond_the_window_lands_at_its_offset(wfc):
     assert not (plain[:, 8:11] == torch.tensor([7, 8, 9])).all(1).any(), "without the goal it is not there"
     c = steering.best_of_n(wfc, PROMPT, 16, lambda t: -t.count(0), n=3, s=s, generator=g(0), goal=goal)
     assert (c.tokens[:, 8:11] == torch.tensor([7, 8, 9])).all()
-    w = steering.pin_goal(wfc, wfc.start(PROMPT[None]), goal, 5, s)  # 5 tokens in: the goal's first token is 4 ahead
+    w = steering.pin_goal(wfc, engine.start(wfc, PROMPT[None]), goal, 5, s)  # 5 tokens in: the goal's first token is 4 ahead
     assert w.decided.tolist() == [[-1, -1, -1, 7]], "a goal token is pinned as soon as its slot is in the window"
 
 
@@ -164,10 +165,10 @@ def test_window_select_indexes_every_row_tensor(attn):
     model = tiny(n_future=4, pos_emb='rope', attn=attn).eval()
     idx = torch.randint(0, V, (3, 6))
     rows = torch.tensor([2, 0, 2])
-    picked, _ = model.refine(model.start(idx).select(rows))
-    direct, _ = model.refine(model.start(idx[rows]))
+    picked, _ = engine.refine(model, engine.start(model, idx).select(rows))
+    direct, _ = engine.refine(model, engine.start(model, idx[rows]))
     assert torch.allclose(picked.future, direct.future, atol=1e-5) and torch.equal(picked.past, direct.past)
-    w = model.start(idx)
+    w = engine.start(model, idx)
     w.decided[0, 2] = 5  # original row 0 is selected row 1
     assert w.select(rows).decided[1, 2] == 5 and w.select(rows).decided[0, 2] == -1
 
@@ -213,17 +214,17 @@ def test_branching_keeps_the_candidate_that_leaves_the_future_most_certain(wfc):
     """The lookahead recomputed by hand: each candidate collapsed, refined, its open slots' entropy."""
     from sampling import branch_tokens, entropy_bits
     s = Settings(temperature=0, branch=4)
-    w, _ = wfc.refine(wfc.start(PROMPT[None].expand(2, -1).contiguous()))
-    logits = wfc.future_logits(w)
+    w, _ = engine.refine(wfc, engine.start(wfc, PROMPT[None].expand(2, -1).contiguous()))
+    logits = w.stats['logits']
     first = torch.zeros(2, 4, dtype=torch.bool)
     first[:, 0] = True
-    picked, _ = branch_tokens(wfc, w, torch.arange(2), first, logits, s, None, None, dict(max_loop=None, tol=None))
+    picked, _ = branch_tokens(wfc, w, torch.arange(2), first, logits, s, None, None)
     for row in range(2):
         spreads = {}
         for token in logits[row, 0].topk(4).indices.tolist():
-            copy = wfc.collapse(w.select(torch.tensor([row])), first[:1], torch.full((1, 4), token))
-            copy, _ = wfc.refine(wfc.forget(copy))
-            spreads[token] = entropy_bits(wfc.future_logits(copy))[0][0, 1:].mean().item()
+            copy = engine.collapse(wfc, w.select(torch.tensor([row])), first[:1], torch.full((1, 4), token))
+            copy, _ = engine.refine(wfc, engine.forget(wfc, copy))
+            spreads[token] = entropy_bits(copy.stats['logits'])[0][0, 1:].mean().item()
         assert picked[row].item() == min(spreads, key=spreads.get)
 
 

@@ -1,0 +1,327 @@
+"""
+Generation-time state: the causal stream's key/value cache, the WFC sampler's window, and one
+sampler step's parts (converge -> collapse -> shift). model.py holds the trainable model; this
+file holds what a sampler carries from token to token, as nanochat keeps its engine apart.
+
+- KVCache: keys/values of the causal stream for B rows, per pass and layer, in one buffer that
+  grows by doubling: append, truncate (a speculative draft rejected), select rows (SMC), compact.
+- The block edge. A rotary model keeps its cache when the context outgrows block_size: each new
+  token sees the block_size - 1 tokens before it, whose keys/values were computed when they were
+  new (a rolling window: nothing is rebuilt, cost per token stays flat). A learned-position model
+  must re-encode positions, so it rebuilds its cache from the last max_past - slide tokens
+  (slide = 0: every token, as nanoGPT recomputes its cropped window).
+- Window, start, refine, forget, collapse, shift: the WFC sampler's state and steps. Pinned: the
+  past's keys/values are a cache and the newest decided tokens wait as `pending` until the next
+  refine runs them together with the future's first pass (one stack call per step).
+"""
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch.nn import functional as F
+
+from model import Context, visibility
+
+
+class KVCache:
+    """Keys/values of the causal stream: buf (passes, layers, 2, B, n_head, capacity, head_size),
+    of which the first `length` entries hold the tokens at absolute positions start.. start + length - 1."""
+
+    def __init__(self, buf=None, start=0, length=0):
+        self.buf, self.start, self.length = buf, start, length
+
+    @property
+    def end(self):
+        """The absolute position of the next token."""
+        return self.start + self.length
+
+    def views(self, p, keep=0):
+        """Per layer (k, v) of pass p: the last `keep` entries (0: all)."""
+        lo = max(0, self.length - keep) if keep else 0
+        return [(layer[0, :, :, lo:self.length], layer[1, :, :, lo:self.length]) for layer in self.buf[p]]
+
+    def append(self, kvs, keep=0):
+        """Add per pass the per-layer (k, v) (B, n_head, n, head_size) of n new tokens. When the buffer
+        is full: keep > 0 drops all but the last `keep` entries first (a rolling window), else it doubles."""
+        k0 = kvs[0][0][0]
+        n = k0.size(2)
+        if self.buf is None:
+            self.buf = k0.new_empty(len(kvs), len(kvs[0]), 2, k0.size(0), k0.size(1), max(64, 2 * n), k0.size(3))
+        if self.length + n > self.buf.size(5):
+            if keep and keep + n <= self.buf.size(5):
+                self.compact(keep)
+            else:
+                grown = self.buf.new_empty(*self.buf.shape[:5], 2 * (self.length + n), self.buf.size(6))
+                grown[..., :self.length, :] = self.buf[..., :self.length, :]
+                self.buf = grown
+        for p, layers in enumerate(kvs):
+            for i, (k, v) in enumerate(layers):
+                self.buf[p, i, 0, :, :, self.length:self.length + n] = k
+                self.buf[p, i, 1, :, :, self.length:self.length + n] = v
+        self.length += n
+
+    def compact(self, keep):
+        """Keep only the newest `keep` entries."""
+        drop = self.length - keep
+        if drop > 0:
+            self.buf[..., :keep, :] = self.buf[..., drop:self.length, :].clone()
+            self.start, self.length = self.start + drop, keep
+
+    def truncate(self, end):
+        """Forget the entries at absolute positions >= end."""
+        self.length = max(0, min(self.length, end - self.start))
+
+    def select(self, rows):
+        return KVCache(None if self.buf is None else self.buf[:, :, :, rows], self.start, self.length)
+
+
+def rolls(model):
+    """Whether the cache rolls past the block edge (rotary) or is rebuilt (learned positions)."""
+    return model.rotary is not None
+
+
+def max_past(model, n_future=None):
+    """Most past tokens a window holds: block_size (learned WFC positions: fewer, so that the future
+    slots stay on positions seen in training)."""
+    c = model.config
+    F_ = c.n_future if n_future is None else n_future
+    return c.block_size if rolls(model) or F_ == 0 else c.block_size - F_ + 1
+
+
+def ensure_positions(model, end):
+    """Rotary tables up to position end (a rolling window keeps counting positions)."""
+    if model.rotary is not None and end > model.rotary.cos.size(0):
+        model.rotary.ensure(2 * end)
+
+
+@torch.no_grad()
+def run_causal(model, idx, cache, queries=None):
+    """Run the causal stream on the tokens idx (B, n) that follow the cache, append their keys/values
+    (keeping a rolling window for rotary models) and return the final states (of the last `queries`)."""
+    bs, n = model.config.block_size, idx.size(1)
+    ensure_positions(model, cache.end + n)
+    pos = torch.arange(cache.end, cache.end + n, device=idx.device)
+    keep = bs - 1 if rolls(model) else 0  # a token sees the block_size - 1 before it
+    past = None if not cache.length else [cache.views(p, keep) for p in range(model.config.n_loop)]
+    x, kvs = model.causal(model.input(idx, pos), pos, past, queries, window=bs if rolls(model) else 0)
+    cache.append(kvs, keep=keep)
+    return x
+
+
+@dataclass
+class Window:
+    """What the WFC sampler carries from step to step, for B rows. past (B, P): the decided tokens
+    (the last max_past of them), the first at absolute position `start`. future (B, F, C): the
+    future slots' states. decided (B, F): token of a collapsed or pinned slot, -1 while open.
+    Bidirectional: past_x (B, P, C) the past's states. Pinned: cache, the causal stream's keys/values
+    of all but the last `pending` past tokens (the next refine runs those with its first pass)."""
+    past: torch.Tensor
+    future: torch.Tensor
+    decided: torch.Tensor
+    start: int = 0
+    past_x: torch.Tensor = None
+    cache: KVCache = None
+    pending: int = 0
+    stats: dict = field(default_factory=dict)
+
+    def select(self, rows):
+        """A window made of the batch rows `rows` (1-D long, repeats allowed): how SMC resamples
+        particles that run as the rows of one batch, and how a branch copies a row."""
+        B = self.past.size(0)
+        stats = {k: v[rows] if torch.is_tensor(v) and v.dim() and v.size(0) == B else v for k, v in self.stats.items()}
+        return Window(self.past[rows], self.future[rows], self.decided[rows], self.start,
+                      None if self.past_x is None else self.past_x[rows],
+                      None if self.cache is None else self.cache.select(rows), self.pending, stats)
+
+    def future_pos(self):
+        P, F_ = self.past.size(1), self.decided.size(1)
+        return torch.arange(self.start + P, self.start + P + F_, device=self.past.device)
+
+
+@torch.no_grad()
+def start(model, idx, n_future=None):
+    """A window for the prompt idx (B, P): its last max_past tokens as the past, F fresh e_max slots."""
+    F_ = n_future or model.config.n_future
+    idx = idx[:, -max_past(model, F_):]
+    B, P = idx.shape
+    w = Window(past=idx, future=None, decided=torch.full((B, F_), -1, dtype=torch.long, device=idx.device))
+    w.future = model.blank(w.future_pos()).expand(B, F_, -1).clone()
+    if model.config.attn == 'pinned':
+        w.cache = KVCache()
+        run_causal(model, idx, w.cache, queries=0)  # the future reads only the past's keys/values
+    else:
+        w.past_x = model.input(idx, torch.arange(P, device=idx.device))
+    return w
+
+
+def future_mask(model, n_keys, F_, device):
+    """The future slots' visibility in a sampler window (one block after n_keys past keys), or None
+    when every slot sees every key; (1, 1, F, n_keys + F)."""
+    if model.config.spec_window < 0:
+        return None
+    j = torch.arange(F_, device=device)
+    horizon = torch.full((F_,), n_keys - 1, device=device)
+    return visibility(horizon, j * 0, j, torch.arange(n_keys, device=device), j * 0, j, model.config.spec_window)[None, None]
+
+
+def _pending_pass(model, w, x0, pos_f):
+    """The pinned window's first pass, joined with the causal stream on the pending past tokens in
+    one stack call: they see the past (and each other, causally), the future sees them; their
+    keys/values extend the cache. Returns the future's state after pass 1."""
+    n, (B, P), F_, c = w.pending, w.past.shape, w.future.size(1), model.config
+    bs, dev = c.block_size, w.past.device
+    ensure_positions(model, w.start + P + F_)
+    pos_n = torch.arange(w.start + P - n, w.start + P, device=dev)
+    keep = bs - 1 if rolls(model) else 0
+    prefixes = None if not w.cache.length else w.cache.views(0, keep)
+    L = 0 if prefixes is None else prefixes[0][0].size(2)
+    j = torch.arange(F_, device=dev)
+    horizon = torch.cat((pos_n, pos_n[-1:].expand(F_)))  # pending tokens: causal; future: all of the past
+    block = torch.cat((j.new_full((n,), -1), j * 0))
+    mask = visibility(horizon, block, torch.cat((j.new_zeros(n), j)), torch.arange(int(pos_n[0]) - L, int(pos_n[-1]) + 1, device=dev),
+                      j * 0, j, c.spec_window, window=bs if rolls(model) else 0)[None, None]
+    x_n = model.input(w.past[:, P - n:], pos_n)
+    ctx = Context(torch.cat((x_n, x0), 1), torch.cat((pos_n, pos_f)), mask, prefixes)
+    frozen = torch.cat((w.decided.new_zeros(B, n, dtype=torch.bool), w.decided >= 0), 1)
+    first, kvs = model.update(torch.cat((x_n, w.future), 1), ctx, frozen, queries=F_)
+    w.cache.append([[(k[:, :, :n], v[:, :, :n]) for k, v in kvs]], keep=keep)
+    w.pending = 0
+    return first
+
+
+@torch.no_grad()
+def refine(model, w, max_loop=None, tol=None, min_loop=None, slot_exit=None):
+    """Run passes from the window's current (warm) state until its open future slots converge or
+    max_loop (see GPT.iterate). Returns w and the passes run; w.stats holds entropy (B, F) in nats,
+    logits (B, F, V) of the future and the Trace."""
+    c, (B, P), F_ = model.config, w.past.shape, w.future.size(1)
+    decided = w.decided >= 0
+    pos_f = w.future_pos()
+    ensure_positions(model, int(pos_f[-1]) + 1)
+    x0 = torch.where(decided[..., None], model.input(w.decided.clamp(min=0), pos_f), model.blank(pos_f))
+    limits = dict(max_loop=max_loop, tol=tol, min_loop=min_loop, slot_exit=slot_exit)
+    if c.attn == 'pinned':
+        first = _pending_pass(model, w, x0, pos_f) if w.pending else None
+        prefixes = w.cache.views(c.n_loop - 1, c.block_size if rolls(model) else 0)
+        ctx = Context(x0, pos_f, future_mask(model, prefixes[0][0].size(2), F_, w.past.device), prefixes)
+        w.future, trace = model.iterate(w.future, ctx, decided, ~decided, first=first, **limits)
+    else:
+        none = torch.zeros(B, P, dtype=torch.bool, device=w.past.device)
+        pos = torch.arange(P + F_, device=w.past.device)
+        ctx = Context(torch.cat((model.input(w.past, pos[:P]), x0), 1), pos)
+        x, trace = model.iterate(torch.cat((w.past_x, w.future), 1), ctx, torch.cat((none, decided), 1),
+                                 torch.cat((none, ~decided), 1), **limits)
+        w.past_x, w.future = x[:, :P], x[:, P:]
+    logits = model.logits(w.future)  # (B, F, V), decoded once per step for the sampler
+    w.stats = dict(passes=trace.steps, entropy=model.entropy_of_logits(logits), logits=logits, trace=trace)
+    return w, trace.steps
+
+
+@torch.no_grad()
+def forget(model, w):
+    """A cold start, the state training's refinement starts from (for models not trained to
+    warm-start): open future slots back to e_max and, bidirectional, the past back to its token
+    embeddings (refine moves the past's states too; carried over steps they drift)."""
+    w.future = torch.where((w.decided < 0)[..., None], model.blank(w.future_pos()).to(w.future.dtype), w.future)
+    if w.past_x is not None:
+        w.past_x = model.input(w.past, torch.arange(w.past.size(1), device=w.past.device)).to(w.past_x.dtype)
+    return w
+
+
+def future_logits(model, w):
+    """(B, F, V) logits of the future slots."""
+    return model.logits(w.future)
+
+
+@torch.no_grad()
+def collapse(model, w, slots, tokens, mode='token', eps=0.1, lam=0.5, decide=True):
+    """Measure future slots (B, F) bool as tokens (B, F). mode 'token' writes the token's embedding
+    row (as a GPT would); 'partial' moves lam of the way there; 'nearest' writes the closest state on
+    the way from the current state to the row that decodes to the token with p >= 1 - eps (the seed's
+    proposal: keep the nuance). decide=False leaves the slots open (a nudge, as the median policy does)."""
+    rows = model.input(tokens.clamp(min=0), w.future_pos())
+    if mode == 'token':
+        new = rows
+    elif mode == 'partial':
+        new = w.future + lam * (rows - w.future)
+    elif mode == 'nearest':
+        new = nearest(model, w.future, rows, tokens.clamp(min=0), eps)
+    else:
+        raise ValueError(f"collapse mode must be 'token', 'nearest' or 'partial', got {mode!r}")
+    w.future = torch.where(slots[..., None], new.to(w.future.dtype), w.future)
+    if decide:
+        w.decided = torch.where(slots, tokens, w.decided)
+    return w
+
+
+def nearest(model, x, rows, tokens, eps, steps=20):
+    """Bisection on the segment x -> row (extended along the ray when the row itself decodes with
+    p < 1 - eps) for the smallest move that gives the token p >= 1 - eps."""
+    def ok(lam):
+        logp = F.log_softmax(model.logits(x + lam[..., None] * (rows - x)).float(), -1)
+        return logp.gather(-1, tokens[..., None])[..., 0] >= math.log(1 - eps)
+    lo, hi = torch.zeros(x.shape[:-1], device=x.device), torch.ones(x.shape[:-1], device=x.device)
+    already = ok(lo)
+    for _ in range(4):  # the row itself is not enough: try 2, 4, 8, 16 times as far
+        short = ~ok(hi)
+        lo, hi = torch.where(short, hi, lo), torch.where(short, 2 * hi, hi)
+    reachable = ok(hi)
+    for _ in range(steps):  # invariant: ok(hi), not ok(lo)
+        mid = (lo + hi) / 2
+        good = ok(mid)
+        lo, hi = torch.where(good, lo, mid), torch.where(good, mid, hi)
+    lam = torch.where(already, 0.0, torch.where(reachable, hi, 1.0))  # unreachable: the row
+    return x + lam[..., None] * (rows - x)
+
+
+def rebase(model, x, old_pos, new_pos):
+    """Move states from positions old_pos to new_pos: learned positions are part of the state."""
+    if 'wpe' not in model.transformer:
+        return x
+    return x + model.transformer.wpe(new_pos) - model.transformer.wpe(old_pos)
+
+
+@torch.no_grad()
+def shift(model, w, slide=0, length=None):
+    """Move the decided prefix (the leading decided slots, as many as every row has) into the past
+    and append fresh e_max slots, up to `length` future slots (default: as many as before; fewer
+    drops the last carried open slots, never a decided one). Past max_past the oldest tokens leave
+    the window: a pinned rotary window rolls on (its cache is kept, positions keep counting);
+    otherwise positions restart at 0 and the past is re-encoded (slide: drop that many more, to
+    rebuild less often). Returns w and the moved tokens (B, n)."""
+    n = int((w.decided >= 0).long().cumprod(1).sum(1).min())
+    if n == 0:
+        return w, w.past[:, :0]
+    (B, P), F_, c = w.past.shape, w.future.size(1), model.config
+    moved, past = w.decided[:, :n], torch.cat((w.past, w.decided[:, :n]), 1)
+    over = max(0, past.size(1) - max_past(model))
+    rolling = c.attn == 'pinned' and rolls(model)
+    drop = over if rolling or not over else min(past.size(1) - 1, over + slide)
+    carried, old_pos = w.future[:, n:], w.future_pos()[n:]
+    if c.attn == 'pinned':
+        rebuild = drop and not rolling  # learned positions: re-encode the past from position 0
+        if rebuild:
+            w.cache, w.pending = KVCache(), 0
+        missing = past[:, drop:] if rebuild else moved  # tokens whose keys/values the cache lacks
+        if c.n_loop == 1:
+            w.pending += missing.size(1)  # the next refine runs them with its first pass
+        else:  # a looped stream cannot join the future's single pass: run them now
+            run_causal(model, missing, w.cache, queries=0)
+        w.start += drop if rolling else 0
+    else:
+        w.past_x = torch.cat((w.past_x, w.future[:, :n]), 1)[:, drop:]
+    if drop and not rolling:
+        pos = torch.arange(P + n, device=past.device)
+        if w.past_x is not None:
+            w.past_x = rebase(model, w.past_x, pos[drop:], pos[:P + n - drop])
+        carried = rebase(model, carried, old_pos, old_pos - drop)
+    w.past, decided = past[:, drop:], w.decided[:, n:]
+    pinned_to = int(((decided >= 0).any(0).nonzero().max() + 1) if (decided >= 0).any() else 0)
+    keep = max(pinned_to, min(F_ if length is None else length, F_ - n))
+    fresh = max(0, (F_ if length is None else length) - keep)
+    w.decided = torch.cat((decided[:, :keep], decided.new_full((B, fresh), -1)), 1)
+    first_fresh = w.start + w.past.size(1) + keep
+    fresh_pos = torch.arange(first_fresh, first_fresh + fresh, device=past.device)
+    w.future = torch.cat((carried[:, :keep], model.blank(fresh_pos).expand(B, fresh, -1)), 1)
+    return w, moved

@@ -1,0 +1,129 @@
+"""
+Exact speculative sampling for pinned WFC models: the future slots draft, the causal stream verifies.
+
+A round, for one row (rows run one after another):
+1. Drafts d_1..d_k are drawn from q_1..q_k, the filtered distributions of future slots 2..k + 1 of
+   the block behind the last token the cache has seen (slot 1 of that block predicts the token
+   committed last, which is already known).
+2. ONE stack call runs the causal stream on [pending, d_1..d_k] (pending: the token committed
+   last, not yet in the cache) and, in the same call, a block of F future slots behind each of
+   them. It gives p_1..p_{k+1}, the causal stream's next-token distributions after pending, d_1,
+   .., d_k, and the next round's drafts for every possible outcome.
+3. d_i is accepted with probability min(1, p_i(d_i) / q_i(d_i)). At the first rejection a token is
+   drawn from norm(max(0, p_i - q_i)) and the round ends; when every draft is accepted a bonus
+   token is drawn from p_{k+1} (Leviathan et al. 2023; Chen et al. 2023). Temperature, top-k,
+   top-p and min-p filter p and q alike, so the text follows the causal stream's filtered
+   distribution exactly, token for token. Greedy (temperature 0): accept while d_i = argmax p_i,
+   which gives exactly the causal stream's greedy text.
+4. The cache keeps the keys/values of pending and the accepted drafts and forgets the rest; the
+   token committed last becomes the next round's pending token.
+A round commits 1..k + 1 tokens for one stack call. With a temperature schedule the temperature
+advances per round. Draft length: k = F - 1, or with future='auto' the rule of
+sampling.live_slots on the drafts' entropies (the same rule that sizes the collapse sampler's window).
+"""
+
+import torch
+
+import engine
+from model import Context, visibility
+from sampling import draw, entropy_bits, filtered_probs, live_slots
+
+
+@torch.no_grad()
+def generate_speculative(model, idx, max_new_tokens, s, generator, on_tokens, schedule, stats):
+    """sampling.generate's speculative sampler: (B, n) new tokens, rows that on_tokens ended early
+    padded with -1."""
+    rows = [_sample_row(model, idx[r:r + 1], max_new_tokens, s, generator,
+                        None if on_tokens is None else (lambda ids, r=r: on_tokens(r, ids)), schedule, stats)
+            for r in range(idx.size(0))]
+    n = max(row.size(1) for row in rows)
+    return torch.cat([torch.nn.functional.pad(row, (0, n - row.size(1)), value=-1) for row in rows])
+
+
+def verify(model, cache, tokens, max_loop=1, tol=None):
+    """The round's one stack call: the causal stream on tokens (1, n) = [pending, drafts] after the
+    cache, and F future slots behind each of them. Appends the n tokens' keys/values to the cache.
+    Returns the causal logits (1, n, V) (row i: the distribution of the token after tokens[:, i])
+    and the future blocks' logits (1, n, F, V)."""
+    c, n, F_, dev = model.config, tokens.size(1), model.config.n_future, tokens.device
+    keep, P0 = c.block_size - 1, cache.end
+    engine.ensure_positions(model, P0 + n + F_)
+    pos_c = torch.arange(P0, P0 + n, device=dev)
+    pos_f = (pos_c[:, None] + torch.arange(1, F_ + 1, device=dev)).flatten()  # block b: the F positions after token b
+    block, index = torch.arange(n, device=dev).repeat_interleave(F_), torch.arange(F_, device=dev).repeat(n)
+    prefixes = cache.views(0, keep) if cache.length else None
+    L = prefixes[0][0].size(2) if prefixes else 0
+    mask = visibility(torch.cat((pos_c, pos_c.repeat_interleave(F_))), torch.cat((block.new_full((n,), -1), block)),
+                      torch.cat((index.new_zeros(n), index)), torch.arange(P0 - L, P0 + n, device=dev), block, index,
+                      c.spec_window, window=c.block_size)[None, None]
+    x0 = torch.cat((model.input(tokens, pos_c), model.blank(pos_f)[None]), 1)
+    x, kvs = model.update(x0, Context(x0, torch.cat((pos_c, pos_f)), mask, prefixes))
+    cache.append([[(k[:, :, :n], v[:, :, :n]) for k, v in kvs]], keep=keep)
+    future = x[:, n:]
+    if max_loop > 1:  # more passes for the drafts, against the past now in the cache
+        views = cache.views(0, c.block_size + n)
+        keys = torch.arange(cache.end - views[0][0].size(2), cache.end, device=dev)
+        ctx = Context(x0[:, n:], pos_f, visibility(pos_c.repeat_interleave(F_), block, index, keys, block, index,
+                                                   c.spec_window, window=c.block_size)[None, None], views)
+        none = torch.zeros(1, n * F_, dtype=torch.bool, device=dev)
+        future, _ = model.iterate(x0[:, n:], ctx, none, ~none, max_loop=max_loop, tol=tol, first=future)
+    return model.logits(x[:, :n]), model.logits(future).view(1, n, F_, -1)
+
+
+def accept(p_logits, q, drafts, temperature, s, generator):
+    """The acceptance rule. p_logits (1, k + 1, V) the verifier's logits, q (1, k, V) the drafts'
+    filtered distributions (None when greedy), drafts (1, k). Returns the number of accepted
+    drafts a and the token that follows them (1, 1): a residual draw at the rejection, or the bonus."""
+    k = drafts.size(1)
+    if temperature == 0:
+        target = p_logits.argmax(-1)
+        a = int((drafts == target[:, :k]).long().cumprod(1).sum())
+        return a, target[:, a:a + 1]
+    p = filtered_probs(p_logits, temperature, s.top_k, s.top_p, s.min_p)[0]  # (k + 1, V)
+    a = 0
+    if k:
+        rows = torch.arange(k, device=p.device)
+        u = torch.rand(k, device=p.device, generator=generator)
+        a = int((u * q[0, rows, drafts[0]] < p[rows, drafts[0]]).long().cumprod(0).sum())  # u < p / q, in order
+    if a == k:
+        return a, draw(p[k], generator).view(1, 1)
+    residual = (p[a] - q[0, a]).clamp(min=0)
+    total = residual.sum()
+    return a, draw(residual / total if total > 0 else p[a], generator).view(1, 1)
+
+
+def _drafts(draft_logits, temperature, s, generator):
+    """Draft tokens (1, k) and their filtered distributions (1, k, V) (None when greedy) from the
+    logits (1, k, V) of the draft slots; future='auto' keeps the leading slots the rule allows."""
+    if s.future == 'auto' and draft_logits.size(1):
+        draft_logits = draft_logits[:, :live_slots(entropy_bits(draft_logits)[0], s.tau)]
+    if temperature == 0:
+        return draft_logits.argmax(-1), None
+    q = filtered_probs(draft_logits, temperature, s.top_k, s.top_p, s.min_p)
+    return draw(q, generator), q
+
+
+def _sample_row(model, idx, max_new_tokens, s, generator, on_tokens, schedule, stats):
+    c, dev = model.config, idx.device
+    cache, prompt = engine.KVCache(), idx[:, -c.block_size:]
+    if prompt.size(1) > 1:
+        engine.run_causal(model, prompt[:, :-1], cache, queries=0)
+    pending, draft_logits, out, produced = prompt[:, -1:], idx.new_zeros(1, 0, c.vocab_size).float(), [], 0
+    max_loop, tol = s.max_loop or c.max_loop, None if s.tol < 0 else s.tol
+    while produced < max_new_tokens:
+        temperature = s.temperature if schedule is None else schedule(produced / max_new_tokens)
+        drafts, q = _drafts(draft_logits, temperature, s, generator)
+        k = drafts.size(1)
+        p_logits, future_logits = verify(model, cache, torch.cat((pending, drafts), 1), max_loop, tol)
+        a, token = accept(p_logits, q, drafts, temperature, s, generator)
+        cache.truncate(cache.end - (k - a))  # the rejected drafts' keys/values go
+        committed = torch.cat((drafts[:, :a], token), 1)[:, :max_new_tokens - produced]
+        produced, pending = produced + committed.size(1), token
+        draft_logits = future_logits[:, a, 1:]  # the block behind the last accepted token: slot 1 is `token`
+        bits = [entropy_bits(p_logits[0, a])[0].item()] if stats.detail else ()
+        stats.add(max_loop, committed.size(1), bits, calls=max_loop)
+        stats.drafts(k, a)
+        out.append(committed)
+        if on_tokens is not None and on_tokens(committed[0].tolist()):
+            break
+    return torch.cat(out, 1)
