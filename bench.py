@@ -36,7 +36,6 @@ Run it on a quiet machine: other processes' load shows up in every column.
 
 import ctypes
 import json
-import os
 import statistics
 import sys
 import time
@@ -46,7 +45,7 @@ import torch
 
 import checkpoint
 import runtime
-from configurator import ConfigError, configure
+from configurator import UserError, cli, configure, require
 from dataloader import DataError, TokenShards, data_dir, read_meta
 from model import GPT, GPTConfig
 from sampling import Settings, generate
@@ -57,11 +56,11 @@ globals().update(asdict(GPTConfig()))
 block_size, vocab_size, n_layer, n_head, n_embd, bias = 64, 65, 4, 4, 128, False
 n_future = 2                   # future slots of the 'wfc' variant (the research default)
 past_loss, dist_power = 1.0, 1.0  # the WFC research default (config/train_shakespeare_char_wfc.py)
-batch_size = 12
+batch_size = 12                # rows per training step
 dataset = 'shakespeare_char'    # batches from data/<dataset> (or a path); random tokens when it is missing
 variants = 'gpt,wfc'            # comma-separated: 'gpt', 'wfc', 'config' (see above)
 dtypes = 'float32,auto'         # comma-separated autocast dtypes; 'auto' = bf16 where native, else skipped as a duplicate
-device = 'auto'
+device = 'auto'                # 'auto', 'cpu', 'cuda', 'mps'
 compile = False                 # torch.compile the training model
 threads = 0                     # torch threads (0 = torch's default: one per core)
 # timing
@@ -78,20 +77,34 @@ out = ''                        # also write every number as JSON here
 # sampler (sampling.Settings)
 sampler = 'auto'               # 'auto' (WFC: speculative where it can), 'speculative', 'collapse', 'causal'
 policy = 'first'               # collapse sampler policy ('threshold' commits several sure tokens per step)
-tau = 1.0
-temperature = 0.8
-top_k = 200
-slide = 0
+tau = 1.0                      # collapse sampler, threshold policy: entropy limit (bits)
+temperature = 0.8              # sampling temperature
+top_k = 200                    # sampling top-k
+slide = 0                      # learned positions: extra tokens dropped at the block edge
 sample_max_loop = 0             # WFC refinement cap per step (0 = the model's max_loop); slot_exit (a model
                                 # setting above) turns on per-slot early exit
-# accepted from train.py config files, not used here
-out_dir, max_iters, lr_decay_iters, warmup_iters, min_lr = '', 0, 0, 0, 0.0
-eval_interval, eval_iters, log_interval, always_save_checkpoint = 0, 0, 0, True
-gradient_accumulation_steps, learning_rate, beta2, weight_decay = 1, 1e-3, 0.99, 0.1
-wandb_log, wandb_project, wandb_run_name = False, '', ''
+out_dir = ''                    # a run folder (or checkpoint): measure its model and sample its weights (variant 'run')
+# accepted from train.py config files (python bench.py config/x.py), not used here: refused on the command line
+max_iters = 0                  # a train.py setting (config files only)
+lr_decay_iters = 0             # a train.py setting (config files only)
+warmup_iters = 0               # a train.py setting (config files only)
+min_lr = 0.0                   # a train.py setting (config files only)
+eval_interval = 0              # a train.py setting (config files only)
+eval_iters = 0                 # a train.py setting (config files only)
+log_interval = 0               # a train.py setting (config files only)
+always_save_checkpoint = True  # a train.py setting (config files only)
+gradient_accumulation_steps = 1 # a train.py setting (config files only)
+learning_rate = 0.001          # a train.py setting (config files only)
+beta2 = 0.99                   # a train.py setting (config files only)
+weight_decay = 0.1             # a train.py setting (config files only)
+wandb_log = False              # a train.py setting (config files only)
+wandb_project = ''             # a train.py setting (config files only)
+wandb_run_name = ''            # a train.py setting (config files only)
 # -----------------------------------------------------------------------------
 
 MODEL_KEYS = list(GPTConfig.__dataclass_fields__)
+TRAIN_ONLY = ('max_iters', 'lr_decay_iters', 'warmup_iters', 'min_lr', 'eval_interval', 'eval_iters', 'log_interval',
+              'always_save_checkpoint', 'gradient_accumulation_steps', 'wandb_log', 'wandb_project', 'wandb_run_name')
 
 
 class PeakMemory:
@@ -142,12 +155,14 @@ def sync(dev):
 
 def variant_args(name, settings):
     args = {k: settings[k] for k in MODEL_KEYS}
+    if name == 'run':
+        return checkpoint.model_args(checkpoint.load(out_dir))
     if name == 'gpt':
         args.update(n_future=0, pos_emb='learned')
     elif name == 'wfc':
         args.update(n_future=args['n_future'] or 2, pos_emb='rope')
     elif name != 'config':
-        raise ValueError(f"unknown variant {name!r}: use 'gpt', 'wfc' or 'config'")
+        raise ValueError(f"unknown variant {name!r}: use 'gpt', 'wfc', 'config' or --out_dir=RUN")
     return args
 
 
@@ -171,10 +186,7 @@ def train_speed(args, dev, dtype, peak):
     torch.manual_seed(0)
     with PeakMemory(dev) as memory:
         model = GPT(GPTConfig(**args)).to(dev)
-        decay = [p for p in model.parameters() if p.dim() >= 2]
-        rest = [p for p in model.parameters() if p.dim() < 2]
-        optimizer = torch.optim.AdamW([{'params': decay, 'weight_decay': weight_decay}, {'params': rest, 'weight_decay': 0.0}],
-                                      lr=learning_rate, betas=(0.9, beta2), fused=dev.startswith('cuda'))
+        optimizer = model.configure_optimizer(weight_decay, learning_rate, (0.9, beta2), dev.split(':')[0])
         step_model = torch.compile(model) if compile else model
         batch, source = batches(args, dev)
         ctx = runtime.autocast(dev, dtype)
@@ -204,7 +216,7 @@ def train_speed(args, dev, dtype, peak):
 
 def sampler_model(name, args, dev, trained=True):
     """The model a row samples: the variant's checkpoint when given (and trained), else untrained weights."""
-    path = {'gpt': gpt_ckpt, 'wfc': wfc_ckpt}.get(name, '') if trained else ''
+    path = {'gpt': gpt_ckpt, 'wfc': wfc_ckpt, 'run': out_dir}.get(name, '') if trained else ''
     if path:
         model, _ = checkpoint.load_model(path, dev, slot_exit=slot_exit)
         return model, path
@@ -306,10 +318,15 @@ def print_table(rows, title):
 
 
 def main():
+    settings = configure(globals(), sources=(GPTConfig,))
+    given = [a[2:].partition('=')[0] for a in sys.argv[1:] if a.startswith('--')]
+    unused = [k for k in given if k in TRAIN_ONLY]
+    require(not unused, f"--{unused[0] if unused else ''} is a training setting: bench.py times fixed steps and ignores it")
+    require(min(steps, batch_size, sample_tokens, repeats) >= 1 and warmup >= 0 and num_samples >= 0,
+            "need steps, batch_size, sample_tokens and repeats >= 1, warmup and num_samples >= 0")
     try:
-        settings = configure(globals())
         dev = runtime.resolve(device, 'float32')[0]
-        names = [v for v in variants.split(',') if v]
+        names = ['run'] if out_dir else [v for v in variants.split(',') if v]
         kinds = []
         for d in dtypes.split(','):
             d = runtime.resolve(dev, d)[1]
@@ -318,8 +335,8 @@ def main():
         rows_args = [(n, variant_args(n, settings)) for n in names]
         for _, a in rows_args:
             GPTConfig(**a)
-    except (ConfigError, ValueError, RuntimeError) as e:
-        sys.exit(f"error: {e}")
+    except (ValueError, RuntimeError) as e:
+        raise UserError(e) from None
     if threads:
         torch.set_num_threads(threads)
     peaks = {}
@@ -370,4 +387,4 @@ def main():
 
 
 if __name__ == '__main__':
-    main()
+    cli(main)

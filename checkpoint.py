@@ -72,6 +72,11 @@ def remove_stale_temps(folder):
         os.remove(path)
 
 
+def copies(folder):
+    """The names of the rolling ckpt-<iter>.pt copies in a run folder, oldest first."""
+    return [os.path.basename(p) for p in sorted(glob.glob(os.path.join(folder, 'ckpt-*.pt')))]
+
+
 def keep_copy(path, iter_num, keep_last):
     """Copy path to ckpt-<iter>.pt beside it (atomically) and delete all but the newest keep_last
     copies; keep_last = 0 keeps none."""
@@ -121,7 +126,8 @@ def load(path):
             raise CheckpointError(f"{path} holds Python objects, not just tensors and plain data, so it was not "
                                   f"written by this repo or nanoGPT; it is not loaded because unpickling them "
                                   f"could run arbitrary code") from None
-        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt?): {str(e).splitlines()[0]}") from None
+        reason = (str(e).splitlines() or [type(e).__name__])[0] if os.path.getsize(path) else 'the file is empty'
+        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt?): {reason}") from None
     if not isinstance(ckpt, dict) or 'model' not in ckpt or 'model_args' not in ckpt:
         found = f"keys {list(ckpt)[:8]}" if isinstance(ckpt, dict) else f"a {type(ckpt).__name__}"
         raise CheckpointError(f"{path} is not a WFC-GPT or nanoGPT checkpoint (a different model type?): "

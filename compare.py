@@ -25,8 +25,8 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 import checkpoint
-from configurator import ConfigError, configure
-from dataloader import TokenShards
+from configurator import UserError, cli, configure, require
+from dataloader import TokenShards, data_dir
 
 # -----------------------------------------------------------------------------
 budget = 180.0           # seconds of training per variant (time table)
@@ -38,18 +38,21 @@ calibration_iters = 30   # iterations per calibration run
 calibration_rounds = 2   # interleaved rounds of calibration runs
 evals_per_run = 8        # evaluations during each run (the loss-vs-time curve)
 eval_windows = 256       # windows for the final evaluation (eval.py), the same for every variant
+depths = ''              # WFC evaluation: also the next-token loss after exactly K passes for each K ('1,2,4,...')
+convergence = False      # WFC evaluation: also path independence and passes vs entropy (eval.py --convergence)
+eval_max_loop = 0        # WFC evaluation: the refinement cap (0 = each model's own max_loop)
 judge = ''               # judge checkpoint: adds the judge NLL of samples ('' = skip)
 samples = 16             # samples per variant for the judge
-temperature = 0.8
+temperature = 0.8        # sampling temperature of the judged samples
 jobs = 1                 # training runs at a time (their losses depend on iteration counts only;
                          # calibration always runs alone)
 threads = 0              # threads per training run (0 = cores / jobs); 1 on a CPU shared with other jobs
-out_dir = 'runs/compare'
+out_dir = 'runs/compare' # where the runs, results.json / .md and the plots go
 train_runs = True        # False: only evaluate the finished runs already in out_dir (a comparison whose
                          # evaluation was interrupted, or a table over runs of several sessions)
-device = 'cpu'
-dtype = 'auto'
-seed = 1337
+device = 'cpu'           # every run's device
+dtype = 'auto'           # every run's dtype
+seed = 1337              # every run's seed
 # -----------------------------------------------------------------------------
 
 VARIANTS = {
@@ -61,17 +64,40 @@ VARIANTS = {
 REPO = os.path.dirname(os.path.abspath(__file__))
 
 
-def train(name, args, iters, run_dir, evals, threads=None):
-    """Run train.py for `iters` iterations with the schedule ending there; returns its stdout."""
-    cmd = [sys.executable, os.path.join(REPO, 'train.py'), *args, f'--out_dir={run_dir}', f'--max_iters={iters}',
-           f'--lr_decay_iters={iters}', f'--eval_interval={max(1, iters // max(evals, 1))}', f'--device={device}',
-           f'--dtype={dtype}', f'--seed={seed}', '--always_save_checkpoint=True', '--log_interval=1',
-           f'--warmup_iters={min(100, iters // 10)}']
+def train_command(args, iters, run_dir, evals, extra=()):
+    return [sys.executable, os.path.join(REPO, 'train.py'), *args, f'--out_dir={run_dir}', f'--max_iters={iters}',
+            f'--lr_decay_iters={iters}', f'--eval_interval={max(1, iters // max(evals, 1))}', f'--device={device}',
+            f'--dtype={dtype}', f'--seed={seed}', '--always_save_checkpoint=True', '--log_interval=1',
+            f'--warmup_iters={min(100, iters // 10)}', *extra]
+
+
+def finished(run_dir, iters):
+    """Whether run_dir holds a run that reached `iters` (its last evaluation is there)."""
+    path = os.path.join(run_dir, 'eval_log.jsonl')
+    return os.path.exists(path) and read_curve(run_dir)[-1]['iter'] == iters
+
+
+def train(name, args, iters, run_dir, evals, threads=None, fresh=False):
+    """Run train.py for `iters` iterations with the schedule ending there; returns its stdout. A run
+    that already finished is kept; one that was interrupted resumes; fresh (calibration) replaces."""
+    if not fresh and finished(run_dir, iters):
+        print(f"{name}: {run_dir} already finished ({iters} iterations): kept", flush=True)
+        return ''
+    extra = ['--overwrite=True'] if fresh else ['--init_from=resume'] if os.path.exists(os.path.join(run_dir, 'ckpt.pt')) else []
     env = {**os.environ, **({'OMP_NUM_THREADS': str(threads)} if threads else {})}
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
+    result = subprocess.run(train_command(args, iters, run_dir, evals, extra), cwd=REPO, capture_output=True, text=True, env=env)
     if result.returncode:
-        sys.exit(f"error: training {name} failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
+        raise RuntimeError(f"training {name} failed ({result.returncode}):\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
     return result.stdout
+
+
+def check_variants(names):
+    """Every variant's settings and data, checked by train.py itself (--dry_run) before anything trains."""
+    for n in names:
+        result = subprocess.run(train_command(VARIANTS[n], steps, os.path.join(out_dir, 'check', n), 1, ['--dry_run=True']),
+                                cwd=REPO, capture_output=True, text=True, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+        if result.returncode:
+            raise UserError(f"variant {n} ({' '.join(VARIANTS[n])}) does not train: {result.stderr.strip().splitlines()[-1]}")
 
 
 def seconds_per_iter(log):
@@ -90,7 +116,7 @@ def calibrate(names):
     for _ in range(calibration_rounds):
         for n in names:
             run_dir = os.path.join(out_dir, 'calibration', n)
-            log = train(n, VARIANTS[n] + ['--eval_iters=1'], calibration_iters, run_dir, 1, threads_per_run())
+            log = train(n, VARIANTS[n] + ['--eval_iters=1'], calibration_iters, run_dir, 1, threads_per_run(), fresh=True)
             samples[n] += seconds_per_iter(log)
             model, info = checkpoint.load_model(run_dir)
             flops[n] = model.flops_per_iter(info['config']['batch_size'] * info['config']['gradient_accumulation_steps'],
@@ -107,9 +133,11 @@ def evaluate_run(run_dir):
     """eval.py's numbers for the run's final checkpoint, on the same windows for every run."""
     import eval as evaluation
     from sampling import Settings
-    model, info = checkpoint.load_model(run_dir, 'cpu')
-    data = TokenShards(os.path.join(REPO, 'data', info['config']['dataset']), 'val', model.config.block_size)
-    result = evaluation.evaluate(model, data, eval_windows, 32, 1234, 'cpu', warm_positions=64)
+    model, info = checkpoint.load_model(run_dir, 'cpu', **({'max_loop': eval_max_loop} if eval_max_loop else {}))
+    data = TokenShards(data_dir(info['config']['dataset']), 'val', model.config.block_size)
+    steps = [int(v) for v in depths.split(',') if v]
+    result = evaluation.evaluate(model, data, eval_windows, 32, 1234, 'cpu', warm_positions=64,
+                                 depths=steps if model.config.n_future else (), convergence=convergence and model.config.n_future > 0)
     if judge:
         judge_model = checkpoint.load_model(judge, 'cpu')[0]
         prompts = data.batch(samples, 1235)[0][:, :32]
@@ -128,6 +156,29 @@ def markdown(rows, title):
         lines.append(f"| {r['name']} | {r['params'] / 1e6:.2f}M | {r['s_per_iter']:.3f} | {r['iters']} | "
                      f"{r['train_time']:.0f} | {r['loss']:.4f} | {r['bits']:.3f} | {dist} | {r['mean_passes']:.2f} | "
                      f"{opt('warm_sequential', '.3f')} | {opt('judge_nll', '.3f')} | {opt('distinct_4', '.3f')} |")
+    if any('depth_loss' in r for r in rows):
+        lines += ['', convergence_markdown(rows)]
+    return '\n'.join(lines)
+
+
+def convergence_markdown(rows):
+    """The convergence table: loss by fixed depth, the exit loss and passes, the sequential losses
+    (warm and cold start) with their passes, the past stream, path independence and passes vs entropy."""
+    depths = sorted({int(k) for r in rows for k in r.get('depth_loss', {})})
+    head = ('| variant | ' + ' | '.join(f'K={k}' for k in depths) + ' | exit loss | exit passes | warm seq. (passes) '
+            '| cold seq. (passes) | past stream | path KL | rho(passes, entropy) | state norm K=1 -> max |')
+    lines = [head, '|' + '---|' * (len(depths) + 9)]
+    for r in rows:
+        if 'depth_loss' not in r:
+            continue
+        by = {int(k): v for k, v in r['depth_loss'].items()}
+        norms = {int(k): v for k, v in r.get('norm_by_pass', {}).items()}
+        opt = lambda k, f: format(r[k], f) if k in r else '-'
+        norm = f"{norms[min(norms)]:.1f} -> {norms[max(norms)]:.1f}" if norms else '-'
+        lines.append(f"| {r['name']} | " + ' | '.join(f"{by[k]:.3f}" for k in depths) +
+                     f" | {r['loss']:.3f} | {r['mean_passes']:.2f} | {opt('warm_sequential', '.3f')} ({opt('warm_passes', '.2f')}) "
+                     f"| {opt('cold_sequential', '.3f')} ({opt('cold_passes', '.2f')}) | {opt('past_stream_loss', '.3f')} "
+                     f"| {opt('path_kl', '.4f')} | {opt('passes_entropy_spearman', '.2f')} | {norm} |")
     return '\n'.join(lines)
 
 
@@ -157,80 +208,109 @@ def plot(rows, path, kind='time'):
     print(f"wrote {path}")
 
 
-def run_table(kind, names, speed, flops):
+def iterations(kind, names, speed, flops):
     if kind == 'steps':
-        iters = {n: steps for n in names}
-    elif not speed:
-        sys.exit(f"error: the '{kind}' table needs calibration_rounds >= 1")
-    else:
-        iters = {n: max(20, int(budget / speed[n])) for n in names}
+        return {n: steps for n in names}
+    iters = {n: max(20, int(budget / speed[n])) for n in names}
     if kind == 'flops':  # every variant gets the FLOPs the first variant (the GPT) spends in the time budget
-        base = names[0]
-        iters = {n: max(20, int(iters[base] * flops[base] / flops[n])) for n in names}
-    per_run = threads_per_run()
+        iters = {n: max(20, int(iters[names[0]] * flops[names[0]] / flops[n])) for n in names}
+    return iters
+
+
+def run_table(kind, names, speed, flops, report):
+    """Train (jobs at a time) and evaluate each variant; every finished row goes into the report
+    (and results.json / .md) as soon as it is evaluated, so a failure later loses nothing before it."""
+    iters, failures = iterations(kind, names, speed, flops), []
     run_dirs = {n: os.path.join(out_dir, kind, n) for n in names}
+
+    def train_one(n):
+        try:
+            train(n, VARIANTS[n], iters[n], run_dirs[n], evals_per_run, threads_per_run())
+        except RuntimeError as e:
+            failures.append(str(e))
     if train_runs:
         with ThreadPoolExecutor(max_workers=jobs) as pool:  # each job is its own train.py process
-            list(pool.map(lambda n: train(n, VARIANTS[n], iters[n], run_dirs[n], evals_per_run, per_run), names))
-    rows = []
+            list(pool.map(train_one, names))
+    rows = report['tables'].setdefault(kind, [])
     for n in names:
-        run_dir = run_dirs[n]
-        curve = read_curve(run_dir) if os.path.exists(os.path.join(run_dir, 'eval_log.jsonl')) else [dict(iter=0)]
-        if curve[-1]['iter'] != iters[n]:
-            print(f"{kind} {n}: skipped, its run in {run_dir} stopped at iteration {curve[-1]['iter']} of {iters[n]}",
-                  flush=True)
+        if not finished(run_dirs[n], iters[n]):
+            print(f"{kind} {n}: skipped, its run in {run_dirs[n]} has not reached iteration {iters[n]}", flush=True)
             continue
-        t0 = time.time()
-        result = evaluate_run(run_dir)
+        t0, curve = time.time(), read_curve(run_dirs[n])
+        result = evaluate_run(run_dirs[n])
         passes = result.pop('passes')
         mean_passes = result.pop('mean_passes', sum(k * v for k, v in passes.items()) / sum(passes.values()))
         train_time = curve[-1]['train_time']
-        rows.append(dict(name=n, iters=iters[n], s_per_iter=speed.get(n, train_time / iters[n]), train_time=train_time,
-                         eval_seconds=time.time() - t0, curve=curve, mean_passes=mean_passes, **result))
+        rows[:] = [r for r in rows if r['name'] != n] + [dict(
+            name=n, iters=iters[n], s_per_iter=speed.get(n, train_time / iters[n]), train_time=train_time,
+            eval_seconds=time.time() - t0, curve=curve, mean_passes=mean_passes, **result)]
+        write_report(report)
         print(f"{kind} {n}: {iters[n]} iters, val next-token loss {result['loss']:.4f}", flush=True)
+    if failures:
+        raise RuntimeError('\n'.join(failures))
     return rows
 
 
-def main():
-    try:
-        configure(globals())
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
-    if plan:
-        scope = {}
-        exec(open(plan).read(), scope)
-        VARIANTS.update(scope['VARIANTS'])
-    names = variants.split(',')
-    unknown = [n for n in names if n not in VARIANTS]
-    if unknown:
-        sys.exit(f"error: unknown variants {unknown}; known: {sorted(VARIANTS)}")
-    os.makedirs(out_dir, exist_ok=True)
-    previous = os.path.join(out_dir, 'results.json')
-    if not train_runs and os.path.exists(previous):  # the speeds the runs were trained with
-        with open(previous) as f:
-            earlier = json.load(f)
-        speed, flops = earlier['speed'], earlier['flops_per_iter']
-    else:
-        speed, flops = calibrate(names) if calibration_rounds > 0 and train_runs else ({}, {})
-    if speed:
-        print('seconds per iteration:', {n: round(v, 4) for n, v in speed.items()}, flush=True)
-    report = dict(budget=budget, speed=speed, flops_per_iter=flops, variants={n: VARIANTS[n] for n in names}, machine=os.uname().nodename,
-                  cpu=open('/proc/cpuinfo').read().split('model name')[1].split('\n')[0].strip(' \t:') if os.path.exists('/proc/cpuinfo') else '',
-                  date=time.strftime('%Y-%m-%d'), torch=torch.__version__, tables={})
-    texts = []
-    for kind in tables.split(','):
-        rows = run_table(kind, names, speed, flops)
-        report['tables'][kind] = rows
-        title = {'time': f'same wall-clock: {budget:.0f} s of training each', 'steps': f'same iterations: {steps} each',
-                 'flops': f'same training FLOPs as the {names[0]} run'}[kind]
-        texts.append(markdown(rows, title))
-        plot(rows, os.path.join(out_dir, f'{kind}.png'), kind)
+TITLES = {'time': 'same wall-clock: {budget:.0f} s of training each', 'steps': 'same iterations: {steps} each',
+          'flops': 'same training FLOPs as the {base} run'}
+
+
+def write_report(report):
+    texts = [markdown(rows, TITLES[kind].format(budget=budget, steps=steps, base=report['names'][0]))
+             for kind, rows in report['tables'].items()]
     with open(os.path.join(out_dir, 'results.json'), 'w') as f:
         json.dump(report, f, indent=1)
     with open(os.path.join(out_dir, 'results.md'), 'w') as f:
         f.write('\n\n'.join(texts) + '\n')
-    print('\n\n'.join(texts))
+    return texts
+
+
+def check_settings():
+    """The plan, the tables and every number, before anything trains."""
+    if plan:
+        try:
+            scope = {}
+            exec(open(plan).read(), scope)
+        except OSError as e:
+            raise UserError(f"cannot read the plan {plan} ({e.strerror})") from None
+        require(isinstance(scope.get('VARIANTS'), dict), f"the plan {plan} must define VARIANTS = {{name: [config, --overrides]}}")
+        VARIANTS.update(scope['VARIANTS'])
+    names, kinds = variants.split(','), tables.split(',')
+    unknown = [n for n in names if n not in VARIANTS]
+    require(not unknown, f"unknown variants {unknown}; known: {sorted(VARIANTS)}")
+    bad = [k for k in kinds if k not in TITLES]
+    require(not bad, f"unknown tables {bad}: use 'time', 'flops' or 'steps'")
+    require(budget > 0 and steps > 0 and jobs >= 1 and threads >= 0 and evals_per_run >= 1 and eval_windows > 0,
+            "need budget > 0, steps > 0, jobs >= 1, threads >= 0, evals_per_run >= 1 and eval_windows > 0")
+    require(calibration_rounds >= 1 or not train_runs or kinds == ['steps'],
+            "the 'time' and 'flops' tables need calibration_rounds >= 1 (steps per second are measured first)")
+    require(calibration_iters >= 10, "calibration_iters must be >= 10 (the first iterations only warm caches up)")
+    require(all(v.strip().isdigit() and int(v) > 0 for v in depths.split(',') if v), f"depths must look like '1,2,4,8', got {depths!r}")
+    return names, kinds
+
+
+def main():
+    configure(globals())
+    names, kinds = check_settings()
+    if train_runs:
+        check_variants(names)
+    os.makedirs(out_dir, exist_ok=True)
+    previous = os.path.join(out_dir, 'results.json')
+    earlier = json.load(open(previous)) if os.path.exists(previous) else {}
+    if not train_runs and earlier:  # the speeds the runs were trained with
+        speed, flops = earlier['speed'], earlier['flops_per_iter']
+    else:
+        speed, flops = calibrate(names) if calibration_rounds > 0 and train_runs and kinds != ['steps'] else ({}, {})
+    if speed:
+        print('seconds per iteration:', {n: round(v, 4) for n, v in speed.items()}, flush=True)
+    cpu = open('/proc/cpuinfo').read().split('model name')[1].split('\n')[0].strip(' \t:') if os.path.exists('/proc/cpuinfo') else ''
+    report = dict(budget=budget, speed=speed, flops_per_iter=flops, names=names, variants={n: VARIANTS[n] for n in names},
+                  machine=os.uname().nodename, cpu=cpu, date=time.strftime('%Y-%m-%d'), torch=torch.__version__, tables={})
+    for kind in kinds:
+        rows = run_table(kind, names, speed, flops, report)
+        plot(rows, os.path.join(out_dir, f'{kind}.png'), kind)
+    print('\n\n'.join(write_report(report)))
 
 
 if __name__ == '__main__':
-    main()
+    cli(main)

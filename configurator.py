@@ -16,6 +16,7 @@ UserError; `cli(main)` turns it into one line on stderr and exit code 2, without
 Anything else is a bug and keeps its traceback.
 """
 
+import argparse
 import ast
 import difflib
 import inspect
@@ -44,6 +45,13 @@ def cli(main):
         return main()
     except UserError as e:
         fail(' '.join(str(e).split()))
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for the scripts that use it (prepare scripts, viz.py): a bad option is one line, exit 2."""
+
+    def error(self, message):
+        fail(f"{message} (--help lists the options)")
 
 
 def require(condition, message):
@@ -149,8 +157,8 @@ def configure(namespace, argv=None, sources=()):
     --help / -h prints the settings (with the comments of their declarations in the script and in
     `sources`, e.g. the GPTConfig class) and exits 0."""
     argv = sys.argv[1:] if argv is None else argv
-    defaults = {k: v for k, v in namespace.items()
-                if not k.startswith('_') and isinstance(v, (int, float, bool, str, type(None)))}
+    defaults = {k: v for k, v in namespace.items()  # settings are lower-case globals; UPPER_CASE ones are constants
+                if not k.startswith('_') and not k.isupper() and isinstance(v, (int, float, bool, str, type(None)))}
     if '--help' in argv or '-h' in argv:
         print(help_text(namespace, defaults, sources))
         sys.exit(0)

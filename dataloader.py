@@ -108,7 +108,28 @@ def read_meta(data_dir):
     if not isinstance(meta, dict) or (stoi and max(stoi.values()) >= meta.get('vocab_size', len(stoi))):
         raise DataError(f"{path} does not describe a vocabulary: expected a dict whose vocab_size exceeds every "
                         f"character id in stoi; re-run the dataset's prepare.py")
+    manifest = read_manifest(data_dir)
+    if manifest is not None and not all(m is None or m == v for v, m in zip(meta_fingerprint(meta), manifest_fingerprint(manifest))):
+        raise DataError(f"{path} does not belong to the shards in {data_dir}: its vocabulary "
+                        f"{meta_fingerprint(meta)} differs from the one manifest.json records "
+                        f"{manifest_fingerprint(manifest)} (a meta.pkl copied from another dataset?); re-run the preparation "
+                        f"({manifest.get('command') or 'the dataset prepare.py'})")
     return meta
+
+
+def vocabulary_sha256(meta):
+    """A character vocabulary's identity: the sha256 of its characters in id order (None for other tokenizers)."""
+    itos = meta.get('itos')
+    return hashlib.sha256(''.join(itos[i] for i in range(len(itos))).encode('utf-8')).hexdigest()[:16] if itos else None
+
+
+def meta_fingerprint(meta):
+    return (meta.get('tokenizer', 'char' if 'stoi' in meta else 'gpt2'), meta.get('vocab_size'), vocabulary_sha256(meta))
+
+
+def manifest_fingerprint(manifest):
+    """What a manifest records of the vocabulary (fields it lacks, from older preparations, match anything)."""
+    return (manifest.get('tokenizer'), manifest.get('model_vocab_size'), manifest.get('vocabulary_sha256'))
 
 
 class TokenShards:

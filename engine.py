@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.nn import functional as F
 
-from model import Context, visibility
+from layout import Context, visibility
 
 
 class KVCache:

@@ -39,10 +39,10 @@ from sampling import Settings, generate
 out_dir = 'out'          # run folder (holding ckpt.pt) or a checkpoint file
 ckpt = ''                # the earlier name of out_dir, still accepted
 dataset = ''             # data folder to read (default: the checkpoint's own dataset)
-split = 'val'
+split = 'val'            # the split to score: 'val' or 'train'
 n_windows = 256          # windows of block_size tokens (a fixed, seeded subset of the split)
-batch_size = 32
-seed = 1234
+batch_size = 32          # windows per forward
+seed = 1234              # picks the windows: the same seed, the same tokens for every checkpoint
 warm_positions = 128     # WFC: positions of the sequential (sampler) losses per row (0 = skip)
 warm_rows = 8            # WFC: rows of the sequential losses
 depths = ''              # WFC: e.g. '1,2,4,8,16,32,64': the next-token loss after exactly K passes, for each K
@@ -53,7 +53,7 @@ prompt_tokens = 32       # prompt length of each sample, cut from the split
 sample_tokens = 96       # generated tokens per sample
 max_loop = 0             # WFC: override the model's refinement cap (0 = keep)
 tol = -1.0               # WFC: override the model's convergence tolerance (< 0 = keep)
-device = 'auto'
+device = 'auto'          # 'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'mps'
 dtype = 'float32'        # evaluation in full precision by default
 out = ''                 # also write the results as JSON here
 # the sampler of the judged samples: every sampling.Settings field
@@ -262,7 +262,7 @@ def report(result, name, split, unit):
 
 
 def main():
-    configure(globals())
+    configure(globals(), sources=(Settings,))
     run = ckpt or out_dir
     require(not (ckpt and out_dir not in ('out', ckpt)), f"--ckpt={ckpt} and --out_dir={out_dir} name two runs; give one")
     require(n_windows > 0 and batch_size > 0 and min(warm_positions, warm_rows, samples) >= 0,

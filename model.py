@@ -11,20 +11,18 @@ LayerNorm, GELU MLP, tied lm_head, GPT-2 init); nanoGPT checkpoints load into it
   (rescaled to the embeddings' RMS, or a learned norm): what a recurrence needs to have a fixed
   point. n_loop > 1 with n_future = 0 is a "looped GPT" baseline.
 - Past and future. The window holds decided past tokens and n_future future slots that start at
-  e_max, the embedding of the uniform distribution (the mean embedding row). 'pinned': the past
-  is a causal stream that never sees the future, so its keys/values are a fixed context the future
-  iterates against (and a cache); 'bidirectional': every slot sees every slot.
-- Who may see whom is one rule, `visibility`, used by the training layouts, evaluation and the
-  sampler's windows (engine.py) alike.
-- Vectorised pinned training: a clean stream and a future stream in one step, so every token is a
-  future target once per sequence (as in block diffusion, Arriola et al. 2025). Random depth per
-  step (fixed, uniform or Poisson-lognormal), truncated backprop, supervision of the last passes,
-  random pins and warm starts from a detached shifted state: train as you sample.
+  e_max, the embedding of the uniform distribution (the mean embedding row). 'pinned': the past is
+  a causal stream that never sees the future, so its keys/values are a fixed context the future
+  iterates against (and a cache); 'bidirectional': every slot sees every slot. Who may see whom is
+  one rule (layout.visibility), used by training, evaluation and sampling alike.
+- Training: the vectorised layouts of layout.py, random depth per step (fixed, uniform or
+  Poisson-lognormal), truncated backprop, supervision of the last passes, random pins and warm
+  starts from a detached state of one sampler step earlier (train as you sample).
 - Inference is an iterative solver: `iterate` runs passes until every open slot has converged
   (KL between successive decoded distributions, or the relative step) or max_loop; a row stops
   when its slots have, and with slot_exit a converged slot keeps its state while others go on.
-- Attention weights: softmax (fused SDPA kernel), or sparse alpha-entmax, fixed or adaptive.
-- The maps between spaces: embed (probabilities -> state), decode, entropy, e_max.
+  The sampler's windows and caches live in engine.py.
+- Attention weights: softmax (fused SDPA) or sparse alpha-entmax. Maps: embed, decode, entropy, e_max.
 """
 
 import math
@@ -33,6 +31,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+
+from layout import Context, keep_blocks, training_layout, visibility
 
 CHOICES = dict(pos_emb=('learned', 'rope'), attn=('pinned', 'bidirectional'), attn_fn=('softmax', 'entmax', 'adaptive'),
                inject=('none', 'add', 'adapter'), bound=('none', 'rms', 'norm'), loop_law=('fixed', 'uniform', 'poisson'),
@@ -113,74 +113,6 @@ def config_problems(c):
     if not all(math.isfinite(v) for v in (c.tol, c.rope_base, c.dist_power, c.past_loss)):
         problems.append("tol, rope_base, dist_power and past_loss must be finite")
     return problems
-
-
-def visibility(horizon, block, index, key_pos, key_block=None, key_index=None, spec_window=-1, window=0):
-    """Who may see whom: the one attention rule of every layout (training, evaluation, sampling).
-    Keys are past keys at positions key_pos (Tp,) (the causal stream's keys/values) and, optionally,
-    future keys of block key_block at index key_index (..., Tf). A query sees a past key iff its
-    position is <= the query's horizon (the last token the query may know; window > 0: and more than
-    horizon - window), and a future key iff it is in the query's block and at most spec_window
-    slots ahead of the query (-1: any). horizon, block, index: (..., Tq). The causal rule is
-    horizon = the query's own position and no future keys. Returns bool (..., Tq, Tp + Tf)."""
-    see = key_pos <= horizon[..., None]
-    if window > 0:
-        see = see & (key_pos > horizon[..., None] - window)
-    if key_block is None:
-        return see
-    same = key_block[..., None, :] == block[..., :, None]
-    if spec_window >= 0:
-        same = same & (key_index[..., None, :] <= index[..., :, None] + spec_window)
-    return torch.cat((see, same), -1)
-
-
-def block_starts(phase, T, F_):
-    """(B, T) first slot of each future slot's block: blocks start at 0 and at phase + k F_."""
-    j, ph = torch.arange(T, device=phase.device), phase[:, None]
-    return torch.where(j < ph, 0, ph + (j - ph).div(F_, rounding_mode='floor') * F_)
-
-
-def keep_blocks(phase, T, F_, frac):
-    """A random fraction of each row's future blocks (at least one): (B, n) indices of the kept
-    slots in order, padded to the longest row, and (B, n) bool of the real ones."""
-    start = block_starts(phase, T, F_)
-    block = torch.where(start == 0, 0, (start - phase[:, None]).div(F_, rounding_mode='floor') + 1)  # (B, T)
-    n_blocks = block[:, -1] + 1
-    draw = torch.rand(len(phase), T, device=phase.device).masked_fill(
-        torch.arange(T, device=phase.device)[None] >= n_blocks[:, None], 2.0)  # only real blocks compete
-    keep = draw.argsort(1).argsort(1).gather(1, block) < (frac * n_blocks).ceil().long()[:, None]
-    order = (~keep).int().sort(dim=1, stable=True).indices[:, :int(keep.sum(1).max())]
-    return order, keep.gather(1, order)
-
-
-@dataclass
-class Context:
-    """What a pass needs besides the state: each slot's input x0 (B, S, C) (re-injected when inject
-    != 'none'), positions pos (S,) or (B, S), the mask (None = all visible, 'causal', or bool
-    (B or 1, 1, S, keys)) and per layer the (k, v) of the fixed keys it attends to, or None."""
-    x0: torch.Tensor
-    pos: torch.Tensor
-    mask: object = None
-    prefixes: list = None
-
-    def rows(self, idx):
-        """The context of the batch rows idx (1-D long)."""
-        pick = lambda t: t if not torch.is_tensor(t) or t.dim() < 2 or t.size(0) == 1 else t[idx]
-        prefixes = None if self.prefixes is None else [(k[idx], v[idx]) for k, v in self.prefixes]
-        return Context(self.x0[idx], pick(self.pos), pick(self.mask), prefixes)
-
-
-@dataclass
-class Layout:
-    """A WFC training/evaluation layout: the future stream's context and start state, the target
-    and distance of every slot, which slots are open (watched) and which keep their state."""
-    ctx: Context
-    targets: torch.Tensor  # (B, S) token each slot predicts, -1 for none
-    dist: torch.Tensor     # (B, S) distance from the last visible past token, 1 = next token
-    fresh: torch.Tensor    # (B, S) slots that did not exist one sampler step earlier (warm starts)
-    watch: torch.Tensor    # (B, S) open future slots
-    frozen: torch.Tensor   # (B, S) slots that keep their state (pins; the pinned past is not in the stream)
-    self_targets: torch.Tensor = None  # bidirectional: (B, S) a past slot's own token (its past loss), -1 elsewhere
 
 
 @dataclass
@@ -392,6 +324,13 @@ class GPT(nn.Module):
         counts: it is also the output layer."""
         n = sum(p.numel() for p in self.parameters())
         return n - self.transformer.wpe.weight.numel() if non_embedding and 'wpe' in self.transformer else n
+
+    def configure_optimizer(self, weight_decay, learning_rate, betas, device_type):
+        """AdamW; weight decay on matrices only (the tied embedding is one and decays, as in nanoGPT); fused on CUDA."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
+                  {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == 'cuda')
 
     def flops_per_iter(self, B, T, passes=None):
         from runtime import training_flops  # FLOPs accounting lives with the MFU arithmetic
@@ -606,7 +545,7 @@ class GPT(nn.Module):
                 slots = keep_blocks(phase, T, F_, c.future_frac)
         else:
             split = torch.randint(0, T, (B,), device=dev) if split is None else split
-        lay = self.layout(idx, targets, F_, past_kv, phase, split, slots)
+        lay = training_layout(self, idx, targets, F_, past_kv, phase, split, slots)
         x = self._start(lay, idx, targets, F_, past_kv, phase, split, slots, pins, warm, init)
         if depth == 'converge' or record or not torch.is_grad_enabled():
             limits = {} if depth == 'converge' else dict(max_loop=depth, tol=-1.0)
@@ -616,31 +555,6 @@ class GPT(nn.Module):
             states = self.unroll(x, lay.ctx, lay.frozen, depth)
             trace = Trace(passes=lay.watch.long() * depth, calls=B * depth, steps=depth)
         return self._scored(states, lay, x_c, targets if c.past_target == 'next' else idx, trace)
-
-    def layout(self, idx, targets, F_, past_kv=None, phase=None, split=None, slots=None):
-        """The future stream of a WFC step. Pinned: slot j (predicting token j + 1, at position j + 1)
-        is in the block of F_ slots starting at s(j); slots = (indices, real) runs only those. Bidirectional:
-        the past idx[:, :s + 1] at slots 0..s, future slots s + 1..s + F_ (slot i predicts token i), padding after."""
-        (B, T), dev = idx.shape, idx.device
-        if self.config.attn == 'pinned':
-            start, j = block_starts(phase, T, F_), torch.arange(T, device=dev).expand(B, T)
-            real = torch.ones(B, T, dtype=torch.bool, device=dev)
-            if slots is not None:
-                j, real = slots
-                start = start.gather(1, j)
-            mask = visibility(start, start, j, torch.arange(T, device=dev), torch.where(real, start, -2), j,
-                              self.config.spec_window)[:, None]  # padding slots are nobody's keys
-            tg, dist = targets.gather(1, j).masked_fill(~real, -1), j - start + 1
-            ctx = Context(self.blank(j + 1), j[0] + 1 if slots is None else j + 1, mask, past_kv)
-            return Layout(ctx, tg, dist, dist == F_, real & (tg >= 0), torch.zeros_like(real))
-        i, s = torch.arange(T + F_, device=dev), split[:, None]
-        past, future = i <= s, (i > s) & (i <= s + F_)
-        mask = visibility((s + F_).expand(B, T + F_), None, None, i)[:, None]  # everything valid sees everything valid
-        tokens = torch.cat((idx, idx.new_zeros(B, F_)), 1)
-        tg = torch.cat((targets.new_full((B, 1), -1), targets, targets.new_full((B, F_ - 1), -1)), 1).masked_fill(~future, -1)
-        ctx = Context(torch.where(past[..., None], self.input(tokens, i), self.blank(i)), i, mask)
-        return Layout(ctx, tg, (i - s).clamp(min=1), (i == s) | (i == s + F_) | ~(past | future), future & (tg >= 0),
-                      past & False, tokens.masked_fill(~past, -1))
 
     def _start(self, lay, idx, targets, F_, past_kv, phase, split, slots, pins, warm, init):
         """The state the future starts from: e_max, pinned slots at their token's row, warm rows at
@@ -656,7 +570,7 @@ class GPT(nn.Module):
             warm = warm & (split > 0)  # no earlier step at split 0
         if warm is not None and warm.any():
             with torch.no_grad():  # one step earlier: every block one token less advanced, refined 1..depth passes
-                prev = self.layout(idx, targets, F_, past_kv, None if phase is None else (phase - 1) % F_,
+                prev = training_layout(self, idx, targets, F_, past_kv, None if phase is None else (phase - 1) % F_,
                                    None if split is None else (split - 1).clamp(min=0), slots)
                 x_prev, _ = self.iterate(prev.ctx.x0, prev.ctx, prev.frozen, prev.watch,
                                          max_loop=int(torch.randint(1, c.depth + 1, ())), tol=-1.0)

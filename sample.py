@@ -33,9 +33,9 @@ start = '\n'             # the prompt, or FILE:path to read it from a file
 num_samples = 3          # samples (generated together as one batch; the speculative sampler runs them in turn)
 max_new_tokens = 500     # tokens per sample
 stop = ''                # stop a sample at the first occurrence of this text ('' = never; EOS always stops)
-seed = 1337
-device = 'auto'
-dtype = 'auto'
+seed = 1337              # seeds the draws (the same seed gives the same text)
+device = 'auto'          # 'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
+dtype = 'auto'           # 'auto' (bf16 where native), 'float32', 'bfloat16', 'float16'
 compile = False          # torch.compile the block stack
 stats = False            # per-step table on stderr: tokens, passes, entropy of what collapsed, the window's entropy curve
 entropy_png = ''         # collapse sampler: write the window's entropy by step and slot to this PNG (needs matplotlib)

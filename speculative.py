@@ -25,7 +25,7 @@ sampling.live_slots on the drafts' entropies (the same rule that sizes the colla
 import torch
 
 import engine
-from model import Context, visibility
+from layout import Context, visibility
 from sampling import draw, entropy_bits, filtered_probs, live_slots
 
 
@@ -104,7 +104,7 @@ def _drafts(draft_logits, temperature, s, generator):
 
 
 def _sample_row(model, idx, max_new_tokens, s, generator, on_tokens, schedule, stats):
-    c, dev = model.config, idx.device
+    c = model.config
     cache, prompt = engine.KVCache(), idx[:, -c.block_size:]
     if prompt.size(1) > 1:
         engine.run_causal(model, prompt[:, :-1], cache, queries=0)

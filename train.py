@@ -31,14 +31,14 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint
 import runtime
-from configurator import UserError, configure, fail
+from configurator import ConfigError, UserError, configure, fail, require
 from dataloader import TokenShards, data_dir, read_meta, step_seed
 from model import GPT, GPTConfig
 
 # -----------------------------------------------------------------------------
 # settings
 # I/O
-out_dir = 'out'
+out_dir = 'out'                 # the run folder: checkpoints, logs, config.json
 eval_interval = 2000            # iterations between evaluations (each one may write a checkpoint)
 log_interval = 1                # iterations between log lines
 eval_iters = 200                # batches per split per evaluation (the same batches every time)
@@ -46,11 +46,13 @@ eval_only = False               # evaluate the initial/resumed model once and ex
 always_save_checkpoint = True   # False: write ckpt.pt only when the val loss improves
 keep_last = 0                   # also keep the newest keep_last evaluations' checkpoints as ckpt-<iter>.pt (0 = none)
 init_from = 'scratch'           # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+overwrite = False               # scratch into an out_dir that holds a run: replace it (else that is refused)
+dry_run = False                 # check the settings, data and model, print the plan, write nothing and exit
 max_time = 0.0                  # stop after this many seconds of training time (0 = no limit); the lr schedule stays in iterations
 # wandb (optional; WANDB_MODE=offline works without a network)
-wandb_log = False
-wandb_project = 'wfc-gpt'
-wandb_run_name = 'run'
+wandb_log = False               # log to Weights & Biases
+wandb_project = 'wfc-gpt'       # its project (with wandb_log)
+wandb_run_name = 'run'          # its run name (with wandb_log)
 # data
 dataset = 'openwebtext'         # a folder under data/, or a path to one
 gradient_accumulation_steps = 40  # micro-steps per iteration, summed over all DDP ranks
@@ -60,36 +62,103 @@ future_warmup_iters = 0         # WFC curriculum: the training future grows from
 globals().update(asdict(GPTConfig()))
 bias = False                    # nanoGPT's training default: a little better and faster than GPT-2's biases
 # AdamW
-learning_rate = 6e-4
-max_iters = 600000
-weight_decay = 1e-1
-beta1 = 0.9
-beta2 = 0.95
+learning_rate = 6e-4            # peak learning rate
+max_iters = 600000              # total training iterations
+weight_decay = 1e-1             # AdamW weight decay of the matrices (not of biases and norms)
+beta1 = 0.9                     # AdamW first-moment decay
+beta2 = 0.95                    # AdamW second-moment decay
 grad_clip = 1.0                 # clip the global gradient norm at this value (0 = off)
 spike_factor = 0.0              # a train loss above spike_factor x its running mean is a spike (0 = off; e.g. 3.0)
 spike_action = 'warn'           # on a spike: 'warn' (log it, go on) or 'stop' (exit 4 before the update)
 # learning rate: linear warmup, then cosine decay to min_lr
-decay_lr = True
-warmup_iters = 2000
-lr_decay_iters = 600000
-min_lr = 6e-5
+decay_lr = True                 # False: a constant learning_rate
+warmup_iters = 2000             # iterations of linear warmup
+lr_decay_iters = 600000         # the cosine reaches min_lr here (nanoGPT: = max_iters)
+min_lr = 6e-5                   # the learning rate after the decay (nanoGPT: learning_rate / 10)
 # system
 device = 'auto'                 # 'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = 'auto'                  # 'auto' (bf16 where native, fp16 on older GPUs, else fp32), 'float32', 'bfloat16', 'float16'
 compile = False                 # torch.compile the model (pays off on GPUs in long runs)
 backend = 'nccl'                # DDP backend on CUDA (CPU ranks use gloo)
 ddp_timeout = 300               # seconds a DDP collective may wait before the job fails instead of hanging
-seed = 1337
+seed = 1337                     # seeds the initial weights and every batch and layout draw
 # -----------------------------------------------------------------------------
+
+
+DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
+WFC_KEYS = ('attn', 'spec_window', 'future_frac', 'train_depth', 'loop_law', 'bptt', 'supervise', 'dist_power', 'past_loss',
+            'past_target', 'pin_prob', 'warm_prob', 'max_loop', 'min_loop', 'tol', 'exit_rule', 'slot_exit', 'future_warmup_iters')
+model_keys = list(GPTConfig.__dataclass_fields__)
+
+
+def check_settings(c, ddp):
+    """Every setting's range, and every setting that would have no effect, before anything runs."""
+    bad = [k for k, v in c.items() if isinstance(v, float) and not math.isfinite(v)]
+    require(not bad, f"{bad[0] if bad else ''} must be a finite number")
+    require(min(c['batch_size'], c['gradient_accumulation_steps'], c['eval_interval'], c['log_interval'], c['eval_iters']) >= 1,
+            "batch_size, gradient_accumulation_steps, eval_interval, log_interval and eval_iters must be >= 1 "
+            "(eval_iters = 0 would leave nothing to choose best.pt by)")
+    require(min(c['max_iters'], c['warmup_iters'], c['keep_last'], c['max_time'], c['future_warmup_iters']) >= 0,
+            "max_iters, warmup_iters, keep_last, max_time and future_warmup_iters must be >= 0")
+    require(c['learning_rate'] > 0 and 0 <= c['min_lr'] <= c['learning_rate'], "need learning_rate > 0 and 0 <= min_lr <= learning_rate")
+    require(not c['decay_lr'] or c['lr_decay_iters'] > c['warmup_iters'], "lr_decay_iters must exceed warmup_iters (or --decay_lr=False)")
+    require(0 <= c['beta1'] < 1 and 0 <= c['beta2'] < 1 and c['weight_decay'] >= 0 and c['grad_clip'] >= 0,
+            "need 0 <= beta1, beta2 < 1, weight_decay >= 0 and grad_clip >= 0")
+    require(c['spike_factor'] == 0 or c['spike_factor'] > 1, "spike_factor must be 0 (off) or > 1")
+    require(c['spike_action'] in ('warn', 'stop'), f"spike_action must be 'warn' or 'stop', got {c['spike_action']!r}")
+    require(c['init_from'] in ('scratch', 'resume'), f"init_from must be 'scratch' or 'resume', got {c['init_from']!r}")
+    require(not (c['overwrite'] and c['init_from'] == 'resume'), "--overwrite replaces a run when training from scratch; "
+            "--init_from=resume continues the run instead")
+    try:
+        GPTConfig(**{k: c[k] for k in model_keys})
+    except ValueError as e:
+        raise ConfigError(e) from None
+    if c['n_future'] == 0:
+        unused = [k for k in WFC_KEYS if c[k] != DEFAULTS[k]]
+        require(not unused, f"--{unused[0] if unused else ''} is a WFC setting: it has no effect on a GPT (n_future = 0)")
+    unused = [k for k in ('backend', 'ddp_timeout') if c[k] != DEFAULTS[k] and not ddp]
+    require(not unused, f"--{unused[0] if unused else ''} applies to DDP runs started by torchrun")
+    unused = [k for k in ('wandb_project', 'wandb_run_name') if c[k] != DEFAULTS[k] and not c['wandb_log']]
+    require(not unused, f"--{unused[0] if unused else ''} needs --wandb_log=True")
+
+
+RUN_FILES = ('ckpt.pt', 'best.pt', 'eval_log.jsonl', 'train_log.jsonl', 'config.json')
+
+
+def held_run(out_dir):
+    """The files of a run in out_dir (empty when there is none)."""
+    return [f for f in RUN_FILES if os.path.exists(os.path.join(out_dir, f))] + checkpoint.copies(out_dir)
+
+
+def check_out_dir(out_dir, init_from, overwrite):
+    """Never lose a run: training from scratch into a folder that holds one is refused (before
+    anything is written) unless overwrite; resuming needs the run."""
+    held = held_run(out_dir)
+    if init_from == 'scratch' and any(f.endswith('.pt') for f in held) and not overwrite:
+        raise ConfigError(f"{out_dir} holds a run ({', '.join(held)}): continue it with --init_from=resume, train into "
+                          f"another --out_dir, or replace it with --overwrite=True")
+
+
+def trim_logs(out_dir, iter_num):
+    """On resume, drop log lines past the checkpoint (steps the interrupted run did after its last save,
+    and the evaluation at iter_num that the resumed run repeats): a log holds each step once."""
+    for name, last in (('train_log.jsonl', iter_num), ('eval_log.jsonl', iter_num - 1)):
+        path = os.path.join(out_dir, name)
+        if os.path.exists(path):
+            with open(path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line)['iter'] <= last]
+            with open(path, 'w') as f:
+                f.writelines(kept)
 
 
 try:
     config = configure(globals(), sources=(GPTConfig,))
-except UserError as e:
+    ddp = int(os.environ.get('RANK', -1)) != -1  # started by torchrun
+    check_settings(config, ddp)
+    check_out_dir(out_dir, init_from, overwrite)
+    device, dtype = runtime.resolve(device, dtype)
+except (UserError, ValueError, RuntimeError) as e:
     fail(e)
-model_keys = list(GPTConfig.__dataclass_fields__)
-if spike_action not in ('warn', 'stop') or keep_last < 0:
-    fail(f"need spike_action 'warn' or 'stop' (got {spike_action!r}) and keep_last >= 0 (got {keep_last})")
 # fault injection, read here only and used only by the tests (test_reliability.py, test_ddp.py):
 # WFC_FAULT='nan_loss@7' makes the loss of the step logged as 'iter 7' NaN, 'nan_grad@7' a gradient,
 # 'spike@7' the loss 100x; 'nan_loss@7:1' does it on DDP rank 1 only
@@ -98,11 +167,9 @@ fault_iter, _, fault_rank = fault_at.partition(':')
 
 # -----------------------------------------------------------------------------
 # setup: processes, device, precision
-ddp = int(os.environ.get('RANK', -1)) != -1
 rank, local_rank, world = (int(os.environ[k]) for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE')) if ddp else (0, 0, 1)
-if ddp and device == 'auto' and torch.cuda.is_available():
+if ddp and device == 'cuda' and torch.cuda.is_available():  # 'auto' resolved to cuda: one GPU per rank
     device = f'cuda:{local_rank}'
-device, dtype = runtime.resolve(device, dtype)
 device_type = device.split(':')[0]
 if ddp:
     if device_type == 'cuda':
@@ -141,6 +208,9 @@ if init_from == 'resume':
         resumed = checkpoint.load(ckpt_path)
     except checkpoint.CheckpointError as e:
         fail(e)
+    if resumed.get('meta') not in (None, meta):
+        fail(f"cannot resume {out_dir}/ckpt.pt on {folder}: the checkpoint was trained with another vocabulary "
+             f"(its meta differs from {folder}/meta.pkl); point --dataset at the data it was trained on")
     shape, other = checkpoint.compare_args(resumed['model_args'], model_args)
     if shape:
         fail(f"cannot resume {out_dir}/ckpt.pt: its architecture differs in {shape} "
@@ -152,8 +222,6 @@ if init_from == 'resume':
         print(f"warning: resuming with changed settings: {changed}")
     iter_num, best_val_loss = resumed['iter_num'], resumed['best_val_loss']
     train_time, loss_ema, resumed_rng = resumed.get('train_time', 0.0), resumed.get('loss_ema'), resumed.get('rng')
-elif init_from != 'scratch':
-    fail(f"init_from must be 'scratch' or 'resume', got {init_from!r}")
 torch.manual_seed(seed)  # the initial weights: the same run after run, and on every DDP rank
 try:
     model = GPT(GPTConfig(**model_args))
@@ -164,16 +232,7 @@ if resumed is not None:
 model.to(device)
 
 
-def configure_optimizer(model):
-    """AdamW; weight decay on matrices only (not on biases, norms or... the tied embedding is a
-    matrix and decays, as in nanoGPT). Fused kernel on CUDA."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
-              {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
-    return torch.optim.AdamW(groups, lr=learning_rate, betas=(beta1, beta2), fused=device_type == 'cuda')
-
-
-optimizer = configure_optimizer(model)
+optimizer = model.configure_optimizer(weight_decay, learning_rate, (beta1, beta2), device_type)
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'float16')
 if resumed is not None:
     optimizer.load_state_dict(resumed['optimizer'])
@@ -185,16 +244,25 @@ if compile:
     model = torch.compile(model)
 if ddp:
     model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
+if master:
+    print(textwrap.fill(', '.join(f'{k}={v!r}' for k, v in config.items()), 120))
+    print(f"{raw_model.get_num_params() / 1e6:.2f}M parameters | {device} {dtype} x{world} | "
+          f"{tokens_per_iter:,} tokens per iteration | train {train_data.n_tokens:,} tokens, val {val_data.n_tokens:,}")
+if dry_run:  # everything checked, nothing written
+    print(f"dry run: the settings, the data in {folder} and the model are fine; nothing was written to {out_dir}")
+    sys.exit(0)
 peak = runtime.peak_flops(device, dtype) if master else float('nan')
 if master:
+    if init_from == 'scratch':  # --overwrite (check_out_dir refused a run otherwise): logs are never appended across runs
+        for name in held_run(out_dir):
+            os.remove(os.path.join(out_dir, name))
+    else:
+        trim_logs(out_dir, iter_num)
     os.makedirs(out_dir, exist_ok=True)
     checkpoint.remove_stale_temps(out_dir)  # half files of a save that was killed; nothing reads them
     versions = dict(python=platform.python_version(), torch=torch.__version__, device=device, dtype=dtype, world=world)
     with open(os.path.join(out_dir, 'config.json'), 'w') as f:
         json.dump(dict(config=config, versions=versions), f, indent=1)
-    print(textwrap.fill(', '.join(f'{k}={v!r}' for k, v in config.items()), 120))
-    print(f"{raw_model.get_num_params() / 1e6:.2f}M parameters | {device} {dtype} x{world} | "
-          f"{tokens_per_iter:,} tokens per iteration | train {train_data.n_tokens:,} tokens, val {val_data.n_tokens:,}")
 
 # -----------------------------------------------------------------------------
 # evaluation

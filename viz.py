@@ -28,13 +28,13 @@ the val loss by distance d = 1..F of the last evaluation (the "hockey stick").
 import argparse
 import json
 import os
-import sys
 import time
 
 import numpy as np
 import torch
 
 import engine
+from configurator import ArgumentParser, fail
 from model import GPT, GPTConfig
 
 
@@ -44,7 +44,7 @@ def plt_module():
         matplotlib.use('Agg')
         import matplotlib.pyplot as plt
     except ImportError:
-        sys.exit("error: the pictures need matplotlib (pip install matplotlib)")
+        fail("the pictures need matplotlib (pip install matplotlib)")
     return plt
 
 
@@ -207,7 +207,7 @@ def draw_toy(out, steps=400, seed=0, size=360):
 def read_eval_log(run):
     path = os.path.join(run, 'eval_log.jsonl')
     if not os.path.exists(path):
-        sys.exit(f"error: no {path}: point --runs at train.py out_dir folders")
+        fail(f"no {path}: point --runs at train.py out_dir folders")
     with open(path) as f:
         records = [json.loads(line) for line in f if line.strip()]
     last = {}  # a resumed run repeats iterations: keep the latest record of each
@@ -243,7 +243,7 @@ def draw_curves(runs, out, labels=None):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest='picture', required=True)
     toy = sub.add_parser('toy', help="the toy model's state plane, paths and collapse arrows")
     toy.add_argument('--out', default='toy.png')
@@ -259,7 +259,7 @@ def main(argv=None):
         draw_toy(args.out, args.steps, args.seed, args.size)
     else:
         if args.labels and len(args.labels) != len(args.runs):
-            sys.exit("error: give one --labels entry per --runs folder")
+            fail("give one --labels entry per --runs folder")
         draw_curves(args.runs, args.out, args.labels)
 
 

@@ -35,9 +35,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
+from configurator import ArgumentParser, fail  # noqa: E402
+from dataloader import MANIFEST, vocabulary_sha256  # noqa: E402
 from tokenizer import ByteCodec, codec_for  # noqa: E402
 
-MANIFEST = 'manifest.json'  # the name dataloader.TokenShards looks for (importing it would import torch)
 
 BUILDERS = {'.txt': 'text', '.jsonl': 'json', '.json': 'json', '.parquet': 'parquet'}  # --input kinds -> datasets builders
 
@@ -51,7 +52,7 @@ def fraction(text):
 
 def common_args(description, tokenizers=('gpt2', 'bytes')):
     """The options every prepare script takes."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--input', nargs='+', help='local files instead of the download (works offline)')
     parser.add_argument('--tokenizer', choices=tokenizers, default=tokenizers[0],
                         help="'gpt2' (GPT-2 BPE via tiktoken) or 'bytes' (UTF-8 bytes, vocabulary 256)")
@@ -85,7 +86,7 @@ def make_codec(tokenizer, tiktoken_path=None):
     tokenizer's rounded up to a multiple of 64 (GPT-2: 50257 -> 50304, nanoGPT's padding)."""
     codec = codec_for({'tokenizer': tokenizer}, tiktoken_path)
     if codec.vocab_size > 1 << 16:
-        sys.exit(f"error: a vocabulary of {codec.vocab_size} does not fit uint16 shards")
+        fail(f"a vocabulary of {codec.vocab_size} does not fit uint16 shards")
     return codec, {'tokenizer': tokenizer, 'vocab_size': -(-codec.vocab_size // 64) * 64}
 
 
@@ -106,8 +107,7 @@ def read_or_download(path, url):
             with urllib.request.urlopen(url, timeout=30) as response:
                 data = response.read()
         except OSError as e:
-            sys.exit(f"error: could not download the text ({e}).\n"
-                     f"Offline? Put it at {path}, or run with --input /path/to/text.txt")
+            fail(f"could not download the text ({e}). Offline? Put it at {path}, or run with --input /path/to/text.txt")
         with open(path, 'wb') as f:
             f.write(data)
     with open(path, encoding='utf-8') as f:
@@ -149,7 +149,7 @@ class ShardWriter:
         if self.file is not None:
             self._close()
         if not self.shards:
-            sys.exit(f"error: the '{self.split}' split is empty; use more text or another --val_fraction")
+            fail(f"the '{self.split}' split is empty; use more text or another --val_fraction")
         moves = [(os.path.join(self.out_dir, s['file'] + '.tmp'), s['file']) for s in self.shards]
         if len(self.shards) == 1:
             self.shards[0]['file'] = f'{self.split}.bin'
@@ -172,7 +172,7 @@ def commit(out_dir, writers, codec, meta, documents, source):
         pickle.dump(meta, f)
     manifest = dict(
         format='flat little-endian uint16 token ids', tokenizer=meta['tokenizer'], vocab_size=codec.vocab_size,
-        model_vocab_size=meta['vocab_size'], eot=codec.eos,
+        model_vocab_size=meta['vocab_size'], vocabulary_sha256=vocabulary_sha256(meta), eot=codec.eos,
         max_token=max(writer.max_token for writer in writers.values()), source=source,
         command=shlex.join(['python', os.path.relpath(sys.argv[0], REPO) if sys.argv[0] else 'prepare.py', *sys.argv[1:]]),
         splits={split: dict(tokens=sum(s['tokens'] for s in writer.shards), documents=documents.get(split),
@@ -220,7 +220,7 @@ def load_documents(args):
         kinds = {BUILDERS.get(os.path.splitext(path)[1].lower()) for path in args.input}
         missing = [path for path in args.input if not os.path.isfile(path)]
         if missing or None in kinds or len(kinds) > 1:
-            sys.exit(f"error: --input takes existing files of one kind ({', '.join(BUILDERS)}); got {args.input}")
+            fail(f"--input takes existing files of one kind ({', '.join(BUILDERS)}); got {args.input}")
         builder = kinds.pop()
         options = dict(sample_by='document') if builder == 'text' else {}
         return datasets.load_dataset(builder, data_files=[os.path.abspath(p) for p in args.input], split='train',
@@ -246,7 +246,7 @@ def prepare_documents(args, codec, meta, out_dir, source):
     from tqdm import tqdm
     docs = load_documents(args)
     if args.text_field not in docs.column_names:
-        sys.exit(f"error: the documents have no '{args.text_field}' field (they have {docs.column_names}); "
+        fail(f"the documents have no '{args.text_field}' field (they have {docs.column_names}); "
                  f"use --text_field")
     if len(docs) < 2:
         return prepare_text(docs[0][args.text_field] if len(docs) else '', codec, meta, out_dir,

@@ -77,3 +77,22 @@ def train_pattern_model(steps=300, **overrides):
         loss.backward()
         opt.step()
     return model.eval()
+
+
+def run_inprocess(script, *args):
+    """Run a repo script in this process (as `python script args` would, without the seconds a new
+    interpreter and torch import cost): returns (exit code, stdout, stderr). An exception that is not
+    SystemExit propagates: in a real run it would have printed a traceback."""
+    import io
+    import runpy
+    from contextlib import redirect_stderr, redirect_stdout
+    argv, out, err, code = sys.argv, io.StringIO(), io.StringIO(), 0
+    sys.argv = [os.path.join(REPO, script), *map(str, args)]
+    try:
+        with redirect_stdout(out), redirect_stderr(err):
+            runpy.run_path(sys.argv[0], run_name='__main__')
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.argv = argv
+    return code, out.getvalue(), err.getvalue()

@@ -7,12 +7,11 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import tiny
 import checkpoint
 import engine
-from model import visibility
+from layout import visibility
 
 
 def block_calls(model, run):

@@ -16,7 +16,7 @@ import torch
 
 import engine
 from conftest import REPO, run_script, tiny, train_pattern_model
-from model import Context, visibility
+from layout import Context, visibility
 from sampling import Settings, choose_slots, generate, sample_tokens
 
 sys.path.insert(0, os.path.join(REPO, 'tools'))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import run_script, tiny
-from model import block_starts, keep_blocks
+from layout import block_starts, keep_blocks, training_layout
 
 VARIANTS = {
     'gpt': [],
@@ -47,7 +47,7 @@ def test_pinned_layout_targets_every_token_once_with_the_defined_visibility(F_, 
     idx, tgt = torch.randint(0, 13, (2, T)), torch.randint(0, 13, (2, T))
     out = model.score(idx, tgt, phase=torch.tensor([phase, (phase + 1) % F_]))
     assert out.scored.all() and torch.equal(out.targets, tgt)  # each target once
-    layout = model.layout(idx[:1], tgt[:1], F_, phase=torch.tensor([phase]))
+    layout = training_layout(model, idx[:1], tgt[:1], F_, phase=torch.tensor([phase]))
     mask, dist = layout.ctx.mask[0, 0], layout.dist[0]
     starts = sorted({0} | set(range(phase, T, F_)))
     for j in range(T):

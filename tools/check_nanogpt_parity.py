@@ -14,10 +14,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import checkpoint  # noqa: E402
+from configurator import ArgumentParser  # noqa: E402
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--nanogpt', required=True, help='a nanoGPT checkout (its model.py is imported from there)')
     parser.add_argument('--ckpt', required=True, help="a ckpt.pt written by nanoGPT's train.py")
     parser.add_argument('--rows', type=int, default=8)

@@ -38,6 +38,8 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from configurator import ArgumentParser, fail  # noqa: E402
 
 RECIPE = dict(block_size=64, batch_size=12, n_layer=4, n_head=4, n_embd=128, dropout=0.0, learning_rate=1e-3,
               min_lr=1e-4, beta2=0.99, warmup_iters=100, eval_iters=20, log_interval=1, gradient_accumulation_steps=1)
@@ -82,7 +84,7 @@ def run(cmd, cwd, env=None):
         out.seek(0), err.seek(0)
         stdout, stderr = out.read(), err.read()
     if proc.returncode:
-        sys.exit(f"error: {' '.join(cmd)} failed ({proc.returncode}):\n{stdout[-2000:]}\n{stderr[-2000:]}")
+        fail(f"{' '.join(cmd)} failed ({proc.returncode}):\n{stdout[-2000:]}\n{stderr[-2000:]}")
     return stdout, stderr, usage.ru_maxrss / 1024  # Linux reports kilobytes
 
 
@@ -155,7 +157,7 @@ def median(values):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--nanogpt', required=True, help='a nanoGPT checkout with data/shakespeare_char prepared')
     parser.add_argument('--iters', type=int, default=2000, help='training iterations per run (the recipe: 2000)')
     parser.add_argument('--repeats', type=int, default=3)
@@ -176,11 +178,11 @@ def main():
     args.nanogpt = os.path.abspath(args.nanogpt)
     data_dir = os.path.join(args.nanogpt, 'data', 'shakespeare_char')
     if not os.path.exists(os.path.join(data_dir, 'train.bin')):
-        sys.exit(f"error: {data_dir}/train.bin is missing: run python data/shakespeare_char/prepare.py in {args.nanogpt}")
+        fail(f"{data_dir}/train.bin is missing: run python data/shakespeare_char/prepare.py in {args.nanogpt}")
     jobs = [j for j in args.jobs.split(',') if j]
     unknown = [j for j in jobs if j not in JOBS]
     if unknown or 'nano' not in jobs:
-        sys.exit(f"error: --jobs must include 'nano' and only name {list(JOBS)}; got {jobs}")
+        fail(f"--jobs must include 'nano' and only name {list(JOBS)}; got {jobs}")
     work = os.path.abspath(args.work) if args.work else tempfile.mkdtemp(prefix='vs_nanogpt_')  # nanoGPT runs in its own folder
     env = {'OMP_NUM_THREADS': str(args.threads), 'MKL_NUM_THREADS': str(args.threads)} if args.threads else {}
     print(f"{time.strftime('%Y-%m-%d %H:%M')} | {os.cpu_count()} CPUs | threads {args.threads or 'default'} | "

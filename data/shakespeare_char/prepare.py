@@ -13,6 +13,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 import prepare_lib  # noqa: E402
+from configurator import fail  # noqa: E402
 from tokenizer import CharCodec  # noqa: E402
 
 URL = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'
@@ -22,15 +23,15 @@ def main():
     parser = prepare_lib.common_args(__doc__, tokenizers=('char', 'bytes'))
     args = parser.parse_args()
     if args.input and len(args.input) > 1:
-        sys.exit("error: --input takes one text file here")
+        fail("--input takes one text file here")
     path = args.input[0] if args.input else os.path.join(HERE, 'input.txt')
     if args.input and not os.path.exists(path):
-        sys.exit(f"error: --input {path}: no such file")
+        fail(f"--input {path}: no such file")
     text = prepare_lib.read_or_download(path, URL)
     if args.tokenizer == 'char':
         chars = sorted(set(text))
         if len(chars) > 65535:
-            sys.exit(f"error: {len(chars)} distinct characters do not fit uint16 token ids; use --tokenizer=bytes")
+            fail(f"{len(chars)} distinct characters do not fit uint16 token ids; use --tokenizer=bytes")
         stoi = {ch: i for i, ch in enumerate(chars)}
         codec = CharCodec(stoi, dict(enumerate(chars)))
         meta = {'tokenizer': 'char', 'vocab_size': len(chars), 'itos': codec.itos, 'stoi': stoi}
