@@ -1,0 +1,113 @@
+"""The speculative sampler (speculative.py) is exact. Greedy, it writes token for token what the
+causal stream writes greedily on its own (several prompts and checkpoints, across the block edge);
+sampled, the first three tokens follow the causal stream's filtered next-token distribution
+(total variation and a chi-square test at significance 0.001, for temperature 1, temperature
+0.7 with top-k and top-p), while the drafts alone do not (the check has the power to see a wrong
+rule). One stack call per round; the cache is extended and truncated, never rebuilt."""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+import engine
+from conftest import tiny, train_pattern_model
+from sampling import Settings, filtered_probs, generate
+
+
+@pytest.fixture(scope='module')
+def checkpoints():
+    """A trained pattern model with F = 2 and one with F = 4 (their drafts are often accepted), and
+    an untrained one (often rejected)."""
+    return {'F2': train_pattern_model(steps=150, n_future=2, pos_emb='rope', past_loss=1.0),
+            'F4': train_pattern_model(steps=150, n_future=4, pos_emb='rope', past_loss=1.0, dist_power=1.0),
+            'untrained': tiny(vocab_size=9, n_future=3, pos_emb='rope', past_loss=1.0).eval()}
+
+
+@pytest.mark.parametrize('name', ['F2', 'F4', 'untrained'])
+def test_greedy_speculation_is_the_causal_streams_greedy_text(checkpoints, name):
+    model = checkpoints[name]
+    prompts = [torch.tensor([[0, 1, 2]]), torch.tensor([[5]]), torch.tensor([[3, 3, 8, 1, 2, 3, 4, 5]])]
+    for idx in prompts:  # 60 tokens: far across the block edge (block_size 16)
+        causal, _ = generate(model, idx, 60, Settings(temperature=0, sampler='causal'))
+        spec, stats = generate(model, idx, 60, Settings(temperature=0, sampler='speculative'))
+        assert torch.equal(spec, causal), name
+        assert stats.summary()['tokens_per_call'] >= 1.0
+    if name != 'untrained':
+        assert stats.summary()['tokens_per_call'] > 1.2, "a trained model's drafts are mostly accepted"
+
+
+def exact_first_tokens(model, prompt, n, s):
+    """{(x1, .., xn): probability} under the causal stream's filtered next-token distribution."""
+    V, table = model.config.vocab_size, {}
+    with torch.no_grad():
+        for seq in itertools.product(range(V), repeat=n):
+            ids = torch.tensor([prompt + list(seq)])
+            pos = torch.arange(ids.size(1))
+            logits = model.logits(model.causal(model.input(ids, pos), pos)[0])[0]
+            probs = filtered_probs(logits[len(prompt) - 1:-1], s.temperature, s.top_k, s.top_p, s.min_p)
+            table[seq] = math.prod(probs[t, x].item() for t, x in enumerate(seq))
+    return table
+
+
+def draws(model, prompt, n, s, rows, seed):
+    idx = torch.tensor([prompt] * rows)
+    out, _ = generate(model, idx, n, s, torch.Generator().manual_seed(seed))
+    counts = {}
+    for row in out.tolist():
+        counts[tuple(row)] = counts.get(tuple(row), 0) + 1
+    return counts
+
+
+def distance(counts, table):
+    """(total variation, chi-square p-value) of the empirical counts against the exact table."""
+    N = sum(counts.values())
+    tv = 0.5 * sum(abs(counts.get(k, 0) / N - p) for k, p in table.items())
+    tv += 0.5 * sum(c / N for k, c in counts.items() if k not in table)
+    cells = [(counts.get(k, 0), N * p) for k, p in table.items() if N * p > 0]
+    outside = sum(c for k, c in counts.items() if table.get(k, 0) == 0)
+    if outside:
+        return tv, 0.0
+    chi2 = sum((o - e) ** 2 / e for o, e in cells)
+    p_value = torch.special.gammaincc(torch.tensor((len(cells) - 1) / 2, dtype=torch.float64),
+                                      torch.tensor(chi2 / 2, dtype=torch.float64)).item()
+    return tv, p_value
+
+
+@pytest.mark.parametrize('settings', [dict(temperature=1.0, top_k=0), dict(temperature=0.7, top_k=3),
+                                      dict(temperature=1.0, top_k=0, top_p=0.9)])
+def test_sampled_tokens_follow_the_causal_distribution(settings):
+    torch.manual_seed(3)  # a small model with a spread-out distribution over 4 tokens, untrained: drafts often wrong
+    model = tiny(vocab_size=4, n_future=3, pos_emb='rope', past_loss=1.0).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(4.0)  # sharper, more varied distributions than the near-uniform init
+    prompt, s = [1, 2], Settings(sampler='speculative', **settings)
+    table = exact_first_tokens(model, prompt, 3, s)
+    counts = draws(model, prompt, 3, s, 2000, seed=0)
+    tv, p_value = distance(counts, table)
+    support = sum(p > 0 for p in table.values())
+    assert support > 8 and tv < 0.07 and p_value > 1e-3, (support, tv, p_value)
+    # the check can fail: the drafts' own distribution (slots 1..3 of the first window) is another one
+    w, _ = engine.refine(model, engine.start(model, torch.tensor([prompt])))
+    q = filtered_probs(w.stats['logits'][0], s.temperature, s.top_k, s.top_p, s.min_p)
+    drafts_table = {k: math.prod(q[t, x].item() for t, x in enumerate(k)) for k in table}
+    assert distance(counts, drafts_table)[1] < 1e-3
+
+
+def test_one_stack_call_per_round_and_the_cache_is_never_rebuilt(checkpoints, monkeypatch):
+    model = checkpoints['F4']
+    calls, caches = [], []
+    stack, init = model.stack, engine.KVCache.__init__
+    monkeypatch.setattr(model, 'stack', lambda *a, **k: (calls.append(1), stack(*a, **k))[1])
+    monkeypatch.setattr(engine.KVCache, '__init__', lambda self, *a, **k: (caches.append(1), init(self, *a, **k))[1])
+    out, stats = generate(model, torch.tensor([[0, 1, 2]]), 50, Settings(temperature=1.0, top_k=0, sampler='speculative'),
+                          torch.Generator().manual_seed(0))
+    rounds = len(stats.steps)
+    assert len(calls) == rounds + 1, "the prompt's prefill, then one call per round"
+    assert len(caches) == 1, "one cache for the whole generation: never rebuilt, past the block edge too"
+    assert out.size(1) == 50 and rounds < 50, "some rounds commit several tokens"
+    summary = stats.summary()
+    assert len(summary['acceptance']) == 3 and all(0 <= a <= 1 for a in summary['acceptance'])
+    assert summary['acceptance'][0] >= summary['acceptance'][-1], "a far draft is accepted less often"
