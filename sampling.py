@@ -103,13 +103,46 @@ def draw(probs, generator=None):
     return torch.multinomial(probs.reshape(-1, probs.size(-1)), 1, generator=generator).view(probs.shape[:-1])
 
 
-def sample_tokens(logits, s, generator=None, temperature=None):
+def sample_tokens(logits, s, generator=None, temperature=None, constraint=None, texts=None, last=False):
     """logits (..., V) -> token ids (...) under the settings s; temperature (a schedule's value for
-    this step, see steering.py) overrides s.temperature."""
+    this step, see steering.py) overrides s.temperature. constraint (with texts, the rows' text so
+    far, logits (B, V)): tokens after which a row's text could no longer match get probability 0."""
     temperature = s.temperature if temperature is None else temperature
-    if temperature == 0:
-        return logits.argmax(-1)
-    return draw(filtered_probs(logits, temperature, s.top_k, s.top_p, s.min_p), generator)
+    if constraint is None:
+        return logits.argmax(-1) if temperature == 0 else draw(filtered_probs(logits, temperature, s.top_k, s.top_p, s.min_p), generator)
+    probs = torch.softmax(logits.float(), -1) if temperature == 0 else filtered_probs(logits, temperature, s.top_k, s.top_p, s.min_p)
+    probs = constraint.filter(probs, texts, last)[0]
+    return logits.masked_fill(probs == 0, float('-inf')).argmax(-1) if temperature == 0 else draw(probs, generator)
+
+
+class Constraint:
+    """A positive format constraint on generated text ("hard islands"): prefix_ok(text) says whether
+    text can still become a match (a partial match), complete(text) whether it is one; pieces[t] is
+    token t's text (for BPE a token's own text: a character split across tokens shows as U+FFFD).
+    The samplers zero every token after which a row could no longer match, and on a row's last token
+    keep only the tokens that complete a match, where one does (else the run reports the miss)."""
+
+    def __init__(self, prefix_ok, complete, pieces):
+        self.prefix_ok, self.complete, self.pieces = prefix_ok, complete, pieces
+
+    def filter(self, probs, texts, last=False):
+        """probs (B, V) -> (probs without the ruled-out tokens, renormalized; all zero where nothing
+        is allowed, and the kept mass (B,)): only tokens of nonzero probability are checked."""
+        out = probs.clone()
+        for b, text in enumerate(texts):
+            candidates = probs[b].nonzero()[:, 0].tolist()
+            ok = {t for t in candidates if self.prefix_ok(text + self.pieces[t])}
+            if last:
+                full = {t for t in ok if self.complete(text + self.pieces[t])}
+                ok = full or ok
+            if ok:  # a row with no way left keeps its draw: the run reports the miss at the end
+                out[b, [t for t in candidates if t not in ok]] = 0.0
+        mass = out.sum(-1) / probs.sum(-1)
+        return out / out.sum(-1, keepdim=True), mass
+
+    def extend(self, texts, tokens):
+        """The rows' texts after tokens (B, n)."""
+        return [text + ''.join(self.pieces[t] for t in row) for text, row in zip(texts, tokens.tolist())]
 
 
 def entropy_bits(logits):
@@ -177,29 +210,47 @@ def pick_sampler(model, s, goal=None):
     return s.sampler
 
 
+@dataclass
+class Request:
+    """One generation's asks beside the model and the settings (see generate)."""
+    max_new_tokens: int
+    generator: object = None
+    goal: tuple = None
+    schedule: object = None
+    constraint: object = None
+    stats: object = None
+
+    def temperature(self, s, produced):
+        return s.temperature if self.schedule is None else self.schedule(produced / self.max_new_tokens)
+
+
 @torch.no_grad()
-def generate(model, idx, max_new_tokens, s, generator=None, goal=None, on_tokens=None, schedule=None, detail=False):
+def generate(model, idx, max_new_tokens, s, generator=None, goal=None, on_tokens=None, schedule=None, detail=False,
+             constraint=None):
     """Continue idx (B, P) by max_new_tokens tokens. goal = (offset, token ids): the text must hold
     these tokens at generated offset (1 = the first new token): each is pinned as its future slot
-    comes into the window (collapse sampler; see pin_goal). on_tokens(row,
-    ids) is called as tokens are decided; returning True ends that row (the batch ends when every
-    row has). schedule(progress in [0, 1)) -> the temperature of a step (steering.schedule makes
-    them); None keeps s.temperature. Returns (new tokens (B, n), Stats)."""
+    comes into the window (collapse sampler; see pin_goal). on_tokens(row, ids) is called as tokens
+    are decided; returning True ends that row (the batch ends when every row has). schedule(progress
+    in [0, 1)) -> the temperature of a step (steering.schedule makes them); None keeps s.temperature.
+    constraint: a Constraint the generated text must match (tokens that would break it are never
+    drawn). Returns (new tokens (B, n), Stats)."""
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be > 0, got {max_new_tokens}")
     s.check()
     sampler = pick_sampler(model, s, goal)
     if s.policy != 'first' and sampler != 'collapse':
         raise ValueError(f"policy={s.policy!r} needs the collapse sampler (--sampler=collapse)")
-    stats = Stats(detail)
+    if constraint is not None and s.policy != 'first':
+        raise ValueError("a match constraint decides one token at a time: it needs policy 'first'")
+    req = Request(max_new_tokens, generator, goal, schedule, constraint, Stats(detail))
     if sampler == 'speculative':
         from speculative import generate_speculative
-        out = generate_speculative(model, idx, max_new_tokens, s, generator, on_tokens, schedule, stats)
+        out = generate_speculative(model, idx, s, req, on_tokens)
     elif sampler == 'causal':
-        out = _generate_causal(model, idx, max_new_tokens, s, generator, on_tokens, schedule, stats)
+        out = _generate_causal(model, idx, s, req, Emitter(on_tokens, idx.size(0)))
     else:
-        out = _generate_collapse(model, idx, max_new_tokens, s, generator, goal, on_tokens, schedule, stats)
-    return out, stats
+        out = _generate_collapse(model, idx, s, req, Emitter(on_tokens, idx.size(0)))
+    return out, req.stats
 
 
 class Emitter:
@@ -218,21 +269,20 @@ class Emitter:
         return all(self.done)
 
 
-def _generate_causal(model, idx, max_new_tokens, s, generator, on_tokens, schedule, stats):
+def _generate_causal(model, idx, s, req, emit):
     """Token by token from the causal stream; the cache rolls past the block edge (rotary) or is
     rebuilt from the last block_size - slide tokens (learned positions)."""
-    bs, emit, out = model.config.block_size, Emitter(on_tokens, idx.size(0)), []
+    bs, out, texts, n = model.config.block_size, [], [''] * idx.size(0), req.max_new_tokens
     window = idx[:, -bs:]
     cache = engine.KVCache()
     x = engine.run_causal(model, window, cache, queries=1)
-    for step in range(max_new_tokens):
+    for step in range(n):
         logits = model.logits(x[:, -1])
-        temperature = None if schedule is None else schedule(step / max_new_tokens)
-        token = sample_tokens(logits, s, generator, temperature)[:, None]
+        token = sample_tokens(logits, s, req.generator, req.temperature(s, step), req.constraint, texts, step == n - 1)[:, None]
         out.append(token)
-        bits = [(model.entropy_of_logits(logits[0]) / LN2).item()] if stats.detail else ()
-        stats.add(model.config.n_loop, 1, bits)
-        if emit(token) or step == max_new_tokens - 1:
+        texts = texts if req.constraint is None else req.constraint.extend(texts, token)
+        req.stats.add(model.config.n_loop, 1, [(model.entropy_of_logits(logits[0]) / LN2).item()] if req.stats.detail else ())
+        if emit(token) or step == n - 1:
             break
         window = torch.cat((window, token), 1)[:, -bs:]
         if not engine.rolls(model) and cache.end >= bs:  # learned positions: re-encode the last tokens
@@ -366,17 +416,24 @@ def pin_goal(model, w, goal, produced, s):
     return engine.collapse(model, w, slots, tokens, mode=s.mode, eps=s.eps, lam=s.lam) if slots.any() else w
 
 
-def collapse_step(model, w, s, generator, temperature):
+def collapse_step(model, w, s, req, produced, texts):
     """One converge -> collapse -> shift step of the collapse sampler. Returns w, the moved tokens
-    (B, n), the passes, the collapsed slots' entropy (bits, row 0) and the window's (row 0)."""
+    (B, n), the passes, the window's entropy (bits) and the collapsed slots."""
+    w = pin_goal(model, w, req.goal, produced, s)
     w, used = engine.refine(model, w if warm_start(model, s) else engine.forget(model, w), **s.limits())
     logits, bits, open_ = w.stats['logits'], w.stats['entropy'] / LN2, w.decided < 0
+    temperature = req.temperature(s, produced)
     if s.policy == 'entropy' and open_.any():
-        w, slots, tokens, extra = entropy_step(model, w, logits, s, generator, temperature)
+        w, slots, tokens, extra = entropy_step(model, w, logits, s, req.generator, temperature)
         used += extra
     else:
         slots = choose_slots(s.policy, bits, open_, s.tau) if open_.any() else open_
-        tokens = sample_tokens(logits, s, generator, temperature)
+        tokens = sample_tokens(logits, s, req.generator, temperature)
+    if req.constraint is not None and slots.any():  # policy first: one slot per row, drawn under the constraint
+        first = slots.float().argmax(1)
+        rows = torch.arange(len(first), device=first.device)
+        last = produced == req.max_new_tokens - 1
+        tokens[rows, first] = sample_tokens(logits[rows, first], s, req.generator, temperature, req.constraint, texts, last)
     w = engine.collapse(model, w, slots, tokens, mode=s.mode, eps=s.eps, lam=s.lam)
     if s.policy == 'median':
         w = engine.collapse(model, w, median_slot(bits, open_ & ~slots), tokens, mode='partial', lam=s.lam, decide=False)
@@ -385,17 +442,16 @@ def collapse_step(model, w, s, generator, temperature):
     return w, moved, used, bits, slots
 
 
-def _generate_collapse(model, idx, max_new_tokens, s, generator, goal, on_tokens, schedule, stats):
-    out, produced, emit = [], 0, Emitter(on_tokens, idx.size(0))
+def _generate_collapse(model, idx, s, req, emit):
+    out, produced, texts = [], 0, [''] * idx.size(0)
     w = engine.start(model, idx)
-    while produced < max_new_tokens:
-        temperature = None if schedule is None else schedule(produced / max_new_tokens)
-        w = pin_goal(model, w, goal, produced, s)
-        w, moved, used, bits, slots = collapse_step(model, w, s, generator, temperature)
-        moved = moved[:, :max_new_tokens - produced]
+    while produced < req.max_new_tokens:
+        w, moved, used, bits, slots = collapse_step(model, w, s, req, produced, texts)
+        moved = moved[:, :req.max_new_tokens - produced]
         produced += moved.size(1)
-        detail = (bits[0][slots[0]].tolist(), bits[0].tolist()) if stats.detail else ((), ())
-        stats.add(used, moved.size(1), *detail, live=w.future.size(1))
+        texts = texts if req.constraint is None else req.constraint.extend(texts, moved)
+        detail = (bits[0][slots[0]].tolist(), bits[0].tolist()) if req.stats.detail else ((), ())
+        req.stats.add(used, moved.size(1), *detail, live=w.future.size(1))
         if moved.size(1):
             out.append(moved)
             if emit(moved):

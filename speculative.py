@@ -30,11 +30,10 @@ from sampling import draw, entropy_bits, filtered_probs, live_slots
 
 
 @torch.no_grad()
-def generate_speculative(model, idx, max_new_tokens, s, generator, on_tokens, schedule, stats):
-    """sampling.generate's speculative sampler: (B, n) new tokens, rows that on_tokens ended early
-    padded with -1."""
-    rows = [_sample_row(model, idx[r:r + 1], max_new_tokens, s, generator,
-                        None if on_tokens is None else (lambda ids, r=r: on_tokens(r, ids)), schedule, stats)
+def generate_speculative(model, idx, s, req, on_tokens):
+    """sampling.generate's speculative sampler (req: a sampling.Request): (B, n) new tokens, rows that
+    on_tokens ended early padded with -1."""
+    rows = [_sample_row(model, idx[r:r + 1], s, req, None if on_tokens is None else (lambda ids, r=r: on_tokens(r, ids)))
             for r in range(idx.size(0))]
     n = max(row.size(1) for row in rows)
     return torch.cat([torch.nn.functional.pad(row, (0, n - row.size(1)), value=-1) for row in rows])
@@ -70,59 +69,82 @@ def verify(model, cache, tokens, max_loop=1, tol=None):
     return model.logits(x[:, :n]), model.logits(future).view(1, n, F_, -1)
 
 
-def accept(p_logits, q, drafts, temperature, s, generator):
-    """The acceptance rule. p_logits (1, k + 1, V) the verifier's logits, q (1, k, V) the drafts'
-    filtered distributions (None when greedy), drafts (1, k). Returns the number of accepted
-    drafts a and the token that follows them (1, 1): a residual draw at the rejection, or the bonus."""
+def target_probs(logits, s, temperature, req, text, drafts, produced):
+    """The filtered distributions (n, V) of logits (1, n, V), position i after text and drafts[:i];
+    with a constraint, the tokens that would break it are removed (greedy: from the plain softmax)."""
+    probs = torch.softmax(logits[0].float(), -1) if temperature == 0 else filtered_probs(logits[0], temperature, s.top_k, s.top_p, s.min_p)
+    if req.constraint is None:
+        return probs
+    pieces = [req.constraint.pieces[t] for t in drafts[0].tolist()]
+    texts = [text + ''.join(pieces[:i]) for i in range(len(probs))]
+    return torch.cat([req.constraint.filter(probs[i:i + 1], texts[i:i + 1], produced + i == req.max_new_tokens - 1)[0]
+                      for i in range(len(probs))])
+
+
+def accept(p, q, drafts, generator):
+    """The acceptance rule. p (k + 1, V) the verifier's filtered distributions, q (k, V) the drafts'
+    (None when greedy: accept while the draft is the argmax), drafts (1, k). Returns the number of
+    accepted drafts a and the token that follows them (1, 1): a residual draw at the rejection, or the bonus."""
     k = drafts.size(1)
-    if temperature == 0:
-        target = p_logits.argmax(-1)
+    if q is None:
+        target = p.argmax(-1)[None]
         a = int((drafts == target[:, :k]).long().cumprod(1).sum())
         return a, target[:, a:a + 1]
-    p = filtered_probs(p_logits, temperature, s.top_k, s.top_p, s.min_p)[0]  # (k + 1, V)
     a = 0
     if k:
         rows = torch.arange(k, device=p.device)
         u = torch.rand(k, device=p.device, generator=generator)
-        a = int((u * q[0, rows, drafts[0]] < p[rows, drafts[0]]).long().cumprod(0).sum())  # u < p / q, in order
+        a = int((u * q[rows, drafts[0]] < p[rows, drafts[0]]).long().cumprod(0).sum())  # u < p / q, in order
     if a == k:
         return a, draw(p[k], generator).view(1, 1)
-    residual = (p[a] - q[0, a]).clamp(min=0)
+    residual = (p[a] - q[a]).clamp(min=0)
     total = residual.sum()
     return a, draw(residual / total if total > 0 else p[a], generator).view(1, 1)
 
 
-def _drafts(draft_logits, temperature, s, generator):
-    """Draft tokens (1, k) and their filtered distributions (1, k, V) (None when greedy) from the
-    logits (1, k, V) of the draft slots; future='auto' keeps the leading slots the rule allows."""
+def draft(draft_logits, s, temperature, req, text, produced, generator):
+    """Draft tokens (1, k) and their distributions q (k, V) (None when greedy) from the logits (1, k, V)
+    of the draft slots, one after another (a constraint sees the drafts before each); future='auto'
+    keeps the leading slots the rule allows."""
     if s.future == 'auto' and draft_logits.size(1):
         draft_logits = draft_logits[:, :live_slots(entropy_bits(draft_logits)[0], s.tau)]
-    if temperature == 0:
-        return draft_logits.argmax(-1), None
-    q = filtered_probs(draft_logits, temperature, s.top_k, s.top_p, s.min_p)
-    return draw(q, generator), q
+    if req.constraint is None:
+        if temperature == 0:
+            return draft_logits.argmax(-1), None
+        q = filtered_probs(draft_logits[0], temperature, s.top_k, s.top_p, s.min_p)
+        return draw(q, generator)[None], q
+    tokens, q = [], []
+    for i in range(draft_logits.size(1)):
+        probs = target_probs(draft_logits[:, i:i + 1], s, temperature, req, text + ''.join(req.constraint.pieces[t] for t in tokens),
+                             torch.tensor([[]], dtype=torch.long), produced + i)
+        tokens.append(int(probs[0].argmax()) if temperature == 0 else int(draw(probs[0], generator)))
+        q.append(probs[0])
+    drafts = torch.tensor([tokens], dtype=torch.long, device=draft_logits.device)
+    return drafts, (None if temperature == 0 else torch.stack(q) if q else draft_logits.new_zeros(0, draft_logits.size(-1)))
 
 
-def _sample_row(model, idx, max_new_tokens, s, generator, on_tokens, schedule, stats):
+def _sample_row(model, idx, s, req, on_tokens):
     c = model.config
     cache, prompt = engine.KVCache(), idx[:, -c.block_size:]
     if prompt.size(1) > 1:
         engine.run_causal(model, prompt[:, :-1], cache, queries=0)
-    pending, draft_logits, out, produced = prompt[:, -1:], idx.new_zeros(1, 0, c.vocab_size).float(), [], 0
+    pending, draft_logits, out, produced, text = prompt[:, -1:], idx.new_zeros(1, 0, c.vocab_size).float(), [], 0, ''
     max_loop, tol = s.max_loop or c.max_loop, None if s.tol < 0 else s.tol
-    while produced < max_new_tokens:
-        temperature = s.temperature if schedule is None else schedule(produced / max_new_tokens)
-        drafts, q = _drafts(draft_logits, temperature, s, generator)
+    while produced < req.max_new_tokens:
+        temperature = req.temperature(s, produced)
+        drafts, q = draft(draft_logits, s, temperature, req, text, produced, req.generator)
         k = drafts.size(1)
         p_logits, future_logits = verify(model, cache, torch.cat((pending, drafts), 1), max_loop, tol)
-        a, token = accept(p_logits, q, drafts, temperature, s, generator)
+        p = target_probs(p_logits, s, temperature, req, text, drafts, produced)
+        a, token = accept(p, q, drafts, req.generator)
         cache.truncate(cache.end - (k - a))  # the rejected drafts' keys/values go
-        committed = torch.cat((drafts[:, :a], token), 1)[:, :max_new_tokens - produced]
+        committed = torch.cat((drafts[:, :a], token), 1)[:, :req.max_new_tokens - produced]
         produced, pending = produced + committed.size(1), token
+        text = text if req.constraint is None else req.constraint.extend([text], committed)[0]
         draft_logits = future_logits[:, a, 1:]  # the block behind the last accepted token: slot 1 is `token`
-        bits = [entropy_bits(p_logits[0, a])[0].item()] if stats.detail else ()
-        stats.add(max_loop, committed.size(1), bits, calls=max_loop)
-        stats.drafts(k, a)
+        req.stats.add(max_loop, committed.size(1), [entropy_bits(p_logits[0, a])[0].item()] if req.stats.detail else (),
+                      calls=max_loop)
+        req.stats.drafts(k, a)
         out.append(committed)
         if on_tokens is not None and on_tokens(committed[0].tolist()):
             break

@@ -27,7 +27,8 @@ import torch
 
 from eval import distinct_n, sequence_nll
 import engine
-from sampling import Settings, choose_slots, entropy_bits, generate, parse_goal, pin_goal, sample_tokens, warm_start
+from sampling import (Constraint, Settings, choose_slots, draw, entropy_bits, filtered_probs, generate, parse_goal, pin_goal,
+                      sample_tokens, warm_start)
 
 NEG_INF = float('-inf')
 
@@ -117,8 +118,33 @@ def contain_lookahead(word, encode, weight=1.0):
 
 def satisfies(potential, decode, ids):
     """Whether a finished token list is allowed at every step, as SMC checks it (e.g. must_contain
-    wants the word from its `within`-th token on, not just somewhere in the final text)."""
-    return all(potential(decode(ids[:k]), k) > NEG_INF for k in range(len(ids) + 1))
+    wants the word from its `within`-th token on, not just somewhere in the final text), and, for a
+    match constraint, whether the final text matches in full."""
+    ok = all(potential(decode(ids[:k]), k) > NEG_INF for k in range(len(ids) + 1))
+    return ok and (not hasattr(potential, 'constraint') or potential.constraint.complete(decode(ids)))
+
+
+class Match:
+    """match:REGEX, a positive format constraint ("hard islands"): the generated text must match the
+    pattern in full. As a potential it is 0 while the text can still become a match (every prefix
+    is checked with the regex package's partial matching) and -inf once it cannot; its constraint
+    (sampling.Constraint) keeps the samplers from drawing the tokens that would break it, and on
+    the last token asks for a complete match."""
+
+    def __init__(self, pattern, decode, vocab_size):
+        import regex
+        try:
+            self.compiled = regex.compile(pattern)
+        except regex.error as e:
+            raise ValueError(f"match: invalid pattern {pattern!r}: {e}") from None
+        self.constraint = Constraint(self.prefix_ok, lambda text: self.compiled.fullmatch(text) is not None,
+                                     [decode([t]) for t in range(vocab_size)])
+
+    def prefix_ok(self, text):
+        return self.compiled.fullmatch(text, partial=True) is not None
+
+    def __call__(self, text, n):
+        return 0.0 if self.prefix_ok(text) else NEG_INF
 
 
 def judge_potential(judge, encode, prompt, weight=1.0):
@@ -179,6 +205,7 @@ class SMCResult:
     resampled: list = field(default_factory=list)  # whether each step resampled
     passes: int = 0       # model passes x rows
     died_at: int = -1     # the step at which every particle had died (-1: never)
+    ess_threshold: float = 0.5  # resample when the ESS falls below this x N
 
     def pick(self, generator=None):
         """One particle drawn by weight: a sample of the steered distribution."""
@@ -194,15 +221,17 @@ def smc(model, prompt, max_new_tokens, potential, decode, particles=8, s=None, e
     """SMC steering of a WFC model from prompt ids (P,): the particles sample one token per step
     (policy 'first') and are reweighted by potential(text now) - potential(text before), so the
     target is the sampler's distribution times exp(potential(final text)) (Feynman-Kac). The
-    proposal is the sampler itself, so the potential alone makes the weights. potential None:
-    constant, plain sampling. lookahead(text, logprobs (F, V) of the refined future) -> log-twist:
-    what the speculated future promises (twisted SMC); it joins each step's weight and leaves
-    at the end, so the final target is unchanged. Returns an SMCResult."""
+    proposal is the sampler itself, so the potential alone makes the weights; a match potential's
+    constraint keeps the proposal from breaking it, and the probability mass it kept joins the
+    weight. potential None: constant, plain sampling. lookahead(text, logprobs (F, V) of the refined
+    future) -> log-twist: what the speculated future promises (twisted SMC); it joins each step's
+    weight and leaves at the end, so the final target is unchanged. Returns an SMCResult."""
     s = s or Settings()
     if model.config.n_future == 0 or s.policy != 'first':
         raise ValueError("SMC steers a WFC model (n_future > 0) with policy 'first' (one token per particle per step)")
     s.check()
     potential = potential or (lambda text, n: 0.0)
+    constraint = getattr(potential, 'constraint', None)
     N, device = particles, model.e_max().device
     idx = torch.as_tensor(prompt, dtype=torch.long, device=device).view(1, -1).expand(N, -1)
     w, warm = engine.start(model, idx), warm_start(model, s)
@@ -210,8 +239,9 @@ def smc(model, prompt, max_new_tokens, potential, decode, particles=8, s=None, e
     pot = torch.full((N,), float(potential('', 0)), dtype=torch.float64)
     if pot[0] == NEG_INF:
         raise ValueError("the potential rules out the empty text: nothing can satisfy it")
-    result = SMCResult(generated, texts, None, pot[0].item())
-    logw, twist, new_pot = torch.zeros(N, dtype=torch.float64), torch.zeros(N, dtype=torch.float64), pot
+    result = SMCResult(generated, texts, None, pot[0].item(), ess_threshold=ess_threshold)
+    logw, twist, new_pot, kept = (torch.zeros(N, dtype=torch.float64) for _ in range(4))
+    new_pot += pot
     while True:
         finished = generated.size(1) >= max_new_tokens
         if not finished:
@@ -224,16 +254,10 @@ def smc(model, prompt, max_new_tokens, potential, decode, particles=8, s=None, e
             if lookahead is not None and not finished:
                 logprobs = torch.log_softmax(logits.float(), -1)
                 new_twist = torch.tensor([float(lookahead(t, lp)) for t, lp in zip(texts, logprobs)], dtype=torch.float64)
-            step = torch.where(torch.isinf(logw), NEG_INF, new_pot - pot + new_twist - twist)  # the dead stay dead
-            result.log_z += (torch.logsumexp(logw + step, 0) - torch.logsumexp(logw, 0)).item()
-            logw, pot, twist = logw + step, new_pot, new_twist
-            if torch.isinf(logw).all():
-                result.died_at = len(result.ess)
-                result.ess.append(0.0)
-                result.resampled.append(False)
+            logw = reweight(result, logw, new_pot - pot + new_twist - twist + kept)
+            pot, twist = new_pot, new_twist
+            if result.died_at >= 0:
                 break
-            result.ess.append(ess(logw))
-            result.resampled.append(should_resample(logw, ess_threshold))
             if result.resampled[-1]:
                 ancestors = resample(logw, generator, method)
                 w, generated, pot, twist = w.select(ancestors), generated[ancestors], pot[ancestors], twist[ancestors]
@@ -242,27 +266,61 @@ def smc(model, prompt, max_new_tokens, potential, decode, particles=8, s=None, e
         if finished:
             break
         temperature = None if schedule is None else schedule(generated.size(1) / max_new_tokens)
-        open_ = w.decided < 0
-        tokens = sample_tokens(logits, s, generator, temperature)  # all slots, as generate does: same RNG
-        slots = choose_slots('first', logits[..., 0], open_, 0.0) if open_.any() else open_
-        w, moved = engine.shift(model, engine.collapse(model, w, slots, tokens, mode=s.mode, eps=s.eps, lam=s.lam), slide=s.slide)
+        w, moved, kept = propose(model, w, logits, s, temperature, constraint, texts,
+                                 generated.size(1) == max_new_tokens - 1, generator)
         generated = torch.cat((generated, moved[:, :max_new_tokens - generated.size(1)]), 1)
         texts = [decode(row) for row in generated.tolist()]
         new_pot = torch.tensor([float(potential(t, generated.size(1))) for t in texts], dtype=torch.float64)
-    alive = result.died_at < 0
     result.tokens, result.texts = generated, texts
-    result.weights = torch.softmax(logw, 0) if alive else torch.zeros(N, dtype=torch.float64)
-    result.log_z = result.log_z if alive else NEG_INF
+    result.weights = torch.softmax(logw, 0) if result.died_at < 0 else torch.zeros(N, dtype=torch.float64)
+    result.log_z = result.log_z if result.died_at < 0 else NEG_INF
     return result
+
+
+def reweight(result, logw, increment):
+    """One step's log-increments (N,) into the weights (the dead stay dead) and into log Z; records
+    the ESS, whether to resample, or that every particle died. Returns the new log-weights."""
+    step = torch.where(torch.isinf(logw), NEG_INF, increment)
+    result.log_z += (torch.logsumexp(logw + step, 0) - torch.logsumexp(logw, 0)).item()
+    logw = logw + step
+    if torch.isinf(logw).all():
+        result.died_at = len(result.ess)
+        result.ess.append(0.0)
+        result.resampled.append(False)
+    else:
+        result.ess.append(ess(logw))
+        result.resampled.append(should_resample(logw, result.ess_threshold))
+    return logw
+
+
+def propose(model, w, logits, s, temperature, constraint, texts, last, generator):
+    """The particles' next token: the first open slot of each row, drawn as generate draws it (every
+    slot, the same RNG), or under the constraint. Returns w (collapsed and shifted), the moved tokens
+    and the log of the probability mass the constraint kept (N,) (0 without one)."""
+    open_ = w.decided < 0
+    tokens = sample_tokens(logits, s, generator, temperature)
+    slots = choose_slots('first', logits[..., 0], open_, 0.0) if open_.any() else open_
+    kept = torch.zeros(len(tokens), dtype=torch.float64)
+    if constraint is not None and slots.any():
+        first, t = slots.float().argmax(1), s.temperature if temperature is None else temperature
+        rows = torch.arange(len(first), device=first.device)
+        probs = torch.softmax(logits[rows, first].float(), -1) if t == 0 else \
+            filtered_probs(logits[rows, first], t, s.top_k, s.top_p, s.min_p)
+        probs, mass = constraint.filter(probs, texts, last)
+        tokens[rows, first] = probs.argmax(-1) if t == 0 else draw(probs, generator)
+        kept = torch.log(mass.double().clamp(min=1e-300)) if t else kept
+    w, moved = engine.shift(model, engine.collapse(model, w, slots, tokens, mode=s.mode, eps=s.eps, lam=s.lam), slide=s.slide)
+    return w, moved, kept
 
 
 # ---- rejection, best-of-N, tree ----
 
-def sample_n(model, prompt, max_new_tokens, n, s, generator=None, schedule=None, goal=None):
+def sample_n(model, prompt, max_new_tokens, n, s, generator=None, schedule=None, goal=None, constraint=None):
     """n independent samples (n, max_new_tokens) as one batch, their passes x rows and the sampler's
-    steps. A goal runs the collapse sampler, which pins it as it comes into the window."""
+    steps. A goal runs the collapse sampler, which pins it as it comes into the window; a constraint
+    (match) is kept while sampling."""
     idx = torch.as_tensor(prompt, dtype=torch.long, device=model.e_max().device).view(1, -1).expand(n, -1)
-    tokens, stats = generate(model, idx, max_new_tokens, s, generator, goal=goal, schedule=schedule)
+    tokens, stats = generate(model, idx, max_new_tokens, s, generator, goal=goal, schedule=schedule, constraint=constraint)
     return tokens, sum(step['passes'] for step in stats.steps) * n, len(stats.steps)
 
 
@@ -300,10 +358,10 @@ def _ranked(tokens, score, passes):
 
 
 @torch.no_grad()
-def best_of_n(model, prompt, max_new_tokens, score, n=8, s=None, generator=None, schedule=None, goal=None):
+def best_of_n(model, prompt, max_new_tokens, score, n=8, s=None, generator=None, schedule=None, goal=None, constraint=None):
     """n samples, each scored by score(token list) -> float (higher is better; judge_score makes the
     default: minus the judge's NLL). Returns every candidate, best first."""
-    tokens, passes, _ = sample_n(model, prompt, max_new_tokens, n, s or Settings(), generator, schedule, goal)
+    tokens, passes, _ = sample_n(model, prompt, max_new_tokens, n, s or Settings(), generator, schedule, goal, constraint)
     return _ranked(tokens, score, passes)
 
 
@@ -368,12 +426,15 @@ def calibration_table(cal):
 
 # ---- sample.py's steering modes (--steer, --calibrate) ----
 
-def make_potential(spec, encode, prompt, scorer=None):
-    """'' -> None; 'forbid:w1,w2' | 'regex:PATTERN' (forbidden) | 'contain:word:within[:lookahead
-    weight]' | 'judge[:weight]' (the scorer GPT's log-likelihood)."""
+def make_potential(spec, codec, prompt, scorer=None, vocab_size=None):
+    """'' -> None; 'forbid:w1,w2' | 'regex:PATTERN' (forbidden) | 'match:REGEX' (required, in full) |
+    'contain:word:within[:lookahead weight]' | 'judge[:weight]' (the scorer GPT's log-likelihood)."""
     if not spec:
         return None
     kind, _, arg = spec.partition(':')
+    encode = codec.encode
+    if kind == 'match' and arg:
+        return Match(arg, codec.decode, vocab_size or codec.vocab_size)
     if kind == 'forbid' and arg:
         return forbid([w for w in arg.split(',') if w])
     if kind == 'regex' and arg:
@@ -386,8 +447,8 @@ def make_potential(spec, encode, prompt, scorer=None):
         return potential
     if kind == 'judge' and scorer is not None:
         return judge_potential(scorer, encode, prompt, float(arg or 1.0))
-    raise ValueError(f"potential must be 'forbid:w1,w2', 'regex:PATTERN', 'contain:word:within[:weight]' or 'judge[:weight]' "
-                     f"(judge needs --judge or --scorer), got {spec!r}")
+    raise ValueError(f"potential must be 'forbid:w1,w2', 'regex:PATTERN', 'match:REGEX', 'contain:word:within[:weight]' or "
+                     f"'judge[:weight]' (judge needs --judge or --scorer), got {spec!r}")
 
 
 def command(model, codec, prompt, s, o, judge=None, scorer=None):
@@ -395,7 +456,8 @@ def command(model, codec, prompt, s, o, judge=None, scorer=None):
     from the prompt ids, print each run's text and a summary: constraint satisfied, judge NLL,
     passes, tokens/s. o holds sample.py's options. Returns the per-run records."""
     n, N = o['max_new_tokens'], o['particles']
-    potential = make_potential(o['potential'], codec.encode, prompt, scorer)
+    potential = make_potential(o['potential'], codec, prompt, scorer, model.config.vocab_size)
+    constraint = getattr(potential, 'constraint', None)
     heat = schedule(o['schedule'], s.temperature)
     goal = parse_goal(o['goal'], codec.encode)
     score = judge_score(scorer, prompt) if scorer is not None else \
@@ -409,7 +471,7 @@ def command(model, codec, prompt, s, o, judge=None, scorer=None):
     for run in range(o['num_samples']):
         t0, extra, steps = time.time(), '', None
         if o['steer'] == 'plain':
-            tokens, passes, steps = sample_n(model, prompt, n, 1, s, g, heat, goal)
+            tokens, passes, steps = sample_n(model, prompt, n, 1, s, g, heat, goal, constraint)
             tokens = tokens[0]
         elif o['steer'] == 'smc':
             r = smc(model, prompt, n, potential, codec.decode, N, s, o['ess'], heat, goal, g,
@@ -424,7 +486,7 @@ def command(model, codec, prompt, s, o, judge=None, scorer=None):
                           s, g, heat, goal)
             tokens, passes, extra = c.tokens[0], c.passes, f" accepted {c.accepted}/{c.tried}"
         elif o['steer'] == 'best_of_n':
-            c = best_of_n(model, prompt, n, score, N, s, g, heat, goal)
+            c = best_of_n(model, prompt, n, score, N, s, g, heat, goal, constraint)
             tokens, passes, extra = c.tokens[0], c.passes, f" scores {' '.join(f'{v:.3f}' for v in c.scores)}"
         elif o['steer'] == 'tree':
             c = tree(model, prompt, n, score, max(1, N // max(s.branch, 1)), max(s.branch, 1), o['segment'], s, g, heat)

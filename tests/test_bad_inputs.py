@@ -108,6 +108,7 @@ CASES = {  # id: (script, arguments, a fragment the one-line message must hold)
     'sample_judge_alone': ('sample.py', [*SAMPLE_WFC, '--judge={gpt}'], "--judge is a steering option"),
     'sample_unknown_steer': ('sample.py', [*SAMPLE_WFC, '--steer=magic'], "steer must be ''"),
     'sample_malformed_potential': ('sample.py', [*SAMPLE_WFC, '--steer=smc', '--potential=forbid'], "potential must be"),
+    'sample_invalid_match': ('sample.py', [*SAMPLE_WFC, '--steer=smc', '--potential=match:([ab'], "match: invalid pattern"),
     'sample_unknown_schedule': ('sample.py', [*SAMPLE_WFC, '--schedule=warm:2'], "schedule: kind must be one of"),
     'sample_png_in_no_folder': ('sample.py', [*SAMPLE_WFC, '--sampler=collapse', '--entropy_png=/nonexistent/x.png'], "no folder"),
     # eval.py

@@ -250,3 +250,35 @@ def test_command_line_steers_and_calibrates(tmp_path):
     assert 'entropy d=1 (bits)' in out and 'suggested: --ent_low=' in out
     bad = run_script('sample.py', *common, '--steer=smc', '--potential=forbid', check=False)
     assert bad.returncode == 2 and "potential must be 'forbid:w1,w2'" in bad.stderr
+
+
+class PairCodec:
+    """A BPE-like codec: token t is two characters long, so a constraint must check whole pieces."""
+    vocab_size, eos = V, None
+
+    def decode(self, ids):
+        return ''.join('  ' if i < 3 else chr(ord('a') + i) * 2 for i in ids)
+
+    def encode(self, text):
+        return [ord(text[k]) - ord('a') for k in range(0, len(text), 2)]
+
+
+@pytest.mark.parametrize('codec', ['char', 'pairs'])
+def test_a_match_constraint_holds_in_every_method(wfc, codec):
+    """match:REGEX: every run of SMC, best-of-N and plain sampling matches the pattern in full; the
+    invalid pattern is refused; rejection (unconstrained proposals) is the baseline that mostly fails."""
+    pattern = '(?:[de]+ )+[de]*' if codec == 'char' else '(?:dd|ee)+(?:  (?:dd|ee)+)*'
+    dec = decode if codec == 'char' else PairCodec().decode
+    potential = steering.Match(pattern, dec, V)
+    s = Settings(temperature=1.0, top_k=0)
+    for run in range(8):
+        r = steering.smc(wfc, PROMPT, 16, potential, dec, particles=4, s=s, generator=g(run))
+        assert steering.satisfies(potential, dec, r.tokens[r.pick(g(run))].tolist()), dec(r.tokens[0].tolist())
+    plain, _ = steering.sample_n(wfc, PROMPT, 16, 8, s, g(0), constraint=potential.constraint)[:2]
+    assert all(steering.satisfies(potential, dec, row.tolist()) for row in plain)
+    c = steering.best_of_n(wfc, PROMPT, 16, lambda t: -t.count(3), n=4, s=s, generator=g(1), constraint=potential.constraint)
+    assert all(steering.satisfies(potential, dec, row.tolist()) for row in c.tokens)
+    free, _, _ = steering.sample_n(wfc, PROMPT, 16, 8, s, g(0))
+    assert not all(steering.satisfies(potential, dec, row.tolist()) for row in free), "the check can fail"
+    with pytest.raises(ValueError, match='match: invalid pattern'):
+        steering.Match('([de', dec, V)
