@@ -33,7 +33,7 @@ import engine
 import runtime
 from configurator import UserError, cli, configure, require
 from dataloader import TokenShards, data_dir, read_meta
-from sampling import Settings, generate
+from sampling import Settings, generate, live_slots
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'          # run folder (holding ckpt.pt) or a checkpoint file
@@ -73,15 +73,16 @@ def layouts(model):
     return [('phase', r) for r in range(c.n_future)] if c.attn == 'pinned' else [('split', r) for r in range(c.block_size)]
 
 
-def by_distance(model, out, by, index=0):
-    """Write the per-slot losses of one layout run (Scored) into by (D, N, T), each (d, target) once."""
+def by_distance(model, out, ce, by):
+    """Write the per-slot losses ce (B, S) of one layout run (a Scored) into by (D, N, T), each
+    (distance, target) pair once."""
     pinned = model.config.attn == 'pinned'
-    dist = out.dist.expand_as(out.ce)
+    dist = out.dist.expand_as(ce)
     for d in range(1, model.config.n_future + 1):
         rows, slots = (out.scored & (dist == d)).nonzero(as_tuple=True)
         targets = slots if pinned else slots - 1  # bidirectional slot i predicts y[:, i - 1]
         fresh = by[d - 1, rows, targets].isnan()
-        by[d - 1, rows[fresh], targets[fresh]] = out.ce[rows[fresh], slots[fresh]].float()
+        by[d - 1, rows[fresh], targets[fresh]] = ce[rows[fresh], slots[fresh]].float()
 
 
 @torch.no_grad()
@@ -99,9 +100,9 @@ def token_losses(model, x, y, record=(), init=None):
     for name, r in layouts(model):
         kw = {name: torch.full((x.size(0),), r, device=x.device), 'init': init}
         out = model.score(x, y, **(dict(depth=max(record), record=record) if record else dict(depth='converge')), **kw)
-        by_distance(model, out, by)
+        by_distance(model, out, out.ce, by)
         for k, ce in out.ce_at.items():
-            by_distance(model, out.__class__(**{**vars(out), 'ce': ce}), at[k])
+            by_distance(model, out, ce, at[k])
         passes.append(out.trace.passes[out.scored])
         entropy.append(model.entropy_of_logits(out.logits)[out.scored])
         for k, v in out.trace.norms:
@@ -124,20 +125,24 @@ def past_stream_loss(model, x, y, batch):
 
 
 @torch.no_grad()
-def sequential_loss(model, x, positions, warm=True):
+def sequential_loss(model, x, positions, warm=True, s=None):
     """The sampler's own next-token loss: starting from x[:, :1], refine (from the carried state when
     warm, else from e_max), score future slot 1 against the true next token, collapse it to that
-    token, shift; for `positions` steps. Returns (mean loss, mean passes per step)."""
-    w = engine.start(model, x[:, :1])
-    losses, passes = [], []
+    token, shift; for `positions` steps. With s.future == 'auto' the window keeps the live slots
+    sampling.live_slots allows. Returns (mean loss, mean passes per step, mean live future slots)."""
+    w, auto = engine.start(model, x[:, :1]), s is not None and s.future == 'auto'
+    losses, passes, live = [], [], []
     for t in range(1, min(positions + 1, x.size(1))):
         w, used = engine.refine(model, w if warm else engine.forget(model, w))
         losses.append(F.cross_entropy(w.stats['logits'][:, 0].float(), x[:, t]).item())
         passes.append(used)
+        live.append(w.future.size(1))
         slots = torch.zeros_like(w.decided, dtype=torch.bool)
         slots[:, 0] = True
-        w, _ = engine.shift(model, engine.collapse(model, w, slots, x[:, t:t + 1].expand_as(w.decided).contiguous()))
-    return sum(losses) / len(losses), sum(passes) / len(passes)
+        length = live_slots(w.stats['entropy'] / math.log(2), s.tau) if auto else None
+        w, _ = engine.shift(model, engine.collapse(model, w, slots, x[:, t:t + 1].expand_as(w.decided).contiguous()),
+                            length=length)
+    return sum(losses) / len(losses), sum(passes) / len(passes), sum(live) / len(live)
 
 
 @torch.no_grad()
@@ -204,7 +209,7 @@ def batched(model, x, y, batch, **kw):
     return losses, (torch.cat(passes) if passes else None), (torch.cat(entropy) if entropy else None), dict(norms)
 
 
-def evaluate(model, data, n, batch, seed, device, warm_positions=0, warm_rows=8, depths=(), convergence=False):
+def evaluate(model, data, n, batch, seed, device, warm_positions=0, warm_rows=8, depths=(), convergence=False, s=None):
     """Every likelihood number for one model on one split. Returns a dict."""
     x, y = windows(data, n, seed, device)
     by, passes, entropy, _ = batched(model, x, y, batch)
@@ -218,8 +223,8 @@ def evaluate(model, data, n, batch, seed, device, warm_positions=0, warm_rows=8,
         result['past_stream_loss'] = past_stream_loss(model, x, y, batch)
     if warm_positions:
         for name, warm in (('warm', True), ('cold', False)):
-            value, steps = sequential_loss(model, x[:warm_rows], warm_positions, warm)
-            result.update({f'{name}_sequential': value, f'{name}_passes': steps})
+            value, steps, live = sequential_loss(model, x[:warm_rows], warm_positions, warm, s)
+            result.update({f'{name}_sequential': value, f'{name}_passes': steps, 'live_slots': live})
     if depths:
         at, _, _, norms = batched(model, x, y, batch, record=tuple(depths))
         result.update(depth_loss={k: v[0].mean().item() for k, v in at.items()}, norm_by_pass=norms)
@@ -249,7 +254,8 @@ def report(result, name, split, unit):
         print(f"past stream read out directly (the GPT inside): next-token loss {result['past_stream_loss']:.4f} nats")
     if 'warm_sequential' in result:
         print(f"warm-start sequential loss {result['warm_sequential']:.4f} nats ({result['warm_passes']:.2f} passes/token)")
-        print(f"cold-start sequential loss {result['cold_sequential']:.4f} nats ({result['cold_passes']:.2f} passes/token)")
+        print(f"cold-start sequential loss {result['cold_sequential']:.4f} nats ({result['cold_passes']:.2f} passes/token)"
+              f", {result['live_slots']:.2f} live future slots")
     if 'depth_loss' in result:
         print("loss by depth (passes: next-token loss): " + '  '.join(f"{k}: {v:.4f}" for k, v in result['depth_loss'].items()))
         print("state norm by pass (watched slots): " + '  '.join(f"{k}: {v:.3f}" for k, v in result['norm_by_pass'].items()))
@@ -289,7 +295,7 @@ def main():
     data = TokenShards(folder, split, model.config.block_size, model.config.vocab_size)
     meta = info.get('meta') or read_meta(folder)
     with runtime.autocast(dev, dt):
-        result = evaluate(model, data, n_windows, batch_size, seed, dev, warm_positions, warm_rows, steps, convergence)
+        result = evaluate(model, data, n_windows, batch_size, seed, dev, warm_positions, warm_rows, steps, convergence, settings)
         if judge_model is not None and samples:
             prompts = data.batch(samples, seed + 1)[0][:, :prompt_tokens].to(dev)
             result.update(sample_quality(model, judge_model, prompts, sample_tokens, settings, seed))

@@ -118,7 +118,8 @@ def check_settings(c, ddp):
         require(not unused, f"--{unused[0] if unused else ''} is a WFC setting: it has no effect on a GPT (n_future = 0)")
     unused = [k for k in ('backend', 'ddp_timeout') if c[k] != DEFAULTS[k] and not ddp]
     require(not unused, f"--{unused[0] if unused else ''} applies to DDP runs started by torchrun")
-    unused = [k for k in ('wandb_project', 'wandb_run_name') if c[k] != DEFAULTS[k] and not c['wandb_log']]
+    given = [a[2:].partition('=')[0] for a in sys.argv[1:] if a.startswith('--')]  # config files may name wandb runs they do not log
+    unused = [k for k in ('wandb_project', 'wandb_run_name') if k in given and not c['wandb_log']]
     require(not unused, f"--{unused[0] if unused else ''} needs --wandb_log=True")
 
 
