@@ -41,6 +41,7 @@ eval_windows = 256       # windows for the final evaluation (eval.py), the same 
 depths = ''              # WFC evaluation: also the next-token loss after exactly K passes for each K ('1,2,4,...')
 convergence = False      # WFC evaluation: also path independence and passes vs entropy (eval.py --convergence)
 eval_max_loop = 0        # WFC evaluation: the refinement cap (0 = each model's own max_loop)
+eval_slot_exit = 'model' # WFC evaluation: per-slot exit ('model': each model's own setting, 'on', 'off')
 judge = ''               # judge checkpoint: adds the judge NLL of samples ('' = skip)
 samples = 16             # samples per variant for the judge
 temperature = 0.8        # sampling temperature of the judged samples
@@ -133,7 +134,9 @@ def evaluate_run(run_dir):
     """eval.py's numbers for the run's final checkpoint, on the same windows for every run."""
     import eval as evaluation
     from sampling import Settings
-    model, info = checkpoint.load_model(run_dir, 'cpu', **({'max_loop': eval_max_loop} if eval_max_loop else {}))
+    overrides = ({'max_loop': eval_max_loop} if eval_max_loop else {}) | \
+        ({} if eval_slot_exit == 'model' else {'slot_exit': eval_slot_exit == 'on'})
+    model, info = checkpoint.load_model(run_dir, 'cpu', **overrides)
     data = TokenShards(data_dir(info['config']['dataset']), 'val', model.config.block_size)
     steps = [int(v) for v in depths.split(',') if v]
     result = evaluation.evaluate(model, data, eval_windows, 32, 1234, 'cpu', warm_positions=64,
@@ -284,6 +287,7 @@ def check_settings():
             "need budget > 0, steps > 0, jobs >= 1, threads >= 0, evals_per_run >= 1 and eval_windows > 0")
     require(calibration_rounds >= 1 or not train_runs or kinds == ['steps'],
             "the 'time' and 'flops' tables need calibration_rounds >= 1 (steps per second are measured first)")
+    require(eval_slot_exit in ('model', 'on', 'off'), f"eval_slot_exit must be 'model', 'on' or 'off', got {eval_slot_exit!r}")
     require(calibration_iters >= 10, "calibration_iters must be >= 10 (the first iterations only warm caches up)")
     require(all(v.strip().isdigit() and int(v) > 0 for v in depths.split(',') if v), f"depths must look like '1,2,4,8', got {depths!r}")
     return names, kinds

@@ -53,6 +53,7 @@ prompt_tokens = 32       # prompt length of each sample, cut from the split
 sample_tokens = 96       # generated tokens per sample
 max_loop = 0             # WFC: override the model's refinement cap (0 = keep)
 tol = -1.0               # WFC: override the model's convergence tolerance (< 0 = keep)
+slot_exit = 'model'      # WFC: per-slot exit in the converged runs: 'model' (its own setting), 'on' or 'off'
 device = 'auto'          # 'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'mps'
 dtype = 'float32'        # evaluation in full precision by default
 out = ''                 # also write the results as JSON here
@@ -286,7 +287,9 @@ def main():
         dev, dt = runtime.resolve(device, dtype)
     except (ValueError, RuntimeError) as e:
         raise UserError(e) from None
+    require(slot_exit in ('model', 'on', 'off'), f"slot_exit must be 'model', 'on' or 'off', got {slot_exit!r}")
     overrides = {k: v for k, v in (('max_loop', max_loop), ('tol', tol)) if (v > 0 if k == 'max_loop' else v >= 0)}
+    overrides.update({} if slot_exit == 'model' else {'slot_exit': slot_exit == 'on'})
     model, info = checkpoint.load_model(run, dev, **overrides)
     require(model.config.n_future or not (steps or convergence or overrides),
             "depths, convergence, max_loop and tol are WFC settings; this checkpoint is a GPT (n_future = 0)")

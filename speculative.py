@@ -22,6 +22,8 @@ advances per round. Draft length: k = F - 1, or with future='auto' the rule of
 sampling.live_slots on the drafts' entropies (the same rule that sizes the collapse sampler's window).
 """
 
+import functools
+
 import torch
 
 import engine
@@ -39,6 +41,20 @@ def generate_speculative(model, idx, s, req, on_tokens):
     return torch.cat([torch.nn.functional.pad(row, (0, n - row.size(1)), value=-1) for row in rows])
 
 
+@functools.lru_cache(maxsize=64)
+def round_layout(n, L, F_, spec_window, block_size, device):
+    """What a round's call looks like relative to its first new token (it repeats, so it is built
+    once): the future slots' position offsets (n F,), their blocks and indices, and the visibility of
+    [n causal queries, n blocks of F future queries] over [L cached keys, n new keys, n F future keys]."""
+    rel = torch.arange(n, device=device)  # the causal queries' positions, relative to the first one
+    offsets = (rel[:, None] + torch.arange(1, F_ + 1, device=device)).flatten()  # block b: the F positions after token b
+    block, index = rel.repeat_interleave(F_), torch.arange(F_, device=device).repeat(n)
+    mask = visibility(torch.cat((rel, rel.repeat_interleave(F_))), torch.cat((block.new_full((n,), -1), block)),
+                      torch.cat((index.new_zeros(n), index)), torch.arange(-L, n, device=device), block, index,
+                      spec_window, window=block_size)[None, None]
+    return offsets, block, index, mask
+
+
 def verify(model, cache, tokens, max_loop=1, tol=None):
     """The round's one stack call: the causal stream on tokens (1, n) = [pending, drafts] after the
     cache, and F future slots behind each of them. Appends the n tokens' keys/values to the cache.
@@ -47,14 +63,10 @@ def verify(model, cache, tokens, max_loop=1, tol=None):
     c, n, F_, dev = model.config, tokens.size(1), model.config.n_future, tokens.device
     keep, P0 = c.block_size - 1, cache.end
     engine.ensure_positions(model, P0 + n + F_)
-    pos_c = torch.arange(P0, P0 + n, device=dev)
-    pos_f = (pos_c[:, None] + torch.arange(1, F_ + 1, device=dev)).flatten()  # block b: the F positions after token b
-    block, index = torch.arange(n, device=dev).repeat_interleave(F_), torch.arange(F_, device=dev).repeat(n)
     prefixes = cache.views(0, keep) if cache.length else None
-    L = prefixes[0][0].size(2) if prefixes else 0
-    mask = visibility(torch.cat((pos_c, pos_c.repeat_interleave(F_))), torch.cat((block.new_full((n,), -1), block)),
-                      torch.cat((index.new_zeros(n), index)), torch.arange(P0 - L, P0 + n, device=dev), block, index,
-                      c.spec_window, window=c.block_size)[None, None]
+    offsets, block, index, mask = round_layout(n, prefixes[0][0].size(2) if prefixes else 0, F_, c.spec_window,
+                                               c.block_size, str(dev))
+    pos_c, pos_f = torch.arange(P0, P0 + n, device=dev), P0 + offsets
     x0 = torch.cat((model.input(tokens, pos_c), model.blank(pos_f)[None]), 1)
     x, kvs = model.update(x0, Context(x0, torch.cat((pos_c, pos_f)), mask, prefixes))
     cache.append([[(k[:, :, :n], v[:, :, :n]) for k, v in kvs]], keep=keep)

@@ -3,6 +3,7 @@ Pictures. matplotlib is an optional dependency, imported only here.
 
     python viz.py toy --out=assets/toy.png                           # the seed's illustration, for real
     python viz.py curves --runs out-a out-b --out=assets/curves.png  # val loss vs time, loss by distance
+    python viz.py convergence --runs out-a out-b --out=assets/convergence.png  # loss and norm vs passes
 
 toy: a WFC model (model.py's GPT) with a vocabulary of 3 trains for a few seconds on a tiny Markov
 pattern (0 -> 1; 1 -> 0 or 2, even odds; 2 -> 0), then generates. The picture is its state plane:
@@ -23,6 +24,9 @@ not learn the pattern at that width either.)
 
 curves: each run's eval_log.jsonl (train.py writes it): next-token val loss vs training time, and
 the val loss by distance d = 1..F of the last evaluation (the "hockey stick").
+
+convergence: WFC runs evaluated on the same val windows: the loss and state norm after exactly K
+passes, and the passes each slot takes to exit against its entropy (does compute follow difficulty?).
 """
 
 import argparse
@@ -242,6 +246,38 @@ def draw_curves(runs, out, labels=None):
     print(f"wrote {out}")
 
 
+def draw_convergence(runs, out, labels=None, windows=16, depths=(1, 2, 4, 8, 16, 32, 64), slot_exit=True):
+    """Per WFC run, on the same val windows: the next-token loss and the open slots' state norm after
+    exactly K passes (K = depths), and each slot's passes to exit (its KL below the model's tol, at
+    most max(depths) passes; slot_exit: each slot on its own) against its entropy, with Spearman's rho."""
+    import checkpoint
+    import eval as evaluation
+    from dataloader import TokenShards, data_dir
+    plt = plt_module()
+    fig, (ax_loss, ax_norm, ax_pass) = plt.subplots(1, 3, figsize=(15, 4.2))
+    for k, run in enumerate(runs):
+        model, info = checkpoint.load_model(run, max_loop=max(depths), slot_exit=slot_exit)
+        if not model.config.n_future:
+            fail(f"{run} is a GPT: the convergence picture needs WFC runs")
+        data = TokenShards(data_dir(info['config']['dataset']), 'val', model.config.block_size, model.config.vocab_size)
+        x, y = evaluation.windows(data, windows, 1234, 'cpu')
+        at, _, _, norms = evaluation.batched(model, x, y, 32, record=tuple(depths))
+        _, passes, entropy, _ = evaluation.batched(model, x, y, 32)
+        label, colour = labels[k] if labels else os.path.basename(os.path.normpath(run)), f'C{k % 10}'
+        ax_loss.plot(depths, [at[d][0].mean().item() for d in depths], marker='o', color=colour, label=label)
+        ax_norm.plot(sorted(norms), [norms[d] for d in sorted(norms)], marker='o', color=colour, label=label)
+        jitter = (torch.rand(len(passes)) - 0.5) * 0.4  # integer passes: spread the dots a little
+        rho = evaluation.spearman(passes.float(), entropy)
+        ax_pass.scatter((entropy / np.log(2)).tolist(), (passes + jitter).tolist(), s=2, alpha=0.25, color=colour,
+                        label=f'{label} (rho {rho:.2f})')
+    ax_loss.set(xscale='log', xlabel='passes K', ylabel='val next-token loss (nats)', title='loss after exactly K passes')
+    ax_norm.set(xscale='log', yscale='log', xlabel='passes K', ylabel='mean state norm of the open slots', title='state norm')
+    ax_pass.set(xlabel='entropy of the slot after convergence (bits)', ylabel='passes to exit', title='compute follows difficulty?')
+    ax_loss.legend(fontsize='small'), ax_norm.legend(fontsize='small'), ax_pass.legend(fontsize='small', markerscale=4)
+    fig.savefig(out, dpi=110, bbox_inches='tight')
+    print(f"wrote {out}")
+
+
 def main(argv=None):
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest='picture', required=True)
@@ -254,13 +290,20 @@ def main(argv=None):
     curves.add_argument('--runs', nargs='+', required=True, help='out_dir folders of train.py runs')
     curves.add_argument('--labels', nargs='+', help='one legend label per run (default: folder names)')
     curves.add_argument('--out', default='curves.png')
+    conv = sub.add_parser('convergence', help='WFC runs: loss and state norm against passes, passes against entropy')
+    conv.add_argument('--runs', nargs='+', required=True, help='out_dir folders of WFC train.py runs')
+    conv.add_argument('--labels', nargs='+', help='one legend label per run (default: folder names)')
+    conv.add_argument('--windows', type=int, default=16, help='val windows to run (the same for every run)')
+    conv.add_argument('--out', default='convergence.png')
     args = parser.parse_args(argv)
+    if getattr(args, 'labels', None) and len(args.labels) != len(args.runs):
+        fail("give one --labels entry per --runs folder")
     if args.picture == 'toy':
         draw_toy(args.out, args.steps, args.seed, args.size)
-    else:
-        if args.labels and len(args.labels) != len(args.runs):
-            fail("give one --labels entry per --runs folder")
+    elif args.picture == 'curves':
         draw_curves(args.runs, args.out, args.labels)
+    else:
+        draw_convergence(args.runs, args.out, args.labels, args.windows)
 
 
 if __name__ == '__main__':

@@ -7,6 +7,7 @@
 #       --convergence=True --out_dir=runs/convergence --variants=one_pass,free_uniform8,rms_uniform8,norm_uniform8,...
 WFC = 'config/train_shakespeare_char_wfc.py'
 DEEP = ['--train_depth=8', '--loop_law=uniform', '--bptt=2', '--supervise=2', '--max_loop=8']  # depth 1..8, gradient and loss on the last 2
+ALL4 = ['--train_depth=4', '--loop_law=uniform', '--bptt=0', '--supervise=4', '--max_loop=8']  # depth 1..4, loss on every pass
 VARIANTS = {
     'one_pass': [WFC],                                            # the shipped one-pass recipe
     'free_uniform8': [WFC, *DEEP],                                # random depth, no bound: drifts
@@ -18,4 +19,9 @@ VARIANTS = {
     'norm_uniform4_bptt1': [WFC, '--train_depth=4', '--loop_law=uniform', '--bptt=1', '--supervise=1', '--max_loop=8', '--bound=norm'],
     'norm_uniform8_warm': [WFC, *DEEP, '--bound=norm', '--warm_prob=0.5'],  # self-conditioning: start from the last step's state
     'norm_uniform8_full': [WFC, *DEEP, '--bound=norm', '--bptt=0'],  # gradient through every pass (no truncation)
+    # round 2: a loss on every pass (progressive: each depth must be good), full backprop, depth 1..4
+    'rms_uniform4_all': [WFC, *ALL4, '--bound=rms'],
+    'norm_uniform4_all': [WFC, *ALL4, '--bound=norm'],
+    'norm_uniform4_all_warm': [WFC, *ALL4, '--bound=norm', '--warm_prob=0.5'],
+    'rms_uniform8_full': [WFC, *DEEP, '--bound=rms', '--bptt=0'],
 }

@@ -16,6 +16,8 @@ import torch
 
 from conftest import REPO, run_inprocess, run_script
 
+pytestmark = pytest.mark.slow  # its fixture prepares two datasets and trains two runs
+
 CONFIG = os.path.join(REPO, 'config', 'train_debug.py')
 TRAIN = [CONFIG, '--dataset={data}', '--out_dir={gpt}', '--init_from=resume']  # resume the finished GPT run: nothing to overwrite
 SCRATCH = [CONFIG, '--dataset={data}', '--out_dir={fresh}']

@@ -26,6 +26,8 @@ from dataloader import DataError, TokenShards, step_seed
 from model import GPT, GPTConfig
 from tokenizer import codec_for, gpt2_encoding
 
+pytestmark = pytest.mark.slow  # prepare scripts and training runs in subprocesses
+
 REAL_RANKS = os.environ.get('WFC_GPT2_TIKTOKEN', '')  # GPT-2's ranks file, where the machine has one
 DOCS = ["First document.\nIt has two lines.", "Zweites Dokument: Grüße aus Köln! 日本語も。",
         "<|endoftext|> is plain text inside a document", "the theme of the thin thread", "x"]

@@ -6,6 +6,7 @@ own temperature-1 samples is close to its val loss (a sanity check of the estima
 import json
 import os
 
+import pytest
 import torch
 
 import checkpoint
@@ -31,6 +32,7 @@ def training_eval_batches(data, info):
     return [data.batch(bs, step_seed(SEED, -2, k)) for k in range(info['config']['eval_iters'])]
 
 
+@pytest.mark.slow  # train.py runs in subprocesses
 def test_gpt_loss_matches_the_training_eval_on_the_same_tokens(pattern_data, tmp_path):
     model, info, last = train_tiny(pattern_data, tmp_path / 'gpt')
     data = TokenShards(pattern_data, 'val', model.config.block_size)
@@ -38,6 +40,7 @@ def test_gpt_loss_matches_the_training_eval_on_the_same_tokens(pattern_data, tmp
     assert abs(torch.cat(losses).mean().item() - last['val']) < 1e-5
 
 
+@pytest.mark.slow  # train.py runs in subprocesses
 def test_wfc_table_agrees_with_the_training_eval_slot_for_slot(pattern_data, tmp_path):
     model, info, last = train_tiny(pattern_data, tmp_path / 'wfc', '--n_future=4', '--pos_emb=rope')
     data = TokenShards(pattern_data, 'val', model.config.block_size)
@@ -65,6 +68,7 @@ def test_warm_sequential_loss_is_near_zero_on_a_predictable_sequence():
     assert warm_loss < 0.1 and 1 <= passes <= 8
 
 
+@pytest.mark.slow  # train.py runs in subprocesses
 def test_judge_scores_its_own_samples_near_its_val_loss(pattern_data, tmp_path):
     judge, info, last = train_tiny(pattern_data, tmp_path / 'judge', '--max_iters=150', '--lr_decay_iters=150',
                                    '--eval_interval=150', '--eval_iters=8')

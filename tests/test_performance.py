@@ -200,6 +200,7 @@ def test_batched_rows_are_the_single_runs(kind):
         assert torch.equal(batched[row:row + 1], single)
 
 
+@pytest.mark.slow  # bench.py in a subprocess
 def test_bench_prints_one_table(tmp_path):
     out = tmp_path / 'bench.json'
     result = run_script('bench.py', '--n_layer=1', '--n_embd=32', '--n_head=2', '--block_size=16', '--batch_size=2',

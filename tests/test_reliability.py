@@ -1,4 +1,4 @@
-"""Reliability (issue #6) on CPU, with a tiny model and synthetic data: an interrupted run loses
+"""Reliability on CPU, with a tiny model and synthetic data: an interrupted run loses
 nothing, and bad input stops early with a one-line message that says what to do.
 
 Proves: a checkpoint holds everything a resume needs and loads with weights_only=True; a save
@@ -6,9 +6,9 @@ interrupted by an exception or by SIGKILL leaves the previous checkpoint loadabl
 resuming (once, twice, or by SIGTERM / SIGINT) gives the same per-step losses and bit-equal final
 weights as the straight run, dropout on; a NaN loss or gradient stops the run (exit 3) naming the
 step and leaves the last good checkpoint as it was; the loss-spike detector warns or stops (exit 4);
-keep_last keeps rolling copies and best.pt is never replaced by a worse evaluation; bad data,
-a changed architecture on resume and bad sampler inputs are an 'error: ...' line (exit 2), never a
-traceback. The DDP properties are in test_ddp.py. The signal tests carry the slow marker (the
+keep_last keeps rolling copies and best.pt is never replaced by a worse evaluation; bad data and
+a changed architecture on resume are an 'error: ...' line (exit 2), never a traceback (the
+sampler's and every other script's bad inputs are in test_bad_inputs.py). The DDP properties are in test_ddp.py. The signal tests carry the slow marker (the
 default run includes them; -m "not slow" skips them).
 """
 
@@ -17,22 +17,18 @@ import json
 import os
 import random
 import re
-import runpy
 import shutil
 import signal
 import subprocess
 import sys
-from contextlib import redirect_stderr, redirect_stdout
-from dataclasses import asdict
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, run_script, tiny, write_dataset
+from conftest import REPO, run_inprocess, run_script, write_dataset
 
 import checkpoint  # noqa: E402 (conftest put the repo on the path)
-import runtime  # noqa: E402
 
 ENV = {'OMP_NUM_THREADS': '1'}  # one thread: identical float sums run to run, and no spinning on a shared CPU
 DEBUG = os.path.join(REPO, 'config', 'train_debug.py')
@@ -84,33 +80,8 @@ def same_optimizer(a, b):
     return a['state'].keys() == b['state'].keys() and all(same_tensors(a['state'][k], b['state'][k]) for k in a['state'])
 
 
-def run_here(script, *args):
-    """Run a repo script in this process as `python script args` would, and faster: torch is
-    imported already, and the MFU denominator is not measured (0.8 s of matmuls per run). One
-    thread, as in the subprocesses, so the numbers agree bit for bit. Returns (exit code, stdout,
-    stderr). Any exception but SystemExit propagates and fails the test: a traceback is what bad
-    input must not produce. sys.argv, signal handlers, RNG states and threads are put back."""
-    saved = sys.argv, checkpoint.rng_state(), torch.get_num_threads(), runtime.peak_flops
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    out, err, code = io.StringIO(), io.StringIO(), 0
-    sys.argv, runtime.peak_flops = [script, *map(str, args)], lambda device, dtype: float('nan')
-    torch.set_num_threads(1)
-    try:
-        with redirect_stdout(out), redirect_stderr(err):
-            runpy.run_path(os.path.join(REPO, script), run_name='__main__')
-    except SystemExit as e:
-        code = e.code
-    finally:
-        sys.argv, rng, threads, runtime.peak_flops = saved
-        checkpoint.set_rng_state(rng)
-        torch.set_num_threads(threads)
-        for s, handler in handlers.items():
-            signal.signal(s, handler)
-    return code, out.getvalue(), err.getvalue()
-
-
 def train_here(data, out, *args):
-    return run_here('train.py', *COMMON, f'--dataset={data}', f'--out_dir={out}', *args)
+    return run_inprocess('train.py', *COMMON, f'--dataset={data}', f'--out_dir={out}', *args)
 
 
 def assert_clean_error(code, err, phrase):
@@ -160,7 +131,7 @@ def test_a_worse_evaluation_never_replaces_best_pt_and_says_so(straight, tmp_pat
     rng = np.random.default_rng(1)
     noise = write_dataset(tmp_path / 'noise', rng.integers(0, 9, 4000), rng.integers(0, 9, 4000), vocab_size=9)
     best_before = (run / 'best.pt').read_bytes()
-    code, out, err = run_here('train.py', *COMMON, f'--dataset={noise}', f'--out_dir={run}', '--init_from=resume',
+    code, out, err = run_inprocess('train.py', *COMMON, f'--dataset={noise}', f'--out_dir={run}', '--init_from=resume',
                               f'--max_iters={N}')
     assert code == 0, err
     with open(run / 'eval_log.jsonl') as f:
@@ -227,6 +198,7 @@ def test_a_sigkill_mid_save_leaves_the_previous_checkpoint(tmp_path):
 # exact resume, preemption
 
 
+@pytest.mark.slow  # three train.py runs
 def test_stop_and_resume_once_and_twice_matches_the_straight_run_exactly(data, straight, tmp_path):
     """N/2 steps, stop; resume in a new process to 3N/4 (resumed once), stop; resume again to N
     (resumed twice): the per-step train losses equal the straight run's, and so do the weights and
@@ -345,20 +317,20 @@ def test_bad_data_is_a_clear_error_at_startup(case, data, tmp_path):
     folder = shutil.copytree(data, tmp_path / 'data')
     damage, args, phrase = DATA_ERRORS[case]
     damage(folder)
-    code, _, err = run_here('train.py', *COMMON, f'--dataset={folder}', f'--out_dir={tmp_path / "out"}', *args)
+    code, _, err = run_inprocess('train.py', *COMMON, f'--dataset={folder}', f'--out_dir={tmp_path / "out"}', *args)
     assert_clean_error(code, err, phrase)
 
 
 def test_resuming_another_architecture_is_an_error_naming_the_fields(data, straight, tmp_path):
     run = shutil.copytree(straight[0], tmp_path / 'run')
-    code, _, err = run_here('train.py', *COMMON, f'--dataset={data}', f'--out_dir={run}', '--init_from=resume',
+    code, _, err = run_inprocess('train.py', *COMMON, f'--dataset={data}', f'--out_dir={run}', '--init_from=resume',
                             '--n_layer=3', '--n_embd=48')
     assert_clean_error(code, err, "its architecture differs in ['n_embd', 'n_layer']")
 
 
 def test_resuming_with_changed_batch_and_schedule_settings_warns(data, straight, tmp_path):
     run = shutil.copytree(straight[0], tmp_path / 'run')
-    code, out, err = run_here('train.py', *COMMON, f'--dataset={data}', f'--out_dir={run}', '--init_from=resume',
+    code, out, err = run_inprocess('train.py', *COMMON, f'--dataset={data}', f'--out_dir={run}', '--init_from=resume',
                               f'--max_iters={N}', '--batch_size=8', '--learning_rate=2e-3')
     assert code == 0, err
     assert "warning: resuming with changed settings: ['batch_size', 'learning_rate']" in out
@@ -366,57 +338,3 @@ def test_resuming_with_changed_batch_and_schedule_settings_warns(data, straight,
 
 # -----------------------------------------------------------------------------
 # sampler inputs
-
-
-@pytest.fixture(scope='module')
-def bad_checkpoints(straight, tmp_path_factory):
-    """{name: path} of checkpoints sample.py must refuse, plus 'gpt' and 'wfc' ones that are fine."""
-    folder, good = tmp_path_factory.mktemp('checkpoints'), straight[0] / 'ckpt.pt'
-    paths = {name: folder / f'{name}.pt' for name in ('gpt', 'wfc', 'garbage', 'truncated', 'state_dict_only',
-                                                       'pickled_module', 'wrong_shapes')}
-    shutil.copy(good, paths['gpt'])
-    ckpt = load(good)
-    wfc = tiny(vocab_size=9, n_future=2, pos_emb='rope')
-    torch.save(dict(model=wfc.state_dict(), model_args=asdict(wfc.config), meta=ckpt['meta']), paths['wfc'])
-    paths['garbage'].write_bytes(os.urandom(4096))
-    paths['truncated'].write_bytes(good.read_bytes()[:good.stat().st_size // 2])
-    torch.save({'state_dict': {'conv1.weight': torch.zeros(4, 3, 3, 3)}}, paths['state_dict_only'])
-    torch.save(torch.nn.Linear(2, 2), paths['pickled_module'])
-    torch.save({**ckpt, 'model_args': {**ckpt['model_args'], 'n_embd': 64}}, paths['wrong_shapes'])
-    return paths
-
-
-SAMPLER_ERRORS = {  # checkpoint, extra arguments, what the message must say
-    'corrupt_file': ('garbage', [], 'is not a readable checkpoint'),
-    'truncated_file': ('truncated', [], 'is not a readable checkpoint'),
-    'another_model_type': ('state_dict_only', [], 'a different model type?'),
-    'python_objects': ('pickled_module', [], 'holds Python objects'),
-    'weights_of_another_shape': ('wrong_shapes', [], 'do not fit the model'),
-    'out_of_vocabulary_prompt': ('gpt', ['--start=abc!'], "outside the model's 9-character vocabulary: '!'"),
-    'missing_prompt_file': ('gpt', ['--start=FILE:/nonexistent/prompt.txt'], 'No such file'),
-    'goal_on_a_gpt': ('gpt', ['--goal=1:ab'], 'a goal needs a WFC model'),
-    'malformed_goal': ('wfc', ['--goal=abc'], "goal must look like 'offset:text'"),
-    'max_new_tokens_zero': ('gpt', ['--max_new_tokens=0'], 'need max_new_tokens > 0'),
-}
-
-
-def sample(path, *args):
-    return run_here('sample.py', f'--init_from={path}', '--device=cpu', '--dtype=float32', '--num_samples=1',
-                    '--max_new_tokens=4', '--start=abc', *args)
-
-
-@pytest.mark.parametrize('case', SAMPLER_ERRORS)
-def test_bad_sampler_input_is_a_clear_error(case, bad_checkpoints):
-    name, args, phrase = SAMPLER_ERRORS[case]
-    code, _, err = sample(bad_checkpoints[name], *args)
-    assert_clean_error(code, err, phrase)
-
-
-@pytest.mark.parametrize('name', ['gpt', 'wfc'])
-def test_the_good_checkpoints_sample(name, bad_checkpoints):
-    """The control for the errors above: the same checkpoints and prompt work when nothing is wrong."""
-    code, out, err = sample(bad_checkpoints[name], *(['--pin=1:ab'] if name == 'wfc' else []))
-    assert code == 0, err
-    assert out.startswith('abc')
-    text = out.split('\n---------------')[0]
-    assert len(text) == len('abc') + 4, out  # the streamed sample is not printed a second time

@@ -77,6 +77,7 @@ def distance(counts, table):
 
 @pytest.mark.parametrize('settings', [dict(temperature=1.0, top_k=0), dict(temperature=0.7, top_k=3),
                                       dict(temperature=1.0, top_k=0, top_p=0.9)])
+@pytest.mark.slow  # thousands of draws
 def test_sampled_tokens_follow_the_causal_distribution(settings):
     torch.manual_seed(3)  # a small model with a spread-out distribution over 4 tokens, untrained: drafts often wrong
     model = tiny(vocab_size=4, n_future=3, pos_emb='rope', past_loss=1.0).eval()

@@ -228,6 +228,7 @@ def test_branching_keeps_the_candidate_that_leaves_the_future_most_certain(wfc):
         assert picked[row].item() == min(spreads, key=spreads.get)
 
 
+@pytest.mark.slow  # sample.py in subprocesses
 def test_command_line_steers_and_calibrates(tmp_path):
     model = tiny(n_future=4, pos_emb='rope')
     chars = [chr(ord('a') + i) for i in range(V)]

@@ -24,6 +24,7 @@ def read_log(out_dir):
         return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow  # train.py runs in subprocesses
 @pytest.mark.parametrize('variant', VARIANTS)
 def test_few_steps_learn_checkpoint_and_resume(variant, pattern_data, tmp_path):
     out = tmp_path / variant

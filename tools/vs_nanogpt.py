@@ -48,6 +48,7 @@ JOBS = {  # name: (program, extra arguments)
     'gpt': ('ours', ['config/train_shakespeare_char_gpt.py', '--dtype=float32']),
     'gpt_bf16': ('ours', ['config/train_shakespeare_char_gpt.py', '--dtype=bfloat16']),
     'gpt_compile': ('ours', ['config/train_shakespeare_char_gpt.py', '--dtype=float32', '--compile=True']),
+    'gpt_rope': ('ours', ['config/train_shakespeare_char_gpt.py', '--dtype=float32', '--pos_emb=rope']),
     'wfc': ('ours', ['config/train_shakespeare_char_wfc.py', '--dtype=float32']),
     'wfc_bf16': ('ours', ['config/train_shakespeare_char_wfc.py', '--dtype=bfloat16']),
 }
@@ -68,7 +69,8 @@ def timed(*args, **kwargs):
     out = original(*args, **kwargs)
     seconds = time.perf_counter() - t0
     ids = out[:, args[1].size(1):] if kind == 'method' else out[0]
-    print('@@generate ' + json.dumps(dict(seconds=seconds, ids=ids.tolist())), file=sys.stderr, flush=True)
+    stats = {} if kind == 'method' else {k: v for k, v in out[1].summary().items() if k in ('tokens_per_call', 'acceptance')}
+    print('@@generate ' + json.dumps(dict(seconds=seconds, ids=ids.tolist(), **stats)), file=sys.stderr, flush=True)
     return out
 owner.generate = timed
 runpy.run_path(script, run_name='__main__')
@@ -101,13 +103,25 @@ def final_val_loss(log):
 
 def generations(stderr):
     """[(seconds, ids rows)] of each timed generation call in a sampler's stderr."""
-    calls = [json.loads(line[len('@@generate '):]) for line in stderr.splitlines() if line.startswith('@@generate ')]
-    return [(c['seconds'], c['ids']) for c in calls]
+    return [(c['seconds'], c['ids']) for c in generation_records(stderr)]
+
+
+def generation_records(stderr):
+    """Every timed generation call's record (seconds, ids, and ours: tokens_per_call, acceptance)."""
+    return [json.loads(line[len('@@generate '):]) for line in stderr.splitlines() if line.startswith('@@generate ')]
+
+
+def recipe(args):
+    """nanoGPT's CPU recipe, with --shape's layers, width, block and heads where given."""
+    if not args.shape:
+        return RECIPE
+    layers, width, block, *heads = (int(v) for v in args.shape.split('x'))
+    return {**RECIPE, 'n_layer': layers, 'n_embd': width, 'block_size': block, 'n_head': heads[0] if heads else RECIPE['n_head']}
 
 
 def train_command(job, args, out_dir, data_dir):
     program, extra = JOBS[job]
-    settings = {**RECIPE, 'max_iters': args.iters, 'lr_decay_iters': args.iters, 'eval_interval': args.iters,
+    settings = {**recipe(args), 'max_iters': args.iters, 'lr_decay_iters': args.iters, 'eval_interval': args.iters,
                 'device': 'cpu', 'out_dir': out_dir, 'always_save_checkpoint': True}
     if program == 'nano':
         cwd, script = args.nanogpt, 'train.py'
@@ -127,7 +141,9 @@ def sample_command(job, ckpt_dir, args, batch):
         return [sys.executable, '-c', TIMER, args.nanogpt, 'model', 'method', 'sample.py', *common,
                 '--temperature=0.8', '--top_k=200'], args.nanogpt
     dtype = 'bfloat16' if job.endswith('bf16') else 'float32'
-    extra = [f'--slide={args.slide}'] + (['--policy=threshold', f'--tau={args.tau}'] if job.startswith('wfc') else [])
+    rolls = job.startswith('wfc') or job == 'gpt_rope'  # rotary models: the cache rolls, slide does not apply
+    extra = ([f'--slide={args.slide}'] if args.slide and not rolls else []) + \
+        ([f'--sampler={args.sampler}'] if job.startswith('wfc') and args.sampler != 'auto' else [])
     return [sys.executable, '-c', TIMER, REPO, 'sampling', 'function', 'sample.py', *common,
             f'--dtype={dtype}', '--temperature=0.8', '--top_k=200', *extra], REPO
 
@@ -166,8 +182,9 @@ def main():
     parser.add_argument('--sample', default='True', help='also compare the samplers (True/False)')
     parser.add_argument('--tokens', type=int, default=500, help='new tokens per sample')
     parser.add_argument('--batch', type=int, default=8, help='samples of the batched sampling runs')
-    parser.add_argument('--tau', type=float, default=1.0, help='WFC threshold policy: entropy limit, bits')
-    parser.add_argument('--slide', type=int, default=0, help="our samplers' slide (0 = nanoGPT's exact sliding window)")
+    parser.add_argument('--sampler', default='auto', help="our WFC jobs' sampler ('auto': speculative; 'collapse')")
+    parser.add_argument('--slide', type=int, default=0, help="learned positions: our samplers' slide (0 = nanoGPT's exact sliding window)")
+    parser.add_argument('--shape', default='', help="LAYERSxWIDTHxBLOCK[xHEADS] instead of the CPU recipe's 4x128x64x4, e.g. 6x384x256x6")
     parser.add_argument('--judge', default=os.path.join(REPO, 'out-shakespeare-char-judge'),
                         help="judge GPT for sample quality (default: ours trained in the first repeat when missing)")
     parser.add_argument('--threads', type=int, default=0,
@@ -202,7 +219,7 @@ def main():
             print(f"repeat {r + 1}/{args.repeats} {j:12s} {median(ms):7.2f} ms/iter  val {train[j]['val'][-1]:.4f}  "
                   f"peak {mb:6.0f} MB  load {os.getloadavg()[0]:.2f}", flush=True)
     nano = {k: median(v) for k, v in train['nano'].items()}
-    tokens_per_iter = RECIPE['batch_size'] * RECIPE['block_size']
+    tokens_per_iter = recipe(args)['batch_size'] * recipe(args)['block_size']
     rows = []
     for j in jobs if train['nano']['ms'] else []:
         m = {k: median(v) for k, v in train[j].items()}
@@ -222,16 +239,19 @@ def main():
 
     # ---- sampling, from the first repeat's checkpoints ----
     if args.sample.lower() == 'true':
-        samplers = ['nano'] + [s for s in ('gpt', 'gpt_bf16', 'wfc', 'wfc_bf16') if s.split('_')[0] in jobs]
-        speed = {(s, b): [] for s in samplers for b in (1, args.batch)}
+        samplers = ['nano'] + [s for s in ('gpt', 'gpt_rope', 'gpt_bf16', 'wfc', 'wfc_bf16') if s in jobs]
+        sizes = [1] + ([args.batch] if args.batch > 1 else [])
+        speed = {(s, b): [] for s in samplers for b in sizes}
+        calls_of = {}
         texts = {}
         for r in range(args.repeats):
             for s in samplers:
-                for b in (1, args.batch):
-                    ckpt_dir = os.path.join(work, f"{s.split('_')[0] if s != 'nano' else 'nano'}_0")
+                for b in sizes:
+                    ckpt_dir = os.path.join(work, f"{s if s in ('nano', 'gpt_rope') else s.split('_')[0]}_0")
                     cmd, cwd = sample_command(s, ckpt_dir, args, b)
                     _, stderr, _ = run(cmd, cwd, env)
                     calls = generations(stderr)
+                    calls_of.setdefault(s, []).extend(generation_records(stderr))
                     seconds = sum(t for t, _ in calls)
                     rows_ids = [row for _, ids in calls for row in ids]
                     speed[s, b].append(sum(len(x) for x in rows_ids) / seconds)
@@ -247,21 +267,25 @@ def main():
         except checkpoint.CheckpointError:  # no judge there: our GPT of the first repeat judges
             judge_path = os.path.join(work, 'gpt_0')
             judge, _ = checkpoint.load_model(judge_path)
-        base = {b: median(speed['nano', b]) for b in (1, args.batch)}
+        base = {b: median(speed['nano', b]) for b in sizes}
         srows = []
         with torch.no_grad():
             for s in samplers:
-                one, many = median(speed[s, 1]), median(speed[s, args.batch])
+                one, many = median(speed[s, 1]), median(speed[s, sizes[-1]])
+                ones = [c for c in calls_of[s] if len(c['ids']) == 1 and 'tokens_per_call' in c]
                 srows.append(dict(sampler=s, tokens_per_s=one, ratio=one / base[1], batch_tokens_per_s=many,
-                                  batch_ratio=many / base[args.batch], judge_nll=judge_nll(judge, texts[s]),
-                                  runs=speed[s, 1], batch_runs=speed[s, args.batch]))
+                                  batch_ratio=many / base[sizes[-1]], judge_nll=judge_nll(judge, texts[s]),
+                                  tokens_per_call=median([c['tokens_per_call'] for c in ones]) if ones else 1.0,
+                                  acceptance=ones[0].get('acceptance') if ones else None,
+                                  runs=speed[s, 1], batch_runs=speed[s, sizes[-1]]))
         print(f"\nsampling, {args.tokens} new tokens, medians of {args.repeats} (judge: {judge_path}; "
-              f"ours: slide {args.slide}, WFC threshold tau {args.tau} bits)")
-        print(f"| sampler | tokens/s batch 1 | x nanoGPT | tokens/s batch {args.batch} | x nanoGPT | judge NLL |\n"
-              f"|---|---|---|---|---|---|")
+              f"ours: slide {args.slide}, WFC sampler {args.sampler})")
+        print(f"| sampler | tokens/s batch 1 | x nanoGPT | tokens per stack call | acceptance by distance | "
+              f"tokens/s batch {sizes[-1]} | x nanoGPT | judge NLL |\n|---|---|---|---|---|---|---|---|")
         for x in srows:
-            print(f"| {x['sampler']} | {x['tokens_per_s']:.0f} | {x['ratio']:.2f} | {x['batch_tokens_per_s']:.0f} | "
-                  f"{x['batch_ratio']:.2f} | {x['judge_nll']:.3f} |")
+            accept = ' '.join(f'{a:.2f}' for a in x['acceptance']) if x['acceptance'] else '-'
+            print(f"| {x['sampler']} | {x['tokens_per_s']:.0f} | {x['ratio']:.2f} | {x['tokens_per_call']:.2f} | {accept} | "
+                  f"{x['batch_tokens_per_s']:.0f} | {x['batch_ratio']:.2f} | {x['judge_nll']:.3f} |")
         result['sample'] = srows
     if args.out:
         with open(args.out, 'w') as f:
