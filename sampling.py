@@ -49,7 +49,7 @@ class Settings:
     mode: str = 'token'        # collapse: 'token', 'nearest' or 'partial'
     eps: float = 0.1           # nearest collapse: the state decodes to its token with p >= 1 - eps
     lam: float = 0.5           # partial collapse / median nudge: fraction of the way to the token
-    max_loop: int = 0          # WFC refinement cap per step (0 = the model's max_loop)
+    max_loop: int = 0          # WFC refinement cap per step (0 = the model's max_loop; speculative drafts: 1 pass)
     tol: float = -1.0          # WFC convergence tolerance (< 0 = the model's tol)
     slide: int = 0             # learned positions: at the block edge drop this many extra old tokens (0 = exact sliding)
     warm: str = 'auto'         # collapse: refine from the carried state ('on'), from e_max every step ('off'), or
@@ -474,8 +474,8 @@ def inapplicable(model, s, sampler):
         lam=(sampler == 'collapse' and (s.mode == 'partial' or s.policy == 'median'), "--mode=partial or --policy=median"),
         tau=(sampler == 'collapse' and s.policy == 'threshold' or s.future == 'auto', "--policy=threshold or --future=auto"),
         max_loop=(sampler in ('collapse', 'speculative'), "the refinement of a WFC sampler"),
-        tol=(sampler == 'collapse' or sampler == 'speculative' and (s.max_loop or c.max_loop) > 1,
-             "refinement over several passes (--max_loop > 1)"),
+        tol=(sampler == 'collapse' or sampler == 'speculative' and s.max_loop > 1,
+             "refinement over several passes (--max_loop > 1; the speculative sampler drafts from one pass unless asked)"),
         slide=(sampler in ('causal', 'collapse') and not rolling,
                "a window that is rebuilt at the block edge (learned positions, or bidirectional WFC); a rotary one rolls"),
         **{k: (sampler == 'collapse' and s.policy == 'entropy', "--policy=entropy")

@@ -141,7 +141,7 @@ def _sample_row(model, idx, s, req, on_tokens):
     if prompt.size(1) > 1:
         engine.run_causal(model, prompt[:, :-1], cache, queries=0)
     pending, draft_logits, out, produced, text = prompt[:, -1:], idx.new_zeros(1, 0, c.vocab_size).float(), [], 0, ''
-    max_loop, tol = s.max_loop or c.max_loop, None if s.tol < 0 else s.tol
+    max_loop, tol = s.max_loop or 1, None if s.tol < 0 else s.tol  # drafts: one pass unless asked (exactness does not depend on them)
     while produced < req.max_new_tokens:
         temperature = req.temperature(s, produced)
         drafts, q = draft(draft_logits, s, temperature, req, text, produced, req.generator)
