@@ -21,39 +21,37 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import checkpoint  # noqa: E402
-from configurator import ConfigError, configure  # noqa: E402
-from dataloader import TokenShards  # noqa: E402
+from configurator import cli, configure  # noqa: E402
+from dataloader import TokenShards, data_dir  # noqa: E402
 from eval import sample_quality  # noqa: E402
 from sampling import Settings  # noqa: E402
 
 # -----------------------------------------------------------------------------
-wfc_ckpt = 'out-shakespeare-char-wfc'
-gpt_ckpt = 'out-shakespeare-char-gpt'
-judge = 'out-shakespeare-char-judge'
+wfc_ckpt = 'out-shakespeare-char-wfc'   # the WFC run folder (or checkpoint) to sample
+gpt_ckpt = 'out-shakespeare-char-gpt'   # the GPT row's run
+judge = 'out-shakespeare-char-judge'    # the GPT that scores every row's text
 samples = 32             # prompts (one batch)
 prompt_tokens = 32       # prompt length, from val windows
-new_tokens = 128
-temperature = 0.8
+new_tokens = 128         # tokens per sample
+temperature = 0.8        # sampling temperature of every row
 taus = '1.0,2.0'         # entropy limits (bits) of the threshold policy rows
 out = ''                 # write the rows as JSON here ('' = print only)
-seed = 1234
+seed = 1234              # prompts and draws
 # -----------------------------------------------------------------------------
 
 
 def main():
-    try:
-        configure(globals())
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
+    configure(globals())
     wfc, info = checkpoint.load_model(wfc_ckpt, 'cpu')
     gpt = checkpoint.load_model(gpt_ckpt, 'cpu')[0]
     judge_model = checkpoint.load_model(judge, 'cpu')[0]
-    data = TokenShards(os.path.join(REPO, 'data', info['config']['dataset']), 'val', prompt_tokens)
+    data = TokenShards(data_dir(info['config']['dataset']), 'val', prompt_tokens)
     prompts = data.batch(samples, seed)[0]
     rows = [('gpt', gpt, Settings(temperature=temperature))]
-    rows += [(f'wfc {policy} {mode}', wfc, Settings(temperature=temperature, policy=policy, mode=mode))
+    rows += [('wfc speculative', wfc, Settings(temperature=temperature))]
+    rows += [(f'wfc {policy} {mode}', wfc, Settings(temperature=temperature, policy=policy, mode=mode, sampler='collapse'))
              for policy in ('first', 'lowest') for mode in ('token', 'nearest', 'partial')]
-    rows += [(f'wfc threshold tau={t}', wfc, Settings(temperature=temperature, policy='threshold', tau=float(t)))
+    rows += [(f'wfc threshold tau={t}', wfc, Settings(temperature=temperature, policy='threshold', tau=float(t), sampler='collapse'))
              for t in taus.split(',')]
     results = []
     print('| sampler | judge NLL | distinct-4 | unigram bits | tokens/step | passes/token |')
@@ -70,4 +68,4 @@ def main():
 
 
 if __name__ == '__main__':
-    main()
+    cli(main)
