@@ -35,7 +35,7 @@ from sampling import draw, entropy_bits, filtered_probs, live_slots
 def generate_speculative(model, idx, s, req, on_tokens):
     """sampling.generate's speculative sampler (req: a sampling.Request): (B, n) new tokens, rows that
     on_tokens ended early padded with -1."""
-    rows = [_sample_row(model, idx[r:r + 1], s, req, None if on_tokens is None else (lambda ids, r=r: on_tokens(r, ids)))
+    rows = [sample_row(model, idx[r:r + 1], s, req, None if on_tokens is None else (lambda ids, r=r: on_tokens(r, ids)))[0]
             for r in range(idx.size(0))]
     n = max(row.size(1) for row in rows)
     return torch.cat([torch.nn.functional.pad(row, (0, n - row.size(1)), value=-1) for row in rows])
@@ -135,7 +135,9 @@ def draft(draft_logits, s, temperature, req, text, produced, generator):
     return drafts, (None if temperature == 0 else torch.stack(q) if q else draft_logits.new_zeros(0, draft_logits.size(-1)))
 
 
-def _sample_row(model, idx, s, req, on_tokens):
+def sample_row(model, idx, s, req, on_tokens=None):
+    """One row (idx (1, P)): its new tokens (1, n) and the cache at the end (every committed token's
+    keys/values but the last one's, which is pending)."""
     c = model.config
     cache, prompt = engine.KVCache(), idx[:, -c.block_size:]
     if prompt.size(1) > 1:
@@ -146,12 +148,13 @@ def _sample_row(model, idx, s, req, on_tokens):
         temperature = req.temperature(s, produced)
         drafts, q = draft(draft_logits, s, temperature, req, text, produced, req.generator)
         k = drafts.size(1)
+        start = cache.end
         p_logits, future_logits = verify(model, cache, torch.cat((pending, drafts), 1), max_loop, tol)
         p = target_probs(p_logits, s, temperature, req, text, drafts, produced)
         a, token = accept(p, q, drafts, req.generator)
-        cache.truncate(cache.end - (k - a))  # the rejected drafts' keys/values go
         committed = torch.cat((drafts[:, :a], token), 1)[:, :req.max_new_tokens - produced]
-        produced, pending = produced + committed.size(1), token
+        cache.truncate(start + committed.size(1))  # pending and the accepted drafts stay; the rejected go
+        produced, pending = produced + committed.size(1), committed[:, -1:]
         text = text if req.constraint is None else req.constraint.extend([text], committed)[0]
         draft_logits = future_logits[:, a, 1:]  # the block behind the last accepted token: slot 1 is `token`
         req.stats.add(max_loop, committed.size(1), [entropy_bits(p_logits[0, a])[0].item()] if req.stats.detail else (),
@@ -160,4 +163,4 @@ def _sample_row(model, idx, s, req, on_tokens):
         out.append(committed)
         if on_tokens is not None and on_tokens(committed[0].tolist()):
             break
-    return torch.cat(out, 1)
+    return torch.cat(out, 1), cache

@@ -243,3 +243,13 @@ def test_refine_stops_when_the_state_stops_moving_and_never_exceeds_max_loop(att
     assert used == 1
     _, used = engine.refine(model, engine.start(model, idx), min_loop=2)
     assert used == 2
+
+
+@pytest.mark.parametrize('power', [0.0, 1.0, 2.0])
+def test_the_future_loss_weights_distance_d_by_d_to_the_minus_dist_power(power):
+    model = tiny(n_future=4, pos_emb='rope', dist_power=power).eval()
+    idx, tgt = torch.randint(0, 13, (3, 16)), torch.randint(0, 13, (3, 16))
+    with torch.no_grad():
+        out = model.score(idx, tgt, depth=1, phase=torch.tensor([0, 1, 3]))
+    weight = out.dist.float() ** -power * out.scored
+    assert torch.allclose(out.loss, (out.ce * weight).sum() / weight.sum(), atol=1e-6)

@@ -135,6 +135,19 @@ def test_run_causal_last_positions_match_the_full_run(overrides):
     assert torch.allclose(grown.buf[..., :12, :], full_cache.buf[..., :12, :], atol=1e-5)
 
 
+@pytest.mark.parametrize('chunk', [1, 3, 7])
+def test_a_rolling_cache_extended_in_chunks_is_the_rolling_window_recomputed(chunk):
+    """Past the block edge, extending a rotary cache by several tokens at a time (as a pending join or
+    a verification call does) gives every token the keys of the block_size tokens up to itself."""
+    model = tiny(pos_emb='rope', n_loop=2).eval()
+    seq = torch.randint(0, 13, (2, 45), generator=torch.Generator().manual_seed(3))
+    cache = engine.KVCache()
+    engine.run_causal(model, seq[:, :5], cache)
+    outs = [engine.run_causal(model, seq[:, k:k + chunk], cache) for k in range(5, 45, chunk)]
+    full, _ = recomputed_causal(model, seq)
+    assert torch.allclose(torch.cat(outs, 1), full[:, 5:], atol=1e-5)
+
+
 def test_the_cache_truncates_selects_and_compacts():
     cache = engine.KVCache()
     k = torch.arange(2 * 3 * 70 * 4, dtype=torch.float).view(2, 3, 70, 4)  # (B, heads, n, head size)

@@ -165,3 +165,11 @@ def test_filters_keep_what_they_should():
     assert (filtered_probs(logits, 1.0, min_p=0.25) > 0).tolist() == [True, True, True, False]
     assert torch.allclose(filtered_probs(logits, 1.0), logits.exp())
     assert math.isclose(filtered_probs(logits, 0.5, top_k=3).sum().item(), 1.0, rel_tol=1e-6)
+
+
+def test_warm_auto_warm_starts_only_models_trained_to():
+    from sampling import warm_start
+    s = Settings()
+    assert not warm_start(tiny(n_future=2), s), "a one-pass model never saw a carried state"
+    assert warm_start(tiny(n_future=2, warm_prob=0.5), s) and warm_start(tiny(n_future=2, bound='rms'), s)
+    assert warm_start(tiny(n_future=2), Settings(warm='on')) and not warm_start(tiny(n_future=2, bound='rms'), Settings(warm='off'))

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import engine
+import speculative
 from conftest import tiny, train_pattern_model
 from sampling import Settings, filtered_probs, generate
 
@@ -112,3 +113,21 @@ def test_one_stack_call_per_round_and_the_cache_is_never_rebuilt(checkpoints, mo
     summary = stats.summary()
     assert len(summary['acceptance']) == 3 and all(0 <= a <= 1 for a in summary['acceptance'])
     assert summary['acceptance'][0] >= summary['acceptance'][-1], "a far draft is accepted less often"
+
+
+@pytest.mark.parametrize('name', ['F2', 'F4', 'untrained'])
+def test_the_cache_holds_exactly_the_committed_tokens(checkpoints, name):
+    """After any mix of accepted and rejected drafts the cache equals the causal stream recomputed from
+    scratch over the committed tokens (the last one is still pending): truncation keeps the accepted."""
+    from sampling import Request, Stats
+    from test_performance import recomputed_causal
+    model, idx = checkpoints[name], torch.tensor([[0, 1, 2]])
+    s = Settings(temperature=1.0, top_k=0, sampler='speculative')
+    req = Request(12, torch.Generator().manual_seed(1), stats=Stats())
+    out, cache = speculative.sample_row(model, idx, s, req)
+    assert len(req.stats.steps) < 12, "some rounds committed several tokens"
+    committed = torch.cat((idx, out), 1)[:, :-1]
+    _, kvs = recomputed_causal(model, committed)
+    expected = torch.stack([torch.stack(kv) for kv in kvs[0]])  # (layers, 2, B, heads, n, head size)
+    assert cache.length == committed.size(1)
+    assert torch.allclose(cache.buf[0, :, :, :, :, :cache.length], expected, atol=1e-5)
