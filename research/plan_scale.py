@@ -1,4 +1,4 @@
-# The scale sweep: GPT (rotary, the best GPT recipe) against WFC (the shipped recipe) at four model
+# The scale sweep: GPT (rotary, the best GPT recipe) against WFC (the one-pass recipe) at four model
 # sizes, each pair at equal wall-clock and at equal training FLOPs (the GPT's), budgets growing with
 # the size. One compare.py call per size (its budget), then research/scale_fit.py reads them all:
 #   for size in 0.1 0.8 3.2 7.4; do python compare.py --plan=research/plan_scale.py --tables=time,flops \
@@ -10,7 +10,7 @@
 import sys
 
 GPT = 'config/train_shakespeare_char_gpt.py'
-WFC = 'config/train_shakespeare_char_wfc.py'
+WFC = 'config/train_shakespeare_char_wfc_onepass.py'  # the best WFC recipe at equal wall-clock (RESULTS.md)
 SIZES = {  # name (parameters, M): (n_layer, n_head, n_embd, wall-clock budget per run in s)
     '0.1': (2, 2, 64, 90), '0.8': (4, 4, 128, 180), '3.2': (4, 4, 256, 360), '7.4': (6, 5, 320, 720)}
 VARIANTS = {}
