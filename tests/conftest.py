@@ -1,9 +1,13 @@
 """Shared helpers for the tests: tiny models, synthetic token shards, running the scripts."""
 
+import fcntl
+import glob
+import hashlib
 import os
 import pickle
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -62,7 +66,29 @@ def run_script(script, *args, timeout=300, check=True, env=None):
 
 def train_pattern_model(steps=300, **overrides):
     """A tiny model trained for a few seconds on the repeating pattern 0 1 2 3 4 5 6 (vocabulary 9):
-    certain about what comes next, so policies, pins and warm starts have something to show."""
+    certain about what comes next, so policies, pins and warm starts have something to show.
+    Trained once per code version: the weights (and torch's RNG state after training, so what
+    follows draws the same numbers) are kept in a cache folder keyed by the arguments and the
+    source of the repo's modules, and a lock makes parallel test workers wait for one training
+    instead of each repeating it."""
+    key = hashlib.sha256(repr((steps, sorted(overrides.items()), SOURCE_DIGEST)).encode()).hexdigest()[:24]
+    path = os.path.join(MODEL_CACHE, f'{key}.pt')
+    os.makedirs(MODEL_CACHE, exist_ok=True)
+    with open(path + '.lock', 'w') as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if os.path.exists(path):
+            saved = torch.load(path)
+            model = tiny(vocab_size=9, **overrides)
+            model.load_state_dict(saved['model'])
+            torch.set_rng_state(saved['rng'])
+            return model.eval()
+        model = _fit_pattern(steps, overrides)
+        torch.save({'model': model.state_dict(), 'rng': torch.get_rng_state()}, path + '.tmp')
+        os.replace(path + '.tmp', path)
+    return model.eval()
+
+
+def _fit_pattern(steps, overrides):
     model = tiny(vocab_size=9, **overrides)
     rng = np.random.default_rng(0)
     base = np.tile(np.arange(7), 400)
@@ -76,7 +102,20 @@ def train_pattern_model(steps=300, **overrides):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return model.eval()
+    return model
+
+
+def _source_digest():
+    """The code a trained test model depends on: the repo's modules, this file, torch's version."""
+    digest = hashlib.sha256(torch.__version__.encode())
+    for path in sorted(glob.glob(os.path.join(REPO, '*.py'))) + [os.path.abspath(__file__)]:
+        with open(path, 'rb') as f:
+            digest.update(f.read())
+    return digest.hexdigest()
+
+
+SOURCE_DIGEST = _source_digest()
+MODEL_CACHE = os.environ.get('WFC_TEST_CACHE') or os.path.join(tempfile.gettempdir(), f'wfc-gpt-test-models-{os.getuid()}')
 
 
 def run_inprocess(script, *args):

@@ -11,8 +11,9 @@ prepared (python data/shakespeare_char/prepare.py there). Its train.py and sampl
 Training, nanoGPT's CPU recipe (its README: 4 layers x 128, 4 heads, block 64, batch 12, dropout 0,
 lr 1e-3 -> 1e-4, 100 warmup iterations, beta2 0.99, eval_iters 20) on nanoGPT's own prepared
 shards, for both programs. Jobs: nano (nanoGPT's train.py; fp32, its only CPU precision), gpt,
-gpt_bf16 (ours, GPT mode: the same model), wfc, wfc_bf16 (ours, the default WFC config: pinned F=2, the same
-blocks, n_loop 1), gpt_compile (ours with torch.compile). Every repeat runs every job once, in turn
+gpt_bf16 (ours, GPT mode: the same model), gpt_rope (ours, rotary positions), wfc, wfc_bf16 (ours,
+the default WFC config: pinned F=2, the same blocks, the converging recipe), wfc_onepass (the
+one-pass WFC config), gpt_compile (ours with torch.compile). Every repeat runs every job once, in turn
 (interleaved, so a change in machine load hits all of them alike). Per run: the median iteration
 time after the first 10 (as each program prints it), the val loss each program prints at the end
 (nanoGPT: eval_iters random batches; ours: eval_iters fixed ones) and the peak resident memory of
@@ -51,6 +52,7 @@ JOBS = {  # name: (program, extra arguments)
     'gpt_rope': ('ours', ['config/train_shakespeare_char_gpt.py', '--dtype=float32', '--pos_emb=rope']),
     'wfc': ('ours', ['config/train_shakespeare_char_wfc.py', '--dtype=float32']),
     'wfc_bf16': ('ours', ['config/train_shakespeare_char_wfc.py', '--dtype=bfloat16']),
+    'wfc_onepass': ('ours', ['config/train_shakespeare_char_wfc_onepass.py', '--dtype=float32']),
 }
 ITER_LINE = re.compile(r'^iter (\d+): .*?time ([\d.]+)ms', re.M)     # both programs print this per iteration
 EVAL_LINE = re.compile(r'^step (\d+): train loss ([\d.]+), val loss ([\d.]+)', re.M)
@@ -239,7 +241,7 @@ def main():
 
     # ---- sampling, from the first repeat's checkpoints ----
     if args.sample.lower() == 'true':
-        samplers = ['nano'] + [s for s in ('gpt', 'gpt_rope', 'gpt_bf16', 'wfc', 'wfc_bf16') if s in jobs]
+        samplers = ['nano'] + [s for s in ('gpt', 'gpt_rope', 'gpt_bf16', 'wfc', 'wfc_bf16', 'wfc_onepass') if s in jobs]
         sizes = [1] + ([args.batch] if args.batch > 1 else [])
         speed = {(s, b): [] for s in samplers for b in sizes}
         calls_of = {}
@@ -247,7 +249,8 @@ def main():
         for r in range(args.repeats):
             for s in samplers:
                 for b in sizes:
-                    ckpt_dir = os.path.join(work, f"{s if s in ('nano', 'gpt_rope') else s.split('_')[0]}_0")
+                    trained = s.removesuffix('_bf16')  # a bf16 sampler reads the fp32 job's checkpoint
+                    ckpt_dir = os.path.join(work, f"{trained}_0")
                     cmd, cwd = sample_command(s, ckpt_dir, args, b)
                     _, stderr, _ = run(cmd, cwd, env)
                     calls = generations(stderr)
