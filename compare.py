@@ -59,8 +59,9 @@ seed = 1337              # every run's seed
 VARIANTS = {
     'gpt': ['config/train_shakespeare_char_gpt.py'],
     'looped': ['config/train_shakespeare_char_looped.py'],
-    'wfc_bidirectional': ['config/train_shakespeare_char_wfc.py', '--attn=bidirectional', '--past_loss=0.0'],
-    'wfc_pinned': ['config/train_shakespeare_char_wfc.py'],
+    'wfc_bidirectional': ['config/train_shakespeare_char_wfc_onepass.py', '--attn=bidirectional', '--past_loss=0.0'],
+    'wfc_pinned': ['config/train_shakespeare_char_wfc_onepass.py'],  # the one-pass recipe
+    'wfc': ['config/train_shakespeare_char_wfc.py'],                  # the default: the converging recipe
 }
 REPO = os.path.dirname(os.path.abspath(__file__))
 

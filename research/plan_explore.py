@@ -1,7 +1,7 @@
 # Screen of WFC levers at equal iterations (sample efficiency), for compare.py:
 #   python compare.py --plan=research/plan_explore.py --tables=steps --steps=2000 --variants=...
-# Each variant is the default WFC config (config/train_shakespeare_char_wfc.py) with one change.
-WFC = 'config/train_shakespeare_char_wfc.py'
+# Each variant is the one-pass WFC config (the default when this screen ran) with one change.
+WFC = 'config/train_shakespeare_char_wfc_onepass.py'
 VARIANTS = {
     'gpt_rope': ['config/train_shakespeare_char_gpt.py', '--pos_emb=rope'],
     'wfc_F2': [WFC, '--n_future=2'],

@@ -1,7 +1,7 @@
 # Round 2 at equal iterations: the F = 2 recipe (the best of the screen) with the levers the screen
 # pointed at, plus the looped GPT with rotary positions (the fair looped baseline).
 #   python compare.py --plan=research/plan_round2.py --tables=steps --steps=2000 --calibration_rounds=0
-WFC = 'config/train_shakespeare_char_wfc.py'
+WFC = 'config/train_shakespeare_char_wfc_onepass.py'
 VARIANTS = {
     'looped_rope': ['config/train_shakespeare_char_looped.py', '--pos_emb=rope'],
     'wfc_F2_past2': [WFC, '--n_future=2', '--past_loss=2.0'],

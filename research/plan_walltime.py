@@ -8,11 +8,11 @@
 VARIANTS = {
     'gpt_rope': ['config/train_shakespeare_char_gpt.py', '--pos_emb=rope'],
     'looped_rope': ['config/train_shakespeare_char_looped.py', '--pos_emb=rope'],
-    'wfc_pinned_frac50': ['config/train_shakespeare_char_wfc.py', '--future_frac=0.5'],
+    'wfc_pinned_frac50': ['config/train_shakespeare_char_wfc_onepass.py', '--future_frac=0.5'],
     # depth at (about) equal FLOPs: two layers make a pinned WFC step cost what the 4-layer GPT's does;
     # six give the future more depth per pass
-    'wfc_pinned_L2': ['config/train_shakespeare_char_wfc.py', '--n_layer=2'],
-    'wfc_pinned_L6': ['config/train_shakespeare_char_wfc.py', '--n_layer=6'],
+    'wfc_pinned_L2': ['config/train_shakespeare_char_wfc_onepass.py', '--n_layer=2'],
+    'wfc_pinned_L6': ['config/train_shakespeare_char_wfc_onepass.py', '--n_layer=6'],
 }
 # Depth at equal FLOPs (those of the GPT's 300 s):
 #   python compare.py --plan=research/plan_walltime.py --tables=flops --budget=300 --jobs=2 --threads=1 \
