@@ -9,6 +9,9 @@
 # 281,000 iterations spend GPT's 2.5e20 FLOPs: about the same 4 days on 8 x A100 at equal MFU,
 # having seen 138B tokens (an estimate: the pinned block mask may run slower attention kernels).
 # tests/test_ecosystem.py checks this ratio against model.py.
+# One refinement pass, as the one-pass shakespeare_char recipe: the converging recipe (bound='rms',
+# train_depth=8, loop_law='uniform', bptt=2, supervise=2) costs about 1.9x per step and was 0.04
+# nats worse at equal iterations there (RESULTS.md, "Convergence").
 # Micro-batches of 6 rows x 80 micro-steps keep the tokens per iteration while the future stream
 # doubles the activations. Expected loss: unknown, this is the experiment. Not run in this repo:
 # no GPUs here.
