@@ -125,6 +125,8 @@ def train_command(job, args, out_dir, data_dir):
     program, extra = JOBS[job]
     settings = {**recipe(args), 'max_iters': args.iters, 'lr_decay_iters': args.iters, 'eval_interval': args.iters,
                 'device': 'cpu', 'out_dir': out_dir, 'always_save_checkpoint': True}
+    # a short speed-only run: warm up over a tenth of it (ours refuses a warmup longer than the decay)
+    settings['warmup_iters'] = min(settings['warmup_iters'], max(1, args.iters // 10))
     if program == 'nano':
         cwd, script = args.nanogpt, 'train.py'
         settings['dataset'] = 'shakespeare_char'
