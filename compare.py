@@ -167,11 +167,13 @@ def markdown(rows, title):
 
 def convergence_markdown(rows):
     """The convergence table: loss by fixed depth, the exit loss and passes, the sequential losses
-    (warm and cold start) with their passes, the past stream, path independence and passes vs entropy."""
+    (warm and cold start) with their passes, the past stream, path independence, passes vs entropy and
+    vs the slot's own loss, and the exit's seconds against the matched fixed depth's."""
     depths = sorted({int(k) for r in rows for k in r.get('depth_loss', {})})
     head = ('| variant | ' + ' | '.join(f'K={k}' for k in depths) + ' | exit loss | exit passes | warm seq. (passes) '
-            '| cold seq. (passes) | past stream | path KL | rho(passes, entropy) | state norm K=1 -> max |')
-    lines = [head, '|' + '---|' * (len(depths) + 9)]
+            '| cold seq. (passes) | past stream | path KL | rho(passes, entropy) | rho(passes, loss) '
+            '| exit s / matched K s | state norm K=1 -> max |')
+    lines = [head, '|' + '---|' * (len(depths) + 11)]
     for r in rows:
         if 'depth_loss' not in r:
             continue
@@ -179,10 +181,13 @@ def convergence_markdown(rows):
         norms = {int(k): v for k, v in r.get('norm_by_pass', {}).items()}
         opt = lambda k, f: format(r[k], f) if k in r else '-'
         norm = f"{norms[min(norms)]:.1f} -> {norms[max(norms)]:.1f}" if norms else '-'
+        timing = (f"{r['seconds']:.1f} / K={r['matched_depth']} {r['matched_seconds']:.1f}"
+                  if 'matched_seconds' in r and 'seconds' in r else '-')
         lines.append(f"| {r['name']} | " + ' | '.join(f"{by[k]:.3f}" for k in depths) +
                      f" | {r['loss']:.3f} | {r['mean_passes']:.2f} | {opt('warm_sequential', '.3f')} ({opt('warm_passes', '.2f')}) "
                      f"| {opt('cold_sequential', '.3f')} ({opt('cold_passes', '.2f')}) | {opt('past_stream_loss', '.3f')} "
-                     f"| {opt('path_kl', '.4f')} | {opt('passes_entropy_spearman', '.2f')} | {norm} |")
+                     f"| {opt('path_kl', '.4f')} | {opt('passes_entropy_spearman', '.2f')} | {opt('passes_loss_spearman', '.2f')} "
+                     f"| {timing} | {norm} |")
     return '\n'.join(lines)
 
 

@@ -89,6 +89,23 @@ def max_past(model, n_future=None):
     return c.block_size if rolls(model) or F_ == 0 else c.block_size - F_ + 1
 
 
+def unsupported(model):
+    """Why the samplers cannot run this model ('' when they can). Their windows run the whole stack
+    as the recurrence (one cache entry per pass of every layer); a sandwich (n_prelude, n_coda > 0)
+    loops only its core, which train.py and eval.py's parallel losses handle and these windows do not yet."""
+    c = model.config
+    if model.sandwiched() and (c.n_future or c.n_loop > 1):
+        return ("sampling a sandwich model (n_prelude/n_coda > 0) with future slots or n_loop > 1 is not built yet; "
+                "eval.py measures its parallel losses")
+    return ''
+
+
+def require_supported(model):
+    reason = unsupported(model)
+    if reason:
+        raise ValueError(reason)
+
+
 def ensure_positions(model, end):
     """Rotary tables up to position end (a rolling window keeps counting positions)."""
     if model.rotary is not None and end > model.rotary.cos.size(0):
@@ -99,6 +116,7 @@ def ensure_positions(model, end):
 def run_causal(model, idx, cache, queries=None):
     """Run the causal stream on the tokens idx (B, n) that follow the cache, append their keys/values
     (keeping a rolling window for rotary models) and return the final states (of the last `queries`)."""
+    require_supported(model)
     bs, n = model.config.block_size, idx.size(1)
     ensure_positions(model, cache.end + n)
     pos = torch.arange(cache.end, cache.end + n, device=idx.device)
@@ -142,6 +160,7 @@ class Window:
 @torch.no_grad()
 def start(model, idx, n_future=None):
     """A window for the prompt idx (B, P): its last max_past tokens as the past, F fresh e_max slots."""
+    require_supported(model)
     F_ = n_future or model.config.n_future
     idx = idx[:, -max_past(model, F_):]
     B, P = idx.shape

@@ -23,6 +23,7 @@ The windows are a fixed seeded subset of the split: two checkpoints see the same
 
 import json
 import math
+import time
 from collections import Counter
 
 import torch
@@ -97,7 +98,7 @@ def token_losses(model, x, y, record=(), init=None):
         return F.cross_entropy(logits.float().transpose(1, 2), y, reduction='none')[None], {}, []
     by = torch.full((c.n_future,) + tuple(x.shape), float('nan'), device=x.device)
     at = {k: by.clone() for k in record}
-    passes, entropy, norms = [], [], Counter()
+    passes, entropy, slot_loss, norms = [], [], [], Counter()
     for name, r in layouts(model):
         kw = {name: torch.full((x.size(0),), r, device=x.device), 'init': init}
         out = model.score(x, y, **(dict(depth=max(record), record=record) if record else dict(depth='converge')), **kw)
@@ -106,9 +107,11 @@ def token_losses(model, x, y, record=(), init=None):
             by_distance(model, out, ce, at[k])
         passes.append(out.trace.passes[out.scored])
         entropy.append(model.entropy_of_logits(out.logits)[out.scored])
+        slot_loss.append(out.ce[out.scored])
         for k, v in out.trace.norms:
             norms[k] += v / len(layouts(model))
-    extra = dict(passes=torch.cat(passes), entropy=torch.cat(entropy), norms=dict(norms), logits=out.logits)
+    extra = dict(passes=torch.cat(passes), entropy=torch.cat(entropy), slot_loss=torch.cat(slot_loss), norms=dict(norms),
+                 logits=out.logits)
     return (at if record else by), extra, out
 
 
@@ -196,43 +199,58 @@ def sample_quality(model, judge_model, prompts, n_tokens, settings, seed):
 
 
 def batched(model, x, y, batch, **kw):
-    """token_losses over x in batches: (losses, passes, entropy, norms)."""
-    parts, passes, entropy, norms = [], [], [], Counter()
+    """token_losses over x in batches: (losses, per-slot {passes, entropy, slot_loss} or {}, norms, seconds)."""
+    parts, per_slot, norms, started = [], {}, Counter(), time.perf_counter()
     for lo in range(0, len(x), batch):
         by, extra, _ = token_losses(model, x[lo:lo + batch], y[lo:lo + batch], **kw)
         parts.append(by)
-        if extra:
-            passes.append(extra['passes'])
-            entropy.append(extra['entropy'])
-            for k, v in extra['norms'].items():
-                norms[k] += v * len(x[lo:lo + batch]) / len(x)
+        for name in ('passes', 'entropy', 'slot_loss') if extra else ():
+            per_slot.setdefault(name, []).append(extra[name])
+        for k, v in extra.get('norms', {}).items():
+            norms[k] += v * len(x[lo:lo + batch]) / len(x)
+    seconds = time.perf_counter() - started
     losses = {k: torch.cat([p[k] for p in parts], 1) for k in parts[0]} if isinstance(parts[0], dict) else torch.cat(parts, 1)
-    return losses, (torch.cat(passes) if passes else None), (torch.cat(entropy) if entropy else None), dict(norms)
+    return losses, {k: torch.cat(v) for k, v in per_slot.items()}, dict(norms), seconds
 
 
 def evaluate(model, data, n, batch, seed, device, warm_positions=0, warm_rows=8, depths=(), convergence=False, s=None):
     """Every likelihood number for one model on one split. Returns a dict."""
     x, y = windows(data, n, seed, device)
-    by, passes, entropy, _ = batched(model, x, y, batch)
+    by, per_slot, _, seconds = batched(model, x, y, batch)
     loss = by[0].mean().item()
-    result = dict(loss=loss, bits=loss / math.log(2), tokens=by[0].numel(),
+    passes = per_slot.get('passes')
+    result = dict(loss=loss, bits=loss / math.log(2), tokens=by[0].numel(), seconds=seconds,
                   passes=dict(Counter(passes.tolist())) if passes is not None else {model.config.n_loop: 1})
     if not model.config.n_future:
         return result
     result.update(by_dist=[v.nanmean().item() for v in by], mean_passes=passes.float().mean().item())
     if model.config.attn == 'pinned':  # the GPT inside: the past stream's own next-token head
         result['past_stream_loss'] = past_stream_loss(model, x, y, batch)
-    if warm_positions:
+    if warm_positions and engine.unsupported(model):
+        print(f"sequential losses skipped: {engine.unsupported(model)}")
+    elif warm_positions:
         for name, warm in (('warm', True), ('cold', False)):
             value, steps, live = sequential_loss(model, x[:warm_rows], warm_positions, warm, s)
             result.update({f'{name}_sequential': value, f'{name}_passes': steps, 'live_slots': live})
     if depths:
-        at, _, _, norms = batched(model, x, y, batch, record=tuple(depths))
+        at, _, norms, _ = batched(model, x, y, batch, record=tuple(depths))
         result.update(depth_loss={k: v[0].mean().item() for k, v in at.items()}, norm_by_pass=norms)
+        result.update(matched_depth(model, x, y, batch, result))
     if convergence:
-        result['passes_entropy_spearman'] = spearman(passes.float(), entropy)
+        result['passes_entropy_spearman'] = spearman(passes.float(), per_slot['entropy'])
+        result['passes_loss_spearman'] = spearman(passes.float(), per_slot['slot_loss'])
         result['path_kl'] = path_independence(model, x[:batch], y[:batch], seed)
     return result
+
+
+def matched_depth(model, x, y, batch, result):
+    """The shallowest fixed depth K (of those measured) whose loss is within 0.01 of the exit's, and
+    the seconds an evaluation at exactly K passes takes: what the early exit is compared with."""
+    close = [k for k, v in sorted(result['depth_loss'].items()) if v <= result['loss'] + 0.01]
+    if not close:
+        return {}
+    _, _, _, seconds = batched(model, x, y, batch, record=(close[0],))
+    return dict(matched_depth=close[0], matched_seconds=seconds)
 
 
 @torch.no_grad()
@@ -250,7 +268,8 @@ def report(result, name, split, unit):
     print(f"{name}: {split} next-token loss {result['loss']:.4f} nats = {result['bits']:.4f} {unit} ({result['tokens']} tokens)")
     if 'by_dist' in result:
         print(f"loss by distance d=1..{len(result['by_dist'])}: {' '.join(f'{v:.3f}' for v in result['by_dist'])}")
-        print(f"passes histogram (slots): {dict(sorted(result['passes'].items()))}, mean {result['mean_passes']:.2f}")
+        print(f"passes histogram (slots): {dict(sorted(result['passes'].items()))}, mean {result['mean_passes']:.2f}"
+              f" ({result['seconds']:.2f} s)")
     if 'past_stream_loss' in result:
         print(f"past stream read out directly (the GPT inside): next-token loss {result['past_stream_loss']:.4f} nats")
     if 'warm_sequential' in result:
@@ -260,9 +279,13 @@ def report(result, name, split, unit):
     if 'depth_loss' in result:
         print("loss by depth (passes: next-token loss): " + '  '.join(f"{k}: {v:.4f}" for k, v in result['depth_loss'].items()))
         print("state norm by pass (watched slots): " + '  '.join(f"{k}: {v:.3f}" for k, v in result['norm_by_pass'].items()))
+    if 'matched_depth' in result:
+        print(f"early exit: {result['mean_passes']:.2f} passes, {result['seconds']:.2f} s; the shallowest fixed depth within 0.01 "
+              f"of its loss: {result['matched_depth']} passes, {result['matched_seconds']:.2f} s")
     if 'path_kl' in result:
         print(f"path independence: mean KL(from e_max || from a random start) {result['path_kl']:.5f} nats")
         print(f"passes vs entropy: Spearman rho {result['passes_entropy_spearman']:.3f}")
+        print(f"passes vs loss: Spearman rho {result['passes_loss_spearman']:.3f}")
     if 'judge_nll' in result:
         print(f"samples: judge NLL {result['judge_nll']:.4f} nats/token, unigram entropy {result['unigram_bits']:.3f} bits, "
               f"distinct-2/3/4 {result['distinct_2']:.3f} {result['distinct_3']:.3f} {result['distinct_4']:.3f}")

@@ -75,6 +75,57 @@ class Context:
         prefixes = None if self.prefixes is None else [(k[idx], v[idx]) for k, v in self.prefixes]
         return Context(self.x0[idx], pos, self.mask[idx] if per_row else self.mask, prefixes)
 
+    def slots(self, order):
+        """The context of the slots order (B, n) of each row, for a bool mask (B or 1, 1, S, keys)
+        whose last S keys are the stream's own slots (every `visibility` mask)."""
+        S, B = self.x0.size(1), order.size(0)
+        x0 = self.x0.gather(1, order[..., None].expand(-1, -1, self.x0.size(-1)))
+        pos = (self.pos.expand(B, -1) if self.pos.dim() == 1 else self.pos).gather(1, order)
+        mask = self.mask.expand(B, -1, -1, -1)
+        mask = mask.gather(2, order[:, None, :, None].expand(-1, mask.size(1), -1, mask.size(-1)))  # the queries
+        fixed, own = mask[..., :mask.size(-1) - S], mask[..., mask.size(-1) - S:]
+        own = own.gather(3, order[:, None, None, :].expand(-1, own.size(1), own.size(2), -1))  # their own keys
+        return Context(x0, pos, torch.cat((fixed, own), -1), self.prefixes)
+
+
+class Active:
+    """What an inference pass computes: rows (R,) of the batch and, per row, the slots (R, n) of the
+    stream (None: every slot). Once slots exit one by one, a slot that has exited and that no open
+    slot attends to is left out, so the passes the exit saves are also time saved."""
+
+    def __init__(self, rows, slots=None):
+        self.rows, self.slots = rows, slots
+
+    def _index(self, t):  # slots (R, n) broadcast over t's trailing dimensions
+        return self.slots.view(*self.slots.shape, *([1] * (t.dim() - 2))).expand(-1, -1, *t.shape[2:])
+
+    def gather(self, t):
+        """(B, S, ...) -> (R, n, ...)."""
+        t = t[self.rows]
+        return t if self.slots is None else t.gather(1, self._index(t))
+
+    def scatter(self, full, part):
+        """full (B, S, ...) with the computed part (R, n, ...) written back."""
+        if self.slots is not None:
+            part = full[self.rows].scatter(1, self._index(part), part)
+        return part if len(self.rows) == full.size(0) and self.slots is None else full.index_copy(0, self.rows, part)
+
+    def context(self, ctx):
+        sub = ctx if len(self.rows) == ctx.x0.size(0) else ctx.rows(self.rows)
+        return sub if self.slots is None else sub.slots(self.slots)
+
+    def narrow(self, keep, open_slots=None, mask=None):
+        """The rows still running (keep (R,) bool); with open_slots (B, S) and a mask, only the slots
+        that are open or that an open slot attends to."""
+        rows = self.rows[keep]
+        if open_slots is None or not torch.is_tensor(mask) or mask.dim() != 4 or not len(rows):
+            return Active(rows)
+        S, opened = open_slots.size(1), open_slots[rows]
+        own = (mask if mask.size(0) == 1 else mask[rows])[:, 0, :, mask.size(-1) - S:]  # (R, S queries, S keys)
+        needed = opened | (own & opened[..., None]).any(1)
+        order = (~needed).int().sort(dim=1, stable=True).indices[:, :int(needed.sum(1).max())]
+        return Active(rows, order)
+
 
 @dataclass
 class Layout:

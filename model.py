@@ -32,18 +32,20 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from layout import Context, keep_blocks, training_layout, visibility
+from layout import Active, Context, keep_blocks, training_layout, visibility
 
 CHOICES = dict(pos_emb=('learned', 'rope'), attn=('pinned', 'bidirectional'), attn_fn=('softmax', 'entmax', 'adaptive'),
-               inject=('none', 'add', 'adapter'), bound=('none', 'rms', 'norm'), loop_law=('fixed', 'uniform', 'poisson'),
-               past_target=('next', 'self'), exit_rule=('kl', 'delta'))
+               inject=('none', 'add', 'adapter', 'contract'), bound=('none', 'rms', 'norm'), loop_law=('fixed', 'uniform', 'poisson'),
+               past_target=('next', 'self'), exit_rule=('kl', 'delta', 'entropy', 'accel'))
 
 
 @dataclass
 class GPTConfig:
     block_size: int = 256     # most past tokens in the window (the training context length), >= 1
     vocab_size: int = 50304   # tokens in the vocabulary (GPT-2's 50257 padded to a multiple of 64)
-    n_layer: int = 12         # blocks in the weight-tied stack
+    n_layer: int = 12         # blocks in the stack: n_prelude + the looped core + n_coda
+    n_prelude: int = 0        # sandwich: first blocks, run once per slot before the looped core (Huginn, Parcae); 0 = none
+    n_coda: int = 0           # sandwich: last blocks, run once after the core to decode a slot; 0 = none
     n_head: int = 12          # attention heads; must divide n_embd
     n_embd: int = 768         # width of the state, C
     dropout: float = 0.0      # dropout probability in [0, 1); 0 for pretraining
@@ -57,7 +59,8 @@ class GPTConfig:
     spec_window: int = -1     # a future slot sees future slots up to this many ahead; -1 = all
     future_frac: float = 1.0  # training (pinned): fraction of each row's future blocks that run, (0, 1]; fewer = cheaper steps
     n_loop: int = 1           # passes of the causal stream (GPT, the pinned past); > 1 with n_future = 0 is a looped GPT
-    inject: str = 'none'      # every pass re-adds each slot's input: 'none', 'add' (x + x0) or 'adapter' (Linear on [x, x0], Huginn)
+    inject: str = 'none'      # every pass re-adds each slot's input: 'none', 'add' (x + x0), 'adapter' (Linear on [x, x0], Huginn)
+                              # or 'contract' (a x + (1 - a) x0, a in (0, 1) learned per channel: contractive in x, Parcae)
     step_size: float = 1.0    # scale of the delta a pass adds, in (0, 1]
     decay: float = 0.0        # > 0: a learned per-channel decay a in (0, 1) starting here, x <- a x + delta (Parcae); 0 = off
     bound: str = 'none'       # after every pass: 'none', 'rms' (each slot rescaled to the embeddings' RMS) or 'norm' (a learned LayerNorm)
@@ -65,6 +68,7 @@ class GPTConfig:
     loop_law: str = 'fixed'   # how the depth is drawn per step: 'fixed', 'uniform' (1..train_depth), 'poisson' (Poisson-lognormal, <= 3 x mean)
     bptt: int = 0             # last training passes that carry gradient (truncated backprop); 0 = all
     supervise: int = 1        # last training passes whose decoded output is supervised, 1..bptt
+    consistency: float = 0.0  # weight of KL(last pass || pass k) for every earlier pass k that carries gradient (CLLM); 0 = off
     dist_power: float = 0.0   # future loss weight of distance d is d ** -dist_power (0 = uniform, 1 = 1/d)
     past_loss: float = 0.0    # weight of the auxiliary loss on the past stream (0 = off)
     past_target: str = 'next' # past slots predict the 'next' token (pinned only) or their own token ('self')
@@ -73,7 +77,8 @@ class GPTConfig:
     max_loop: int = 1         # inference cap on refinement passes (WFC), >= 1
     min_loop: int = 1         # inference floor on refinement passes (WFC)
     tol: float = 1e-3         # a slot has converged when its exit_rule measure falls below tol (< 0: never, run max_loop)
-    exit_rule: str = 'kl'     # 'kl': KL(new || old) of the decoded slot, nats; 'delta': ||x_new - x_old|| / ||x_old||
+    exit_rule: str = 'kl'     # 'kl': KL(new || old) of the decoded slot, nats; 'delta': ||x_new - x_old|| / ||x_old||;
+                              # 'entropy': |H_new - H_old| of the decoded slot, nats; 'accel': ||step_new - step_old|| / ||x_new||
     slot_exit: bool = False   # inference: a converged slot keeps its state while others go on (else a row stops when all have)
 
     def __post_init__(self):
@@ -101,8 +106,10 @@ def config_problems(c):
         problems.append("past_target='next' leaks the answer in bidirectional attention; use 'self'")
     if min(c.n_layer, c.n_head, c.n_embd, c.vocab_size, c.n_loop, c.max_loop, c.block_size, c.supervise, c.min_loop) < 1:
         problems.append("n_layer, n_head, n_embd, vocab_size, n_loop, max_loop, min_loop, block_size and supervise must be >= 1")
-    if min(c.n_future, c.train_depth, c.bptt) < 0 or c.spec_window < -1:
-        problems.append("n_future, train_depth and bptt must be >= 0, spec_window >= -1")
+    if min(c.n_future, c.train_depth, c.bptt, c.n_prelude, c.n_coda, c.consistency) < 0 or c.spec_window < -1:
+        problems.append("n_future, train_depth, bptt, n_prelude, n_coda and consistency must be >= 0, spec_window >= -1")
+    if c.n_prelude + c.n_coda >= c.n_layer:
+        problems.append(f"n_prelude + n_coda = {c.n_prelude + c.n_coda} leaves no looped core in n_layer = {c.n_layer}")
     for name, low, high in (('future_frac', 0, 1), ('step_size', 0, 1)):
         if not low < getattr(c, name) <= high:
             problems.append(f"{name} must be in ({low}, {high}], got {getattr(c, name)}")
@@ -110,8 +117,8 @@ def config_problems(c):
         problems.append(f"need 0 <= decay < 1, 0 <= dropout < 1, 1 <= entmax_alpha <= 2 (got {c.decay}, {c.dropout}, {c.entmax_alpha})")
     if not (0 <= c.pin_prob <= 1 and 0 <= c.warm_prob <= 1) or c.dist_power < 0 or c.past_loss < 0:
         problems.append("pin_prob and warm_prob must be in [0, 1], dist_power and past_loss >= 0")
-    if not all(math.isfinite(v) for v in (c.tol, c.rope_base, c.dist_power, c.past_loss)):
-        problems.append("tol, rope_base, dist_power and past_loss must be finite")
+    if not all(math.isfinite(v) for v in (c.tol, c.rope_base, c.dist_power, c.past_loss, c.consistency)):
+        problems.append("tol, rope_base, dist_power, past_loss and consistency must be finite")
     return problems
 
 
@@ -305,6 +312,12 @@ class GPT(nn.Module):
         self.rotary = Rotary(C // config.n_head, config.n_positions, config.rope_base) if config.pos_emb == 'rope' else None
         if config.decay:  # a = sigmoid(decay_logit) lies in (0, 1) by construction
             self.decay_logit = nn.Parameter(torch.full((C,), math.log(config.decay / (1 - config.decay))))
+        if config.inject == 'contract':  # a = sigmoid(inject_logit) in (0, 1), starting at 1/2
+            self.inject_logit = nn.Parameter(torch.zeros(C))
+        # the sandwich: the prelude and coda run once per slot, the core is the looped part
+        self.prelude = range(config.n_prelude)
+        self.core = range(config.n_prelude, config.n_layer - config.n_coda)
+        self.coda = range(config.n_layer - config.n_coda, config.n_layer)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: scaled init of the residual projections
             if name.endswith('c_proj.weight'):
@@ -385,22 +398,43 @@ class GPT(nn.Module):
 
     # ---- passes of the weight-tied stack ----
 
-    def stack(self, x, pos, mask, prefixes=None, queries=None):
-        """Every block once. prefixes: per layer the (k, v) of a fixed context to attend to. queries:
-        the last block outputs the last `queries` positions only. Returns the output and each layer's (k, v)."""
-        kvs, last = [], len(self.transformer.h) - 1
-        for i, block in enumerate(self.transformer.h):
-            x, kv = block(x, pos, mask, self.rotary, None if prefixes is None else prefixes[i], queries if i == last else None)
+    def stack(self, x, pos, mask, prefixes=None, queries=None, layers=None):
+        """The blocks in `layers` (a range; default every block) once each. prefixes: per layer of the
+        whole stack the (k, v) of a fixed context to attend to. queries: the last block outputs the
+        last `queries` positions only. Returns the output and each run layer's (k, v)."""
+        layers = range(len(self.transformer.h)) if layers is None else layers
+        kvs = []
+        for i in layers:
+            x, kv = self.transformer.h[i](x, pos, mask, self.rotary, None if prefixes is None else prefixes[i],
+                                          queries if i == layers[-1] else None)
             kvs.append(kv)
         return x, kvs
+
+    def sandwiched(self):
+        return len(self.core) < len(self.transformer.h)
+
+    def prelude_of(self, x, ctx):
+        """A stream's input through the prelude blocks (identity without a prelude): the core's x0."""
+        return self.stack(x, ctx.pos, ctx.mask, ctx.prefixes, layers=self.prelude)[0] if len(self.prelude) else x
+
+    def readout(self, x, ctx):
+        """Logits (..., V) of core states: through the coda blocks (attending as the stream does), then
+        the tied head. Without a coda this is `logits`."""
+        if len(self.coda):
+            x = self.stack(x, ctx.pos, ctx.mask, ctx.prefixes, layers=self.coda)[0]
+        return self.logits(x)
 
     def update(self, x, ctx, frozen=None, queries=None):
         """One pass of the recurrence, the rule of every stream: inp = x, x + x0 or adapter([x, x0]);
         out = stack(inp); x <- a * x + step_size * (out - inp), then the bound. frozen (B, S) slots keep
         their state. Returns the new state (its last `queries` slots when given) and the layers' (k, v)."""
         c = self.config
-        inp = x if c.inject == 'none' else x + ctx.x0 if c.inject == 'add' else self.transformer.adapter(torch.cat((x, ctx.x0), -1))
-        out, kvs = self.stack(inp, ctx.pos, ctx.mask, ctx.prefixes, queries)
+        if c.inject == 'contract':
+            a = torch.sigmoid(self.inject_logit)
+            inp = a * x + (1 - a) * ctx.x0
+        else:
+            inp = x if c.inject == 'none' else x + ctx.x0 if c.inject == 'add' else self.transformer.adapter(torch.cat((x, ctx.x0), -1))
+        out, kvs = self.stack(inp, ctx.pos, ctx.mask, ctx.prefixes, queries, layers=self.core)
         if queries is not None:
             x, inp = x[:, x.size(1) - queries:], inp[:, inp.size(1) - queries:]
             frozen = None if frozen is None else frozen[:, frozen.size(1) - queries:]
@@ -425,10 +459,20 @@ class GPT(nn.Module):
             P = past[0][0][0].size(2)
             keys = torch.arange(int(pos[0]) - P, int(pos[0]) + x.size(1), device=pos.device)
             mask = None if x.size(1) == 1 and (window <= 0 or P < window) else visibility(pos, None, None, keys, window=window)
-        ctx, new = Context(x, pos, mask), []
-        for p in range(self.config.n_loop):
+        ctx, new, n_loop = Context(x, pos, mask), [], self.config.n_loop
+        if self.sandwiched():  # prelude once, the core n_loop times, coda once: one cache entry of every layer
+            if past is not None and n_loop > 1:
+                raise NotImplementedError("a key/value cache of a sandwich looped more than once is not built")
+            ctx.prefixes = None if past is None else past[0]
+            x, kvs_pre = self.stack(x, pos, mask, ctx.prefixes, layers=self.prelude) if len(self.prelude) else (x, [])
+            ctx.x0 = x
+            for p in range(n_loop):
+                x, kvs = self.update(x, ctx, queries=queries if p == n_loop - 1 and not len(self.coda) else None)
+            x, kvs_coda = self.stack(x, pos, mask, ctx.prefixes, queries, layers=self.coda) if len(self.coda) else (x, [])
+            return x, [kvs_pre + kvs + kvs_coda]
+        for p in range(n_loop):
             ctx.prefixes = None if past is None else past[p]
-            x, kvs = self.update(x, ctx, queries=queries if p == self.config.n_loop - 1 else None)
+            x, kvs = self.update(x, ctx, queries=queries if p == n_loop - 1 else None)
             new.append(kvs)
         return x, new
 
@@ -445,61 +489,77 @@ class GPT(nn.Module):
 
     def unroll(self, x, ctx, frozen, passes):
         """Training passes: gradient through the last bptt only (truncated backprop). Returns the
-        states after each of the last `supervise` passes."""
+        states after the last `supervise` passes (with consistency: after every pass with gradient)."""
         c = self.config
         bptt = passes if c.bptt <= 0 else min(c.bptt, passes)
+        keep = bptt if c.consistency > 0 else min(c.supervise, bptt)
         states = []
         for k in range(passes):
             with torch.set_grad_enabled(torch.is_grad_enabled() and k >= passes - bptt):
                 x = self.update(x, ctx, frozen)[0]
-            if k >= passes - min(c.supervise, bptt):
+            if k >= passes - keep:
                 states.append(x)
         return states
 
-    def _exit_ref(self, x):
-        """What the exit test compares between passes: decoded log-probabilities ('kl') or states."""
-        return F.log_softmax(self.logits(x).float(), -1) if self.config.exit_rule == 'kl' else x.float()
+    def _exit_ref(self, x, ctx, ref=None):
+        """What the exit test compares between passes, per slot: the decoded log-probabilities ('kl'),
+        the decoded entropy ('entropy'), the state ('delta'), or the state and the step that reached
+        it from the state in ref ('accel': the second-order step size, arXiv 2509.23314)."""
+        rule = self.config.exit_rule
+        if rule in ('kl', 'entropy'):
+            logits = self.readout(x, ctx)
+            return F.log_softmax(logits.float(), -1) if rule == 'kl' else self.entropy_of_logits(logits)[..., None]
+        if rule == 'delta':
+            return x.float()
+        step = torch.zeros_like(x, dtype=torch.float) if ref is None else x.float() - ref[..., :x.size(-1)]
+        return torch.cat((x.float(), step), -1)
 
     def _change(self, old, new):
-        if self.config.exit_rule == 'kl':
+        """The exit measure (B, S) between two exit references (see _exit_ref)."""
+        rule = self.config.exit_rule
+        if rule == 'kl':
             return (new.exp() * (new - old)).sum(-1)
-        return (new - old).norm(dim=-1) / old.norm(dim=-1).clamp(min=1e-12)
+        if rule == 'entropy':
+            return (new - old).abs()[..., 0]
+        if rule == 'delta':
+            return (new - old).norm(dim=-1) / old.norm(dim=-1).clamp(min=1e-12)
+        C = new.size(-1) // 2
+        return (new[..., C:] - old[..., C:]).norm(dim=-1) / new[..., :C].norm(dim=-1).clamp(min=1e-12)
 
     @torch.no_grad()
     def iterate(self, x, ctx, frozen, watch, max_loop=None, tol=None, min_loop=None, slot_exit=None, record=(), first=None):
         """Inference passes from x (B, S, C) until every watched slot has converged (its exit_rule
         measure below tol after min_loop passes) or max_loop. A row whose watched slots have all
         converged stops and is no longer computed; with slot_exit a converged slot also keeps its
-        state while its row goes on. frozen slots keep theirs throughout. record: passes after
-        which to keep the state (and the norms). first: the state after pass 1, when the caller
-        computed it (engine.py joins it with the past's pending tokens). Returns x and a Trace."""
+        state, and a slot that has exited and that no open slot attends to is no longer computed
+        (see Active). frozen slots keep theirs throughout. record: passes after which to keep the
+        state (and the norms). first: the state after pass 1, when the caller computed it (engine.py
+        joins it with the past's pending tokens). Returns x and a Trace."""
         c = self.config
         max_loop, min_loop = max_loop or c.max_loop, min_loop or c.min_loop
         tol, slot_exit = c.tol if tol is None else tol, c.slot_exit if slot_exit is None else slot_exit
         trace = Trace(passes=torch.zeros(watch.shape, dtype=torch.long, device=x.device))
-        rows, sub, stopped = torch.arange(x.size(0), device=x.device), ctx, frozen.clone()
-        ref = self._exit_ref(x) if tol >= 0 and min_loop <= 1 < max_loop else None
+        live, stopped = Active(torch.arange(x.size(0), device=x.device)), frozen.clone()
+        ref = self._exit_ref(x, ctx) if tol >= 0 and min_loop <= 1 < max_loop else None
         for k in range(1, max_loop + 1):
-            whole = len(rows) == x.size(0)
-            new = first if k == 1 and first is not None else self.update(x if whole else x[rows], sub, stopped[rows])[0]
-            x = new if whole else x.index_copy(0, rows, new)
-            trace.passes.index_add_(0, rows, (~stopped[rows]).long())
-            trace.calls, trace.steps = trace.calls + len(rows), k
+            sub = live.context(ctx)
+            new = first if k == 1 and first is not None else self.update(live.gather(x), sub, live.gather(stopped))[0]
+            x = live.scatter(x, new)
+            trace.passes += live.scatter(torch.zeros_like(stopped), ~live.gather(stopped))  # the slots this pass moved
+            trace.calls, trace.steps = trace.calls + len(live.rows), k
             if k in record:
                 trace.states[k] = x
                 trace.norms.append((k, x[watch].norm(dim=-1).mean().item()))
             if tol < 0 or not min_loop - 1 <= k < max_loop:
                 continue
-            new_ref = self._exit_ref(new)
+            new_ref = self._exit_ref(x, ctx) if ref is None else live.scatter(ref, self._exit_ref(new, sub, live.gather(ref)))
             if k >= min_loop:
-                done = (self._change(ref, new_ref) < tol) | ~watch[rows] | stopped[rows]
+                done = (self._change(ref, new_ref) < tol) | ~watch | stopped
                 if slot_exit:
-                    stopped[rows] |= done & watch[rows]
-                keep = ~done.all(1)
-                rows, new_ref = rows[keep], new_ref[keep]
-                if not len(rows):
+                    stopped |= done & watch
+                live = live.narrow(~done[live.rows].all(1), watch & ~stopped if slot_exit else None, ctx.mask)
+                if not len(live.rows):
                     break
-                sub = ctx if len(rows) == x.size(0) else ctx.rows(rows)
             ref = new_ref
         return x, trace
 
@@ -559,19 +619,21 @@ class GPT(nn.Module):
     def _start(self, lay, idx, targets, F_, past_kv, phase, split, slots, pins, warm, init):
         """The state the future starts from: e_max, pinned slots at their token's row, warm rows at
         the detached state of one sampler step earlier (train as you sample), or a random state."""
-        c, x = self.config, lay.ctx.x0
+        c, dev = self.config, idx.device
         if pins is None and self.training and c.pin_prob > 0:
-            pins = torch.rand(lay.watch.shape, device=x.device) < c.pin_prob
+            pins = torch.rand(lay.watch.shape, device=dev) < c.pin_prob
         if pins is not None:
             pins = pins & lay.watch
-            x = lay.ctx.x0 = torch.where(pins[..., None], self.input(lay.targets.clamp(min=0), lay.ctx.pos), x)
+            lay.ctx.x0 = torch.where(pins[..., None], self.input(lay.targets.clamp(min=0), lay.ctx.pos), lay.ctx.x0)
             lay.frozen, lay.watch = lay.frozen | pins, lay.watch & ~pins
+        x = lay.ctx.x0 = self.prelude_of(lay.ctx.x0, lay.ctx)
         if warm is not None and split is not None:
             warm = warm & (split > 0)  # no earlier step at split 0
         if warm is not None and warm.any():
             with torch.no_grad():  # one step earlier: every block one token less advanced, refined 1..depth passes
                 prev = training_layout(self, idx, targets, F_, past_kv, None if phase is None else (phase - 1) % F_,
                                    None if split is None else (split - 1).clamp(min=0), slots)
+                prev.ctx.x0 = self.prelude_of(prev.ctx.x0, prev.ctx)
                 x_prev, _ = self.iterate(prev.ctx.x0, prev.ctx, prev.frozen, prev.watch,
                                          max_loop=int(torch.randint(1, c.depth + 1, ())), tol=-1.0)
             x = torch.where((warm[:, None] & ~lay.fresh & ~lay.frozen)[..., None], x_prev, x)
@@ -583,18 +645,23 @@ class GPT(nn.Module):
         return F.cross_entropy(logits.transpose(1, 2).float(), targets.clamp(min=0), reduction='none')
 
     def _scored(self, states, lay, x_c, past_targets, trace):
-        """Losses of the supervised states: the mean over them of the distance-weighted future
-        cross-entropy, plus past_loss x the past stream's own loss."""
+        """Losses of the trained states: the mean over the last `supervise` of the distance-weighted
+        future cross-entropy; plus consistency x the mean over the earlier states of KL(last || earlier)
+        (the last pass detached: only the earlier passes move, toward where the refinement ends, so an
+        early exit loses little; CLLM, Kou et al. 2024); plus past_loss x the past stream's own loss."""
         c = self.config
         weight = lay.dist.float().pow(-c.dist_power) * lay.watch
-        terms = []
-        for x in states:
-            logits = self.logits(x)
-            ce = self._ce(logits, lay.targets)
-            terms.append((ce * weight).sum() / weight.sum().clamp(min=1e-8))
-        loss = torch.stack(terms).mean()
+        per_slot_mean = lambda v: (v * weight).sum() / weight.sum().clamp(min=1e-8)  # noqa: E731
+        all_logits = [self.readout(x, lay.ctx) for x in states]
+        ces = [self._ce(logits, lay.targets) for logits in all_logits[-min(c.supervise, len(states)):]]
+        logits, ce = all_logits[-1], ces[-1]
+        loss = torch.stack([per_slot_mean(v) for v in ces]).mean()
+        if c.consistency > 0 and len(states) > 1:
+            goal = F.log_softmax(logits.detach().float(), -1)
+            kls = [(goal.exp() * (goal - F.log_softmax(v.float(), -1))).sum(-1) for v in all_logits[:-1]]
+            loss = loss + c.consistency * torch.stack([per_slot_mean(v) for v in kls]).mean()
         if c.past_loss > 0:  # pinned: the causal stream's own next-token (or own-token) loss; bidirectional: past slots
             past_logits, past_targets = (self.logits(x_c), past_targets) if x_c is not None else (logits, lay.self_targets)
             loss = loss + c.past_loss * F.cross_entropy(past_logits.flatten(0, 1), past_targets.flatten(), ignore_index=-1)
-        ce_at = {k: self._ce(self.logits(v), lay.targets) for k, v in trace.states.items()}
+        ce_at = {k: self._ce(self.readout(v, lay.ctx), lay.targets) for k, v in trace.states.items()}
         return Scored(logits, loss, ce.detach(), lay.dist, lay.targets, lay.watch, trace, ce_at)

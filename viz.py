@@ -261,8 +261,9 @@ def draw_convergence(runs, out, labels=None, windows=16, depths=(1, 2, 4, 8, 16,
             fail(f"{run} is a GPT: the convergence picture needs WFC runs")
         data = TokenShards(data_dir(info['config']['dataset']), 'val', model.config.block_size, model.config.vocab_size)
         x, y = evaluation.windows(data, windows, 1234, 'cpu')
-        at, _, _, norms = evaluation.batched(model, x, y, 32, record=tuple(depths))
-        _, passes, entropy, _ = evaluation.batched(model, x, y, 32)
+        at, _, norms, _ = evaluation.batched(model, x, y, 32, record=tuple(depths))
+        per_slot = evaluation.batched(model, x, y, 32)[1]
+        passes, entropy = per_slot['passes'], per_slot['entropy']
         label, colour = labels[k] if labels else os.path.basename(os.path.normpath(run)), f'C{k % 10}'
         ax_loss.plot(depths, [at[d][0].mean().item() for d in depths], marker='o', color=colour, label=label)
         ax_norm.plot(sorted(norms), [norms[d] for d in sorted(norms)], marker='o', color=colour, label=label)

@@ -1,0 +1,130 @@
+"""The refinement levers: the prelude / looped core / coda sandwich, the consistency loss, the exit
+rules and the per-slot exit that leaves exited slots out of the computation.
+
+Proves: an empty prelude and coda are today's model (the same blocks, the same maps); a sandwich
+runs its prelude and coda once per stream and only its core per pass; the consistency loss moves
+the earlier passes toward the (detached) last one and never the last; every exit rule stops a
+converged refinement and none changes a slot after it exited; leaving exited slots out gives the
+same states and pass counts as computing them; the samplers refuse what they cannot run."""
+
+import pytest
+import torch
+
+import engine
+import layout
+from layout import training_layout
+from model import GPT, GPTConfig
+
+TINY = dict(block_size=16, vocab_size=11, n_layer=4, n_head=2, n_embd=16, n_future=2, pos_emb='rope', past_loss=1.0)
+
+
+def tiny(**kw):
+    torch.manual_seed(0)
+    return GPT(GPTConfig(**{**TINY, **kw}))
+
+
+def batch(B=3, T=16):
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, 11, (B, T), generator=g), torch.randint(0, 11, (B, T), generator=g)
+
+
+def test_an_empty_sandwich_is_the_plain_stack():
+    model = tiny()
+    x = torch.randn(2, 5, 16)
+    assert list(model.core) == [0, 1, 2, 3] and not model.sandwiched()
+    ctx = layout.Context(x, torch.arange(5))
+    assert model.prelude_of(x, ctx) is x
+    assert torch.equal(model.readout(x, ctx), model.logits(x))
+
+
+def test_the_sandwich_loops_only_its_core():
+    model = tiny(n_prelude=1, n_coda=1, bound='rms', max_loop=5)
+    calls = [0] * 4
+    for i, block in enumerate(model.transformer.h):
+        block.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+    idx, targets = batch()
+    model.eval()
+    with torch.no_grad():
+        model.score(idx, targets, depth=5, phase=torch.zeros(3, dtype=torch.long))
+    # causal stream: every block once; future: prelude once, core 5 times, coda once (the final readout)
+    assert calls == [2, 6, 6, 2]
+    assert model.get_num_params() == tiny().get_num_params()  # same blocks, only the schedule differs
+
+
+def test_a_looped_sandwich_gpt_trains():
+    model = tiny(n_future=0, n_prelude=1, n_coda=1, n_loop=3, past_loss=0.0)
+    idx, targets = batch()
+    logits, loss = model(idx, targets)
+    loss.backward()
+    assert logits.shape == (3, 16, 11) and torch.isfinite(loss)
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_config_refuses_a_sandwich_without_a_core():
+    with pytest.raises(ValueError, match='no looped core'):
+        GPTConfig(**{**TINY, 'n_prelude': 2, 'n_coda': 2})
+
+
+def scored_from(model, states_requiring_grad):
+    """model._scored on given future states (the layout of one fixed-phase step)."""
+    idx, targets = batch()
+    pos = torch.arange(16)
+    x_c, kvs = model.causal(model.input(idx, pos), pos)
+    lay = training_layout(model, idx, targets, 2, kvs[-1], torch.zeros(3, dtype=torch.long), None, None)
+    trace = model.score(idx, targets, depth=1, phase=torch.zeros(3, dtype=torch.long)).trace
+    return model._scored(states_requiring_grad, lay, x_c.detach(), targets, trace).loss
+
+
+def test_consistency_moves_the_earlier_passes_only():
+    model = tiny(consistency=1.0, bptt=0, supervise=1)
+    early, last = (torch.randn(3, 16, 16, requires_grad=True) for _ in range(2))
+    scored_from(model, [early, last]).backward()
+    with_consistency = last.grad.clone()
+    assert early.grad is not None and early.grad.abs().sum() > 0  # pulled toward the last pass
+    plain = tiny(consistency=0.0, bptt=0, supervise=1)
+    plain.load_state_dict(model.state_dict())
+    early2, last2 = (t.detach().clone().requires_grad_() for t in (early, last))
+    scored_from(plain, [early2, last2]).backward()
+    assert early2.grad is None or early2.grad.abs().sum() == 0  # no consistency: only the last pass is trained
+    torch.testing.assert_close(with_consistency, last2.grad)  # the target of the consistency term is detached
+
+
+@pytest.mark.parametrize('rule', ['kl', 'delta', 'entropy', 'accel'])
+def test_every_exit_rule_stops_and_never_moves_an_exited_slot(rule):
+    model = tiny(bound='rms', exit_rule=rule, max_loop=40, tol=1e-3).eval()
+    idx, targets = batch()
+    with torch.no_grad():
+        out = model.score(idx, targets, depth='converge', phase=torch.zeros(3, dtype=torch.long))
+        never = model.score(idx, targets, depth=7, phase=torch.zeros(3, dtype=torch.long))  # tol < 0: exactly 7 passes
+    assert 1 <= out.trace.steps <= 40 and never.trace.steps == 7
+    x0 = torch.randn(2, 6, 16)
+    ctx = layout.Context(x0, torch.arange(6))
+    none = torch.zeros(2, 6, dtype=torch.bool)
+    with torch.no_grad():
+        _, trace = model.iterate(x0, ctx, none, ~none, max_loop=30, tol=1e-3, slot_exit=True, record=tuple(range(1, 31)))
+    for row in range(2):
+        for slot in range(6):
+            stop = int(trace.passes[row, slot])
+            later = [trace.states[k][row, slot] for k in range(stop, trace.steps + 1)]
+            assert all(torch.equal(later[0], v) for v in later)  # an exited slot keeps its state
+
+
+def test_leaving_exited_slots_out_changes_nothing(monkeypatch):
+    model = tiny(bound='rms', max_loop=32, tol=1e-3, slot_exit=True).eval()
+    idx, targets = batch(4)
+    phase = torch.zeros(4, dtype=torch.long)
+    with torch.no_grad():
+        compact = model.score(idx, targets, depth='converge', phase=phase)
+        narrow = layout.Active.narrow
+        monkeypatch.setattr(layout.Active, 'narrow', lambda self, keep, open_slots=None, mask=None: narrow(self, keep))
+        full = model.score(idx, targets, depth='converge', phase=phase)
+    torch.testing.assert_close(compact.logits, full.logits, atol=1e-5, rtol=1e-5)
+    assert torch.equal(compact.trace.passes, full.trace.passes)
+
+
+def test_the_samplers_refuse_a_sandwich_wfc():
+    model = tiny(n_prelude=1, n_coda=1).eval()
+    assert 'not built' in engine.unsupported(model)
+    with pytest.raises(ValueError, match='sandwich'):
+        engine.start(model, torch.zeros(1, 4, dtype=torch.long))
+    assert engine.unsupported(tiny(n_future=0, n_prelude=1, n_coda=1, past_loss=0.0)) == ''  # a GPT sandwich samples
