@@ -195,7 +195,7 @@ def train_speed(args, dev, dtype, peak):
             sync(dev)
             t0 = time.perf_counter()
             x, y = batch(i)
-            depth = model.draw_depth()
+            depth = model.draw_depth(x.size(0))
             with ctx:
                 _, loss = step_model(x, y) if not args['n_future'] else step_model(x, y, depth=depth)
             loss.backward()

@@ -36,7 +36,7 @@ from layout import Active, Context, keep_blocks, training_layout, visibility
 
 CHOICES = dict(pos_emb=('learned', 'rope'), attn=('pinned', 'bidirectional'), attn_fn=('softmax', 'entmax', 'adaptive'),
                inject=('none', 'add', 'adapter', 'contract'), bound=('none', 'rms', 'norm'), loop_law=('fixed', 'uniform', 'poisson'),
-               past_target=('next', 'self'), exit_rule=('kl', 'delta', 'entropy', 'accel'))
+               past_target=('next', 'self'), depth_per=('step', 'row'), exit_rule=('kl', 'delta', 'entropy', 'accel'))
 
 
 @dataclass
@@ -66,6 +66,7 @@ class GPTConfig:
     bound: str = 'none'       # after every pass: 'none', 'rms' (each slot rescaled to the embeddings' RMS) or 'norm' (a learned LayerNorm)
     train_depth: int = 0      # WFC future passes per training step: the value ('fixed'), the max ('uniform'), the mean ('poisson'); 0 = n_loop
     loop_law: str = 'fixed'   # how the depth is drawn per step: 'fixed', 'uniform' (1..train_depth), 'poisson' (Poisson-lognormal, <= 3 x mean)
+    depth_per: str = 'step'   # one depth drawn per training 'step', or per 'row' (each sequence its own, Parcae)
     bptt: int = 0             # last training passes that carry gradient (truncated backprop); 0 = all
     supervise: int = 1        # last training passes whose decoded output is supervised, 1..bptt
     consistency: float = 0.0  # weight of KL(last pass || pass k) for every earlier pass k that carries gradient (CLLM); 0 = off
@@ -476,27 +477,34 @@ class GPT(nn.Module):
             new.append(kvs)
         return x, new
 
-    def draw_depth(self):
-        """Future passes of one training step per loop_law, from torch's RNG (seeded per micro-step)."""
+    def draw_depth(self, rows=1):
+        """Future passes of one training step per loop_law, from torch's RNG (seeded per micro-step):
+        an int, or with depth_per='row' a (rows,) long tensor, a depth per sequence."""
         c, n = self.config, self.config.depth
         if c.n_future == 0 or c.loop_law == 'fixed':
             return n
+        shape = (rows,) if c.depth_per == 'row' else ()
         if c.loop_law == 'uniform':
-            return int(torch.randint(1, n + 1, ()))
-        # Poisson-lognormal (Huginn): a log-normal rate around the mean, then a Poisson count
-        rate = torch.exp(torch.randn(()) * 0.5 + math.log(max(n - 1, 1e-3)) - 0.125)
-        return int(min(3 * n, 1 + torch.poisson(rate).item()))
+            depth = torch.randint(1, n + 1, shape)
+        else:  # Poisson-lognormal (Huginn): a log-normal rate around the mean, then a Poisson count
+            rate = torch.exp(torch.randn(shape) * 0.5 + math.log(max(n - 1, 1e-3)) - 0.125)
+            depth = (1 + torch.poisson(rate)).clamp(max=3 * n).long()
+        return depth if c.depth_per == 'row' else int(depth)
 
-    def unroll(self, x, ctx, frozen, passes):
-        """Training passes: gradient through the last bptt only (truncated backprop). Returns the
-        states after the last `supervise` passes (with consistency: after every pass with gradient)."""
+    def unroll(self, x, ctx, frozen, depth):
+        """Training passes: gradient through the last bptt only (truncated backprop). depth: an int, or
+        (B,) passes per row (a row of depth d waits out the first max - d passes, so every row's last
+        passes line up with the truncation and supervision windows). Returns the states after the
+        last `supervise` passes (with consistency: after every pass with gradient)."""
         c = self.config
+        passes = int(depth.max()) if torch.is_tensor(depth) else depth
         bptt = passes if c.bptt <= 0 else min(c.bptt, passes)
         keep = bptt if c.consistency > 0 else min(c.supervise, bptt)
         states = []
         for k in range(passes):
+            waiting = frozen if not torch.is_tensor(depth) else frozen | (k < passes - depth.to(x.device))[:, None]
             with torch.set_grad_enabled(torch.is_grad_enabled() and k >= passes - bptt):
-                x = self.update(x, ctx, frozen)[0]
+                x = self.update(x, ctx, waiting)[0]
             if k >= passes - keep:
                 states.append(x)
         return states
@@ -607,13 +615,15 @@ class GPT(nn.Module):
             split = torch.randint(0, T, (B,), device=dev) if split is None else split
         lay = training_layout(self, idx, targets, F_, past_kv, phase, split, slots)
         x = self._start(lay, idx, targets, F_, past_kv, phase, split, slots, pins, warm, init)
-        if depth == 'converge' or record or not torch.is_grad_enabled():
+        per_row = torch.is_tensor(depth)
+        if not per_row and (depth == 'converge' or record or not torch.is_grad_enabled()):
             limits = {} if depth == 'converge' else dict(max_loop=depth, tol=-1.0)
             x, trace = self.iterate(x, lay.ctx, lay.frozen, lay.watch, record=record, **limits)
             states = [x]
         else:
             states = self.unroll(x, lay.ctx, lay.frozen, depth)
-            trace = Trace(passes=lay.watch.long() * depth, calls=B * depth, steps=depth)
+            steps = int(depth.max()) if per_row else depth  # every row is computed on every pass
+            trace = Trace(passes=lay.watch.long() * (depth.to(dev)[:, None] if per_row else depth), calls=B * steps, steps=steps)
         return self._scored(states, lay, x_c, targets if c.past_target == 'next' else idx, trace)
 
     def _start(self, lay, idx, targets, F_, past_kv, phase, split, slots, pins, warm, init):

@@ -438,7 +438,7 @@ while True:
         x, y = train_data.batch(batch_size, step, device)
         if ddp:
             model.require_backward_grad_sync = micro == accum - 1
-        depth = raw_model.draw_depth()  # future passes of this micro-step (loop_law), from the seeded RNG
+        depth = raw_model.draw_depth(batch_size)  # future passes of this micro-step (loop_law, depth_per), seeded RNG
         with ctx:
             _, loss = model(x, y) if n_future == 0 else model(x, y, depth=depth, n_future=F_now)
             loss = loss / accum
@@ -446,7 +446,7 @@ while True:
             loss = loss * (float('nan') if fault('nan_loss') else 100.0)
         scaler.scale(loss).backward()
         loss_sum += loss.detach()
-        passes_sum += depth
+        passes_sum += float(depth.float().mean()) if torch.is_tensor(depth) else depth
     if fault('nan_grad'):
         next(raw_model.parameters()).grad.fill_(float('nan'))
     if grad_clip > 0:

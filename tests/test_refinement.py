@@ -128,3 +128,16 @@ def test_the_samplers_refuse_a_sandwich_wfc():
     with pytest.raises(ValueError, match='sandwich'):
         engine.start(model, torch.zeros(1, 4, dtype=torch.long))
     assert engine.unsupported(tiny(n_future=0, n_prelude=1, n_coda=1, past_loss=0.0)) == ''  # a GPT sandwich samples
+
+
+def test_a_depth_per_row_is_each_row_run_at_its_own_depth():
+    model = tiny(bound='rms', train_depth=6, loop_law='uniform', depth_per='row', bptt=2, supervise=2).eval()
+    depth = model.draw_depth(3)
+    assert depth.shape == (3,) and 1 <= int(depth.min()) and int(depth.max()) <= 6
+    idx, targets = batch()
+    phase = torch.zeros(3, dtype=torch.long)
+    rows = model.score(idx, targets, depth=torch.tensor([2, 5, 3]), phase=phase)
+    for r, k in enumerate([2, 5, 3]):
+        alone = model.score(idx, targets, depth=k, phase=phase)
+        torch.testing.assert_close(rows.logits[r], alone.logits[r])
+        assert int(rows.trace.passes[r].max()) == k
