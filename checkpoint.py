@@ -119,15 +119,20 @@ def load(path):
     if not os.path.exists(path):
         raise CheckpointError(f"no checkpoint at {path}: train one first (python train.py <config>) "
                               f"or point out_dir / the path at an existing run")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt?): the file is empty")
+    if not zipfile.is_zipfile(path):  # every torch.save since 1.6 writes a zip archive
+        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt?): it is not the zip "
+                              f"archive torch.save writes")
     try:
         ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
-        if zipfile.is_zipfile(path) and 'Weights only load failed' in str(e):  # intact, but holds Python objects
+    except Exception as e:  # a damaged archive can fail anywhere inside the unpickler (IndexError, KeyError, ...)
+        if 'Weights only load failed' in str(e) and 'Unsupported' in str(e):  # intact, but holds Python objects
             raise CheckpointError(f"{path} holds Python objects, not just tensors and plain data, so it was not "
                                   f"written by this repo or nanoGPT; it is not loaded because unpickling them "
                                   f"could run arbitrary code") from None
-        reason = (str(e).splitlines() or [type(e).__name__])[0] if os.path.getsize(path) else 'the file is empty'
-        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt?): {reason}") from None
+        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt?): "
+                              f"{type(e).__name__} while unpickling") from None
     if not isinstance(ckpt, dict) or 'model' not in ckpt or 'model_args' not in ckpt:
         found = f"keys {list(ckpt)[:8]}" if isinstance(ckpt, dict) else f"a {type(ckpt).__name__}"
         raise CheckpointError(f"{path} is not a WFC-GPT or nanoGPT checkpoint (a different model type?): "

@@ -106,8 +106,9 @@ def _fit_pattern(steps, overrides):
 
 
 def _source_digest():
-    """The code a trained test model depends on: the repo's modules, this file, torch's version."""
-    digest = hashlib.sha256(torch.__version__.encode())
+    """What a trained test model depends on: the repo's modules, this file, torch's version and CPU kernels."""
+    # the kernel set too: the same code trains different weights with AVX2 and AVX-512 kernels
+    digest = hashlib.sha256((torch.__version__ + torch.backends.cpu.get_cpu_capability()).encode())
     for path in sorted(glob.glob(os.path.join(REPO, '*.py'))) + [os.path.abspath(__file__)]:
         with open(path, 'rb') as f:
             digest.update(f.read())

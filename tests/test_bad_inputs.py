@@ -47,7 +47,7 @@ CASES = {  # id: (script, arguments, a fragment the one-line message must hold)
     'dropout_of_one': ('train.py', [*TRAIN, '--dropout=1.0'], "0 <= dropout < 1"),
     'heads_do_not_divide': ('train.py', [*TRAIN, '--n_head=3'], "n_head=3 must divide n_embd=32"),
     'odd_rope_head': ('train.py', [*TRAIN, '--pos_emb=rope', '--n_head=32'], "rope needs an even head size"),
-    'negative_future': ('train.py', [*TRAIN, '--n_future=-1'], "n_future, train_depth and bptt must be >= 0"),
+    'negative_future': ('train.py', [*TRAIN, '--n_future=-1'], "n_future, train_depth, bptt, n_prelude, n_coda and consistency must be >= 0"),
     'unknown_attention': ('train.py', [*TRAIN, *WFC, '--attn=full'], "attn must be one of"),
     'unknown_loop_law': ('train.py', [*TRAIN, *WFC, '--loop_law=gauss'], "loop_law must be one of"),
     'unknown_bound': ('train.py', [*TRAIN, '--bound=clip'], "bound must be one of"),
