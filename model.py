@@ -449,6 +449,14 @@ class GPT(nn.Module):
             new = self.transformer.ln_state(new)
         return (new if frozen is None else torch.where(frozen[..., None], x, new)), kvs
 
+    def compile_passes(self):
+        """torch.compile one pass of the recurrence (update) instead of the whole forward: a WFC step
+        draws its depth at random and switches gradients off for the passes before the truncation,
+        which a whole-forward graph would have to re-trace for every depth (dynamo refused it). One
+        pass is the same graph at every depth, so it compiles once (plus once without gradient)."""
+        self.update = torch.compile(self.update)
+        return self
+
     def causal(self, x, pos, past=None, queries=None, window=0):
         """The causal stream (GPT, and the past of pinned WFC): n_loop passes over x (B, T, C) at
         positions pos (T,). past (inference with a cache): per pass, the per-layer (k, v) of the

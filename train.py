@@ -241,8 +241,8 @@ if resumed is not None:
         scaler.load_state_dict(resumed['scaler'])
 resumed = None  # free the loaded tensors
 raw_model = model
-if compile:
-    model = torch.compile(model)
+if compile:  # a WFC step's depth is drawn per step: compile one pass, not the whole forward
+    model = raw_model.compile_passes() if raw_model.config.n_future else torch.compile(model)
 if ddp:
     model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
 if master:
