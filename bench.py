@@ -45,7 +45,7 @@ import torch
 
 import checkpoint
 import runtime
-from configurator import UserError, cli, configure, require
+from configurator import UserError, cli, configure, output_file, require
 from dataloader import DataError, TokenShards, data_dir, read_meta
 from model import GPT, GPTConfig
 from sampling import Settings, generate
@@ -324,6 +324,8 @@ def main():
     require(not unused, f"--{unused[0] if unused else ''} is a training setting: bench.py times fixed steps and ignores it")
     require(min(steps, batch_size, sample_tokens, repeats) >= 1 and warmup >= 0 and num_samples >= 0,
             "need steps, batch_size, sample_tokens and repeats >= 1, warmup and num_samples >= 0")
+    if out:
+        output_file(out)
     try:
         dev = runtime.resolve(device, 'float32')[0]
         names = ['run'] if out_dir else [v for v in variants.split(',') if v]

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 import checkpoint
 import engine
 import runtime
-from configurator import UserError, cli, configure, require
+from configurator import UserError, cli, configure, output_file, require
 from dataloader import TokenShards, data_dir, read_meta
 from sampling import Settings, generate, live_slots
 
@@ -304,6 +304,9 @@ def main():
     except ValueError:
         raise UserError(f"depths must be comma-separated pass counts like '1,2,4,8', got {depths!r}") from None
     require(all(k >= 1 for k in steps), f"depths must be >= 1, got {depths!r}")
+    require(split in ('train', 'val'), f"split must be 'train' or 'val', got {split!r}")
+    if out:
+        output_file(out)
     settings = Settings(**{k: globals()[k] for k in vars(Settings()) if k not in ('max_loop', 'tol')})
     try:
         settings.check()
