@@ -219,6 +219,9 @@ def sampler_model(name, args, dev, trained=True):
     path = {'gpt': gpt_ckpt, 'wfc': wfc_ckpt, 'run': out_dir}.get(name, '') if trained else ''
     if path:
         model, _ = checkpoint.load_model(path, dev, slot_exit=slot_exit)
+        kind = 'wfc' if model.config.n_future else 'gpt'
+        require(name == 'run' or name == kind, f"--{name}_ckpt={path} is a {kind.upper()} checkpoint (n_future = "
+                                               f"{model.config.n_future}); its row would be labelled {name!r}")
         return model, path
     torch.manual_seed(0)
     return GPT(GPTConfig(**args)).to(dev).eval(), 'untrained'

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from configurator import UserError
+from dataloader import vocabulary_sha256
 from model import GPT, GPTConfig
 
 FORMAT_VERSION = 1
@@ -247,3 +248,33 @@ def check_vocabulary(model, codec, meta):
         raise CheckpointError(f"the tokenizer ({codec.vocab_size} tokens, meta vocab_size {(meta or {}).get('vocab_size')}) "
                               f"does not fit the model's vocabulary of {V}: the checkpoint and its meta.pkl come from "
                               f"different datasets; sample the run with the meta it was trained on")
+
+
+def vocabulary(meta, vocab_size):
+    """A vocabulary in words, for messages: 'char, 65 tokens' (meta None: not recorded)."""
+    kind = meta.get('tokenizer', 'char' if 'stoi' in meta else 'gpt2') if meta else 'tokenizer not recorded'
+    return f"{kind}, {vocab_size} tokens"
+
+
+def check_same_vocabulary(name, meta, vocab_size, other_name, other_meta, other_vocab_size):
+    """Two models (or a model and a dataset) must mean the same text by the same token ids, else one
+    scores the other's ids as other characters and prints a number that means nothing. A meta that
+    was not recorded (nanoGPT's checkpoints) is compared by size only."""
+    same = vocab_size == other_vocab_size
+    if meta and other_meta:
+        same = same and (vocabulary(meta, 0), vocabulary_sha256(meta)) == (vocabulary(other_meta, 0), vocabulary_sha256(other_meta))
+    if not same:
+        raise CheckpointError(f"{name} ({vocabulary(meta, vocab_size)}) and {other_name} "
+                              f"({vocabulary(other_meta, other_vocab_size)}) have different vocabularies: the same "
+                              f"token ids mean different text; use ones prepared with the same tokenizer")
+
+
+def load_judge(path, device, meta, vocab_size, role='judge'):
+    """A GPT that scores another model's text (eval.py, compare.py, sample.py's steering): a GPT,
+    because its loss is the next-token likelihood, over the vocabulary the other model writes in."""
+    judge, info = load_model(path, device)
+    if judge.config.n_future:
+        raise CheckpointError(f"the {role} {path} is a WFC model (n_future = {judge.config.n_future}); "
+                              f"the {role} must be a GPT checkpoint (n_future = 0)")
+    check_same_vocabulary(f"the {role} {path}", info.get('meta'), judge.config.vocab_size, "the model", meta, vocab_size)
+    return judge
