@@ -45,7 +45,7 @@ import torch
 
 import checkpoint
 import runtime
-from configurator import UserError, cli, configure, require
+from configurator import UserError, cli, configure, output_file, require
 from dataloader import DataError, TokenShards, data_dir, read_meta
 from model import GPT, GPTConfig
 from sampling import Settings, generate
@@ -219,6 +219,9 @@ def sampler_model(name, args, dev, trained=True):
     path = {'gpt': gpt_ckpt, 'wfc': wfc_ckpt, 'run': out_dir}.get(name, '') if trained else ''
     if path:
         model, _ = checkpoint.load_model(path, dev, slot_exit=slot_exit)
+        kind = 'wfc' if model.config.n_future else 'gpt'
+        require(name == 'run' or name == kind, f"--{name}_ckpt={path} is a {kind.upper()} checkpoint (n_future = "
+                                               f"{model.config.n_future}); its row would be labelled {name!r}")
         return model, path
     torch.manual_seed(0)
     return GPT(GPTConfig(**args)).to(dev).eval(), 'untrained'
@@ -324,6 +327,8 @@ def main():
     require(not unused, f"--{unused[0] if unused else ''} is a training setting: bench.py times fixed steps and ignores it")
     require(min(steps, batch_size, sample_tokens, repeats) >= 1 and warmup >= 0 and num_samples >= 0,
             "need steps, batch_size, sample_tokens and repeats >= 1, warmup and num_samples >= 0")
+    if out:
+        output_file(out)
     try:
         dev = runtime.resolve(device, 'float32')[0]
         names = ['run'] if out_dir else [v for v in variants.split(',') if v]

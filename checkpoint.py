@@ -8,9 +8,11 @@ A run folder (train.py's out_dir) holds:
   best.pt          the weights with the best val loss so far (no optimizer): a worse evaluation
                    later never replaces it
   ckpt-<iter>.pt   the newest keep_last copies of ckpt.pt (keep_last = 0: none)
+  train.lock       held (flock) by the training process that writes the folder: one run per folder
 Every file holds only tensors and plain Python data, so torch.load(weights_only=True) reads it.
 """
 
+import fcntl
 import glob
 import os
 import pickle
@@ -23,6 +25,7 @@ import numpy as np
 import torch
 
 from configurator import UserError
+from dataloader import vocabulary_sha256
 from model import GPT, GPTConfig
 
 FORMAT_VERSION = 1
@@ -60,9 +63,44 @@ def _write_atomically(path, write):
         os.close(folder_fd)
 
 
+LOCK_NAME = 'train.lock'
+
+
+def lock_run(out_dir):
+    """Hold an exclusive lock on out_dir/train.lock for as long as the returned file stays open (the
+    whole training process): a second run into the same folder is refused however close the two
+    starts are. flock, not a pid file: the kernel drops the lock when its holder exits, so a crashed
+    or killed run leaves no stale lock. The file is never deleted (deleting it would let a third run
+    lock a new file while the second still holds the old one)."""
+    path = os.path.join(out_dir, LOCK_NAME)
+    os.makedirs(out_dir, exist_ok=True)
+    lock = open(path, 'a+')
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or 'unknown'
+        lock.close()
+        raise CheckpointError(f"{out_dir} is in use by another training run (pid {holder}, lock {path}): wait "
+                              f"for it to finish, or train into another --out_dir") from None
+    lock.truncate(0)
+    lock.write(f"{os.getpid()}\n")  # for the refusal message only; the lock itself is the flock
+    lock.flush()
+    return lock
+
+
 def save(payload, path):
-    """torch.save(payload) to path, atomically (see _write_atomically)."""
-    _write_atomically(path, lambda f: torch.save(payload, f))
+    """torch.save(payload) to path, atomically (see _write_atomically). A disk that refuses the write
+    (full, read-only) is a CheckpointError: the old file stays and no partial file is left."""
+    try:
+        _write_atomically(path, lambda f: torch.save(payload, f))
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
+        raise CheckpointError(f"cannot write {path}: {e.strerror or e}; {path} is left as it was") from None
+
+
+def save_text(text, path):
+    """Write text to path atomically: a full disk leaves the old file, never half a new one."""
+    _write_atomically(path, lambda f: f.write(text.encode('utf-8')))
 
 
 def remove_stale_temps(folder):
@@ -210,3 +248,33 @@ def check_vocabulary(model, codec, meta):
         raise CheckpointError(f"the tokenizer ({codec.vocab_size} tokens, meta vocab_size {(meta or {}).get('vocab_size')}) "
                               f"does not fit the model's vocabulary of {V}: the checkpoint and its meta.pkl come from "
                               f"different datasets; sample the run with the meta it was trained on")
+
+
+def vocabulary(meta, vocab_size):
+    """A vocabulary in words, for messages: 'char, 65 tokens' (meta None: not recorded)."""
+    kind = meta.get('tokenizer', 'char' if 'stoi' in meta else 'gpt2') if meta else 'tokenizer not recorded'
+    return f"{kind}, {vocab_size} tokens"
+
+
+def check_same_vocabulary(name, meta, vocab_size, other_name, other_meta, other_vocab_size):
+    """Two models (or a model and a dataset) must mean the same text by the same token ids, else one
+    scores the other's ids as other characters and prints a number that means nothing. A meta that
+    was not recorded (nanoGPT's checkpoints) is compared by size only."""
+    same = vocab_size == other_vocab_size
+    if meta and other_meta:
+        same = same and (vocabulary(meta, 0), vocabulary_sha256(meta)) == (vocabulary(other_meta, 0), vocabulary_sha256(other_meta))
+    if not same:
+        raise CheckpointError(f"{name} ({vocabulary(meta, vocab_size)}) and {other_name} "
+                              f"({vocabulary(other_meta, other_vocab_size)}) have different vocabularies: the same "
+                              f"token ids mean different text; use ones prepared with the same tokenizer")
+
+
+def load_judge(path, device, meta, vocab_size, role='judge'):
+    """A GPT that scores another model's text (eval.py, compare.py, sample.py's steering): a GPT,
+    because its loss is the next-token likelihood, over the vocabulary the other model writes in."""
+    judge, info = load_model(path, device)
+    if judge.config.n_future:
+        raise CheckpointError(f"the {role} {path} is a WFC model (n_future = {judge.config.n_future}); "
+                              f"the {role} must be a GPT checkpoint (n_future = 0)")
+    check_same_vocabulary(f"the {role} {path}", info.get('meta'), judge.config.vocab_size, "the model", meta, vocab_size)
+    return judge

@@ -143,7 +143,7 @@ def evaluate_run(run_dir):
     result = evaluation.evaluate(model, data, eval_windows, 32, 1234, 'cpu', warm_positions=64,
                                  depths=steps if model.config.n_future else (), convergence=convergence and model.config.n_future > 0)
     if judge:
-        judge_model = checkpoint.load_model(judge, 'cpu')[0]
+        judge_model = checkpoint.load_judge(judge, 'cpu', info.get('meta'), model.config.vocab_size)
         prompts = data.batch(samples, 1235)[0][:, :32]
         result.update(evaluation.sample_quality(model, judge_model, prompts, 96, Settings(temperature=temperature), 1234))
     result['params'] = model.get_num_params()

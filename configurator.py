@@ -54,6 +54,19 @@ class ArgumentParser(argparse.ArgumentParser):
         fail(f"{message} (--help lists the options)")
 
 
+def output_file(path, option='--out'):
+    """Make an output file's folder (a missing one is created) before any work, so a long evaluation
+    never ends in a traceback at its last line. Returns path."""
+    require(path.strip() and not os.path.isdir(path), f"{option}={path} must name a file, not a folder")
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{option}={path}: cannot create the folder {folder} ({e.strerror})") from None
+    require(os.access(folder, os.W_OK), f"{option}={path}: the folder {folder} is not writable")
+    return path
+
+
 def require(condition, message):
     """Raise ConfigError(message) unless condition: the validation helper of every script."""
     if not condition:

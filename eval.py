@@ -32,7 +32,7 @@ import torch.nn.functional as F
 import checkpoint
 import engine
 import runtime
-from configurator import UserError, cli, configure, require
+from configurator import UserError, cli, configure, output_file, require
 from dataloader import TokenShards, data_dir, read_meta
 from sampling import Settings, generate, live_slots
 
@@ -304,6 +304,9 @@ def main():
     except ValueError:
         raise UserError(f"depths must be comma-separated pass counts like '1,2,4,8', got {depths!r}") from None
     require(all(k >= 1 for k in steps), f"depths must be >= 1, got {depths!r}")
+    require(split in ('train', 'val'), f"split must be 'train' or 'val', got {split!r}")
+    if out:
+        output_file(out)
     settings = Settings(**{k: globals()[k] for k in vars(Settings()) if k not in ('max_loop', 'tol')})
     try:
         settings.check()
@@ -316,10 +319,15 @@ def main():
     model, info = checkpoint.load_model(run, dev, **overrides)
     require(model.config.n_future or not (steps or convergence or overrides),
             "depths, convergence, max_loop and tol are WFC settings; this checkpoint is a GPT (n_future = 0)")
-    judge_model = checkpoint.load_model(judge, dev)[0] if judge else None
+    V = model.config.vocab_size
+    judge_model = checkpoint.load_judge(judge, dev, info.get('meta'), V) if judge else None
     folder = dataset or data_dir(info.get('config', {}).get('dataset', ''))
-    data = TokenShards(folder, split, model.config.block_size, model.config.vocab_size)
-    meta = info.get('meta') or read_meta(folder)
+    data_meta = read_meta(folder)
+    if data_meta:  # before the shards: a mismatch is the pairing's fault, not the data's
+        checkpoint.check_same_vocabulary(f"the model {run}", info.get('meta'), V, f"the dataset {folder}", data_meta,
+                                         data_meta.get('vocab_size', V))
+    data = TokenShards(folder, split, model.config.block_size, V)
+    meta = info.get('meta') or data_meta
     with runtime.autocast(dev, dt):
         result = evaluate(model, data, n_windows, batch_size, seed, dev, warm_positions, warm_rows, steps, convergence, settings)
         if judge_model is not None and samples:

@@ -1,8 +1,11 @@
 """Where and how to run: device and dtype choice, and the autocast context, shared by every script."""
 
 import contextlib
+import os
 
 import torch
+
+TORCHRUN_VARS = ('RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT')
 
 
 def best_device():
@@ -35,12 +38,35 @@ def best_dtype(device):
     return 'float32'
 
 
+def ddp_env():
+    """(rank, local_rank, world) of a process started by torchrun, or None for a plain process.
+    Some of torchrun's variables without the others (set by hand, left over in a shell) would fail
+    deep inside init_process_group, so they are named here."""
+    given = [k for k in TORCHRUN_VARS if k in os.environ]
+    if not given:
+        return None
+    missing = [k for k in TORCHRUN_VARS if k not in os.environ]
+    if missing:
+        raise ValueError(f"a partial torchrun environment: {', '.join(given)} set but not {', '.join(missing)}; "
+                         f"start DDP with torchrun, or unset {', '.join(given)} for a single process")
+    try:
+        return tuple(int(os.environ[k]) for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE'))
+    except ValueError:
+        raise ValueError(f"RANK, LOCAL_RANK and WORLD_SIZE must be integers, got "
+                         f"{[os.environ[k] for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE')]}") from None
+
+
 def resolve(device, dtype):
     """'auto' settings -> concrete ones; checks the rest. Returns (device, dtype)."""
     device = best_device() if device == 'auto' else device
     kind = device.split(':')[0]
+    if kind not in ('cpu', 'cuda', 'mps'):
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {device!r}")
     if kind == 'cuda' and not torch.cuda.is_available():
         raise RuntimeError(f"device={device!r} but CUDA is not available here; use --device=cpu or --device=auto")
+    if kind == 'mps' and not (getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available()):
+        raise RuntimeError(f"device={device!r} but MPS (Apple silicon) is not available in this torch build or "
+                           f"machine; use --device=cpu or --device=auto")
     dtype = best_dtype(device) if dtype == 'auto' else dtype
     if dtype not in ('float32', 'bfloat16', 'float16'):
         raise ValueError(f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {dtype!r}")

@@ -98,6 +98,10 @@ def check_settings():
 
 def load(dev):
     """The model, its checkpoint's other contents, and the codec."""
+    if init_from.startswith('gpt2') and not os.path.exists(init_from):  # nanoGPT's names of OpenAI's weights
+        raise UserError(f"--init_from={init_from} means OpenAI's GPT-2 weights in nanoGPT; this repo does not download "
+                        f"them (no network, no transformers): give the path of a checkpoint file (ours, or a "
+                        f"nanoGPT ckpt.pt) or --out_dir of a run")
     model, ckpt = checkpoint.load_model(out_dir if init_from == 'resume' else init_from, dev)
     meta = ckpt.get('meta')  # ours carry their vocabulary; nanoGPT's point at data/<dataset>/meta.pkl
     if meta is None and 'dataset' in ckpt.get('config', {}):
@@ -147,6 +151,34 @@ def print_stats(record, top, sampler):
           f"{summary['tokens_per_call']:.2f} tokens/stack call{extra}]", file=sys.stderr)
 
 
+SAMPLE_BATCH = 64  # samples generated together; more are generated (and printed) batch after batch
+
+
+class Rows:
+    """The text of a batch of samples as it is generated: generate() calls add() with each row's new
+    tokens; with stream (one sample) the text is printed as it comes."""
+
+    def __init__(self, codec, n, stream):
+        self.codec, self.texts, self.stream = codec, [''] * n, stream
+
+    def add(self, row, tokens):
+        """Decode a row's new tokens; True when the row has ended (EOS or the stop text)."""
+        eos = self.codec.eos
+        done = eos is not None and eos in tokens
+        piece, text = self.codec.decode(tokens[:tokens.index(eos)] if done else tokens), self.texts[row]
+        if stop and stop in text + piece:
+            piece, done = (text + piece)[:(text + piece).index(stop)][len(text):], True
+        self.texts[row] += piece
+        if self.stream:
+            print(piece, end='', flush=True)
+        return done
+
+    def show(self, prompt):
+        for piece in self.texts:
+            print('' if self.stream else prompt + piece)  # a streamed sample is on the screen already: end its line
+            print('---------------', flush=True)
+
+
 def main():
     configure(globals(), sources=(Settings,))
     check_settings()
@@ -171,31 +203,23 @@ def main():
     unused = inapplicable(model, settings, sampler) + ([] if not entropy_png or sampler == 'collapse' else
                                                        ["--entropy_png draws the collapse sampler's window (--sampler=collapse)"])
     require(not unused, unused[0] if unused else '')
-    texts, stream = [''] * num_samples, num_samples == 1
-
-    def on_tokens(row, tokens):
-        """Decode a row's new tokens; True when the row has ended (EOS or the stop text)."""
-        done = codec.eos is not None and codec.eos in tokens
-        piece = codec.decode(tokens[:tokens.index(codec.eos)] if done else tokens)
-        if stop and stop in texts[row] + piece:
-            piece, done = (texts[row] + piece)[:(texts[row] + piece).index(stop)][len(texts[row]):], True
-        texts[row] += piece
-        if stream:
-            print(piece, end='', flush=True)
-        return done
-
+    stream = num_samples == 1
     if stream:
         print(text, end='', flush=True)
     g = torch.Generator(device=dev).manual_seed(seed)
-    idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=dev)
-    with runtime.autocast(dev, dt):
+    for first in range(0, num_samples, SAMPLE_BATCH):  # each batch printed when it is done: a long job shows its progress
+        rows = Rows(codec, min(SAMPLE_BATCH, num_samples - first), stream)
+        idx = torch.tensor([ids] * len(rows.texts), dtype=torch.long, device=dev)
         try:
-            _, record = generate(model, idx, max_new_tokens, settings, g, wanted, on_tokens, heat, detail=stats or bool(entropy_png))
+            with runtime.autocast(dev, dt):
+                _, record = generate(model, idx, max_new_tokens, settings, g, wanted, rows.add, heat,
+                                     detail=stats or bool(entropy_png))
         except ValueError as e:
             raise UserError(e) from None
-    for piece in texts:
-        print('' if stream else text + piece)  # a streamed sample is on the screen already: end its line
-        print('---------------')
+        except KeyboardInterrupt:  # Ctrl-C: what was generated is kept, then main's caller exits 130
+            rows.show(text)
+            raise
+        rows.show(text)
     top = math.log2(model.config.vocab_size)  # the most entropy a slot can have, bits
     print_stats(record, top, sampler)
     if entropy_png:
@@ -208,8 +232,9 @@ def steer_or_calibrate(model, ckpt, codec, ids, settings, dev, dt):
             dataset = ckpt.get('config', {}).get('dataset')
             require(dataset, "calibrate reads the validation split of the checkpoint's dataset; this checkpoint names none")
             return steering.calibrate_command(model, data_dir(dataset), settings, seed=seed)
-        judge_model = checkpoint.load_model(judge, dev)[0] if judge else None
-        scorer_model = checkpoint.load_model(scorer, dev)[0] if scorer else judge_model
+        meta, V = ckpt.get('meta'), model.config.vocab_size
+        judge_model = checkpoint.load_judge(judge, dev, meta, V) if judge else None
+        scorer_model = checkpoint.load_judge(scorer, dev, meta, V, 'scorer') if scorer else judge_model
         options = {k: globals()[k] for k in ('max_new_tokens', 'particles', 'potential', 'schedule', 'goal', 'steer',
                                              'num_samples', 'seed', 'ess', 'segment', 'nll_ref')}
         options['goal'] = goal or pin
@@ -220,4 +245,8 @@ def steer_or_calibrate(model, ckpt, codec, ids, settings, dev, dt):
 
 
 if __name__ == '__main__':
-    cli(main)
+    try:
+        cli(main)
+    except KeyboardInterrupt:  # the text so far is printed above; 130 is the shell's code for Ctrl-C
+        print("interrupted (Ctrl-C): the samples above are what was generated so far", file=sys.stderr, flush=True)
+        sys.exit(130)

@@ -79,8 +79,14 @@ def gpt2_encoding(path=None):
     from tiktoken_ext.openai_public import r50k_pat_str
     if not os.path.exists(path):
         raise RuntimeError(f"no GPT-2 ranks file at {path} (from --tiktoken or WFC_GPT2_TIKTOKEN)")
-    with open(path, 'rb') as f:  # tiktoken's format, read here: its loader would cache a copy keyed by the path
-        ranks = {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in f if line.strip())}
+    try:
+        with open(path, 'rb') as f:  # tiktoken's format, read here: its loader would cache a copy keyed by the path
+            ranks = {base64.b64decode(token, validate=True): int(rank) for token, rank in (line.split() for line in f if line.strip())}
+    except (OSError, ValueError) as e:  # a folder, an unreadable file, a line that is not 'base64-token rank'
+        raise RuntimeError(f"{path} is not a GPT-2 ranks file in tiktoken's format (lines 'base64-token rank'): "
+                           f"{type(e).__name__}: {e}") from None
+    if not ranks:
+        raise RuntimeError(f"{path} is not a GPT-2 ranks file in tiktoken's format: it holds no ranks")
     return tiktoken.Encoding(name='gpt2', pat_str=r50k_pat_str, mergeable_ranks=ranks,
                              special_tokens={'<|endoftext|>': max(ranks.values()) + 1})
 

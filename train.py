@@ -133,7 +133,15 @@ def held_run(out_dir):
 
 def check_out_dir(out_dir, init_from, overwrite):
     """Never lose a run: training from scratch into a folder that holds one is refused (before
-    anything is written) unless overwrite; resuming needs the run."""
+    anything is written) unless overwrite; resuming needs the run. A folder that cannot be written
+    is refused here too, not at the first checkpoint after minutes of training."""
+    require(out_dir.strip(), "out_dir is empty: name the run folder, e.g. --out_dir=out-mine")
+    require(not os.path.exists(out_dir) or os.path.isdir(out_dir), f"--out_dir={out_dir} is a file, not a folder")
+    existing = os.path.abspath(out_dir)
+    while not os.path.exists(existing):  # the folder is created later: its nearest existing parent must be writable
+        existing = os.path.dirname(existing)
+    require(os.path.isdir(existing) and os.access(existing, os.W_OK | os.X_OK),
+            f"cannot write to {out_dir}: {existing} is {'not writable' if os.path.isdir(existing) else 'a file'}")
     held = held_run(out_dir)
     if init_from == 'scratch' and any(f.endswith('.pt') for f in held) and not overwrite:
         raise ConfigError(f"{out_dir} holds a run ({', '.join(held)}): continue it with --init_from=resume, train into "
@@ -148,15 +156,24 @@ def trim_logs(out_dir, iter_num):
         if os.path.exists(path):
             with open(path) as f:
                 kept = [line for line in f if line.strip() and json.loads(line)['iter'] <= last]
-            with open(path, 'w') as f:
-                f.writelines(kept)
+            checkpoint.save_text(''.join(kept), path)
 
 
+# settings of the machine and of this invocation: a resumed run takes every other setting from its checkpoint
+NOT_RESUMED = ('out_dir', 'init_from', 'overwrite', 'dry_run', 'eval_only', 'device', 'compile', 'backend', 'ddp_timeout')
+resumed = None
 try:
     config = configure(globals(), sources=(GPTConfig,))
-    ddp = int(os.environ.get('RANK', -1)) != -1  # started by torchrun
-    check_settings(config, ddp)
+    ddp_ranks = runtime.ddp_env()  # (rank, local_rank, world) when started by torchrun
+    ddp = ddp_ranks is not None
     check_out_dir(out_dir, init_from, overwrite)
+    if init_from == 'resume':  # the run's own settings (dataset, architecture, recipe), then config files and --key=value
+        resumed = checkpoint.load(os.path.join(out_dir, 'ckpt.pt'))
+        resumed_mtime = os.stat(os.path.join(out_dir, 'ckpt.pt')).st_mtime_ns  # claim_out_dir checks it is still this one
+        globals().update(DEFAULTS)
+        globals().update({k: v for k, v in resumed.get('config', {}).items() if k in DEFAULTS and k not in NOT_RESUMED})
+        config = configure(globals(), sources=(GPTConfig,))
+    check_settings(config, ddp)
     device, dtype = runtime.resolve(device, dtype)
 except (UserError, ValueError, RuntimeError) as e:
     fail(e)
@@ -168,7 +185,7 @@ fault_iter, _, fault_rank = fault_at.partition(':')
 
 # -----------------------------------------------------------------------------
 # setup: processes, device, precision
-rank, local_rank, world = (int(os.environ[k]) for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE')) if ddp else (0, 0, 1)
+rank, local_rank, world = ddp_ranks or (0, 0, 1)
 if ddp and device == 'cuda' and torch.cuda.is_available():  # 'auto' resolved to cuda: one GPU per rank
     device = f'cuda:{local_rank}'
 device_type = device.split(':')[0]
@@ -201,14 +218,10 @@ except UserError as e:
 # -----------------------------------------------------------------------------
 # model and optimizer
 model_args = {k: config[k] for k in model_keys}
-iter_num, best_val_loss, train_time, resumed = 0, float('inf'), 0.0, None
+iter_num, best_val_loss, train_time = 0, float('inf'), 0.0
 loss_ema, resumed_rng = None, None  # the spike detector's running mean of the train loss; RNG states to restore
 ckpt_path, best_path = os.path.join(out_dir, 'ckpt.pt'), os.path.join(out_dir, 'best.pt')
-if init_from == 'resume':
-    try:
-        resumed = checkpoint.load(ckpt_path)
-    except checkpoint.CheckpointError as e:
-        fail(e)
+if resumed is not None:
     if resumed.get('meta') not in (None, meta):
         fail(f"cannot resume {out_dir}/ckpt.pt on {folder}: the checkpoint was trained with another vocabulary "
              f"(its meta differs from {folder}/meta.pkl); point --dataset at the data it was trained on")
@@ -253,17 +266,32 @@ if dry_run:  # everything checked, nothing written
     print(f"dry run: the settings, the data in {folder} and the model are fine; nothing was written to {out_dir}")
     sys.exit(0)
 peak = runtime.peak_flops(device, dtype) if master else float('nan')
-if master:
+
+
+def claim_out_dir():
+    """Lock out_dir for this run (checkpoint.lock_run) before its first write, check it again under
+    the lock (a run may have finished or saved while this one started), then clear or trim what the
+    run replaces and write config.json. Returns the lock, to hold until the process exits."""
+    lock = checkpoint.lock_run(out_dir)
+    check_out_dir(out_dir, init_from, overwrite)
+    if init_from == 'resume' and os.stat(ckpt_path).st_mtime_ns != resumed_mtime:
+        raise ConfigError(f"{ckpt_path} changed while this run started (another run saved it); start again to resume from it")
     if init_from == 'scratch':  # --overwrite (check_out_dir refused a run otherwise): logs are never appended across runs
         for name in held_run(out_dir):
             os.remove(os.path.join(out_dir, name))
     else:
         trim_logs(out_dir, iter_num)
-    os.makedirs(out_dir, exist_ok=True)
     checkpoint.remove_stale_temps(out_dir)  # half files of a save that was killed; nothing reads them
     versions = dict(python=platform.python_version(), torch=torch.__version__, device=device, dtype=dtype, world=world)
-    with open(os.path.join(out_dir, 'config.json'), 'w') as f:
-        json.dump(dict(config=config, versions=versions), f, indent=1)
+    checkpoint.save_text(json.dumps(dict(config=config, versions=versions), indent=1), os.path.join(out_dir, 'config.json'))
+    return lock
+
+
+if master:
+    try:
+        run_lock = claim_out_dir()
+    except (UserError, OSError) as e:
+        fail(e if isinstance(e, UserError) else f"cannot write to {out_dir}: {e.strerror or e}")
 
 # -----------------------------------------------------------------------------
 # evaluation
@@ -320,7 +348,7 @@ def save_checkpoint(path):
     """The resume point. The data loader's position is the iteration: every batch is a function of
     (seed, iteration, micro-step), so data={'iter', 'seed'} is all the loader state there is. The
     RNG states are rank 0's; training reseeds every micro-step, so they matter only to new code."""
-    checkpoint.save(dict(
+    write_or_fail(checkpoint.save, dict(
         model=raw_model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
         model_args=model_args, config=config, iter_num=iter_num, best_val_loss=best_val_loss,
         train_time=train_time, meta=meta, format_version=checkpoint.FORMAT_VERSION, loss_ema=loss_ema,
@@ -329,8 +357,27 @@ def save_checkpoint(path):
 
 def save_best(path, val):
     """best.pt: what sampling needs (weights, model_args, meta), no optimizer."""
-    checkpoint.save(dict(model=raw_model.state_dict(), model_args=model_args, config=config, iter_num=iter_num,
-                         val_loss=val, meta=meta, format_version=checkpoint.FORMAT_VERSION), path)
+    write_or_fail(checkpoint.save, dict(model=raw_model.state_dict(), model_args=model_args, config=config,
+                                        iter_num=iter_num, val_loss=val, meta=meta,
+                                        format_version=checkpoint.FORMAT_VERSION), path)
+
+
+def append_log(name, record):
+    """One JSON line appended to out_dir/name (eval_log.jsonl, train_log.jsonl)."""
+    def append(line, path):
+        with open(path, 'a') as f:
+            f.write(line)
+    write_or_fail(append, json.dumps(record) + '\n', os.path.join(out_dir, name))
+
+
+def write_or_fail(write, what, path):
+    """write(what, path); a disk that refuses it (full, read-only, removed) stops the run with one line
+    and exit 2, and the files written before are left as they were (saves are atomic)."""
+    try:
+        write(what, path)
+    except (UserError, OSError) as e:
+        fail(e if isinstance(e, UserError) else f"cannot write {path}: {e.strerror or e}; the run is stopped, "
+                                                 f"{ckpt_path} is the last checkpoint written")
 
 
 def check_ranks_agree():
@@ -401,8 +448,7 @@ while True:
             print(f"step {iter_num}: train loss {results['train']['loss']:.4f}, val loss {val:.4f}{extra}")
             record = dict(iter=iter_num, train_time=round(train_time, 3), train=results['train']['loss'], val=val,
                           val_by_dist=results['val']['by_dist'], passes=results['val']['passes'], lr=lr)
-            with open(os.path.join(out_dir, 'eval_log.jsonl'), 'a') as f:
-                f.write(json.dumps(record) + '\n')
+            append_log('eval_log.jsonl', record)
             if wandb_log:
                 logged = {'iter': iter_num, 'train/loss': record['train'], 'val/loss': val, 'lr': lr,
                           **({'mfu': running_mfu * 100} if running_mfu >= 0 else {}), 'val/passes': record['passes'],
@@ -417,7 +463,7 @@ while True:
             best_val_loss = min(best_val_loss, val)
             if iter_num > 0 and (improved or always_save_checkpoint):
                 save_checkpoint(ckpt_path)
-                checkpoint.keep_copy(ckpt_path, iter_num, keep_last)
+                write_or_fail(lambda n, path: checkpoint.keep_copy(path, n, keep_last), iter_num, ckpt_path)
                 print(f"saved {ckpt_path} (val {val:.4f}, best {best_val_loss:.4f})")
             if improved and not eval_only:
                 save_best(best_path, val)
@@ -481,8 +527,7 @@ while True:
     train_time += dt
     iter_num += 1
     if master and iter_num % log_interval == 0:
-        with open(os.path.join(out_dir, 'train_log.jsonl'), 'a') as f:  # exact values, for plots and the tests
-            f.write(json.dumps(dict(iter=iter_num, loss=train_loss, lr=lr)) + '\n')
+        append_log('train_log.jsonl', dict(iter=iter_num, loss=train_loss, lr=lr))  # exact values, for plots and the tests
         passes = passes_sum / accum
         flops = raw_model.flops_per_iter(batch_size, block_size, passes) * gradient_accumulation_steps
         mfu = flops / dt / peak

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 import engine
-from configurator import ArgumentParser, fail
+from configurator import ArgumentParser, UserError, fail, output_file
 from model import GPT, GPTConfig
 
 
@@ -299,6 +299,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if getattr(args, 'labels', None) and len(args.labels) != len(args.runs):
         fail("give one --labels entry per --runs folder")
+    try:
+        output_file(args.out)
+    except UserError as e:
+        fail(e)
     if args.picture == 'toy':
         draw_toy(args.out, args.steps, args.seed, args.size)
     elif args.picture == 'curves':

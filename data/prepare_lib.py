@@ -50,6 +50,13 @@ def fraction(text):
     return value
 
 
+def positive(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text}")
+    return value
+
+
 def common_args(description, tokenizers=('gpt2', 'bytes')):
     """The options every prepare script takes."""
     parser = ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -61,7 +68,7 @@ def common_args(description, tokenizers=('gpt2', 'bytes')):
     parser.add_argument('--out_dir', help='where to write (default: this folder, or data/<corpus>_<tokenizer> '
                                           'for a non-default tokenizer)')
     parser.add_argument('--val_fraction', type=fraction, default=0.1, help='share of the data held out for validation')
-    parser.add_argument('--shard_tokens', type=int, default=100_000_000, help='tokens per shard file (2 bytes each)')
+    parser.add_argument('--shard_tokens', type=positive, default=100_000_000, help='tokens per shard file (2 bytes each)')
     return parser
 
 
@@ -84,23 +91,30 @@ def default_out_dir(here, corpus, tokenizer, native):
 def make_codec(tokenizer, tiktoken_path=None):
     """(codec, meta) for 'gpt2' or 'bytes'. meta['vocab_size'] is the model's vocabulary: the
     tokenizer's rounded up to a multiple of 64 (GPT-2: 50257 -> 50304, nanoGPT's padding)."""
-    codec = codec_for({'tokenizer': tokenizer}, tiktoken_path)
+    try:
+        codec = codec_for({'tokenizer': tokenizer}, tiktoken_path)
+    except (ValueError, RuntimeError) as e:  # a missing or corrupt local ranks file, or no network for tiktoken
+        fail(e)
     if codec.vocab_size > 1 << 16:
         fail(f"a vocabulary of {codec.vocab_size} does not fit uint16 shards")
     return codec, {'tokenizer': tokenizer, 'vocab_size': -(-codec.vocab_size // 64) * 64}
 
 
-def encode_array(codec, text, end=True):
-    """Text -> uint16 token ids (+ the end-of-text token when end and the codec has one)."""
+def encode_array(codec, text, end=True, encoding='utf-8'):
+    """Text (or bytes, read as they are) -> uint16 token ids (+ the end-of-text token when end and
+    the codec has one). encoding: how the byte codec turns a str back into the file's bytes."""
     if isinstance(codec, ByteCodec):  # no tokenizer: the bytes themselves, without a Python list
-        ids = np.frombuffer(text.encode('utf-8'), dtype=np.uint8).astype(np.uint16)
+        data = text if isinstance(text, bytes) else text.encode(encoding)
+        ids = np.frombuffer(data, dtype=np.uint8).astype(np.uint16)
     else:
         ids = np.asarray(codec.encode_ordinary(text), dtype=np.uint16)
     return np.append(ids, np.uint16(codec.eos)) if end and codec.eos is not None else ids
 
 
-def read_or_download(path, url):
-    """The text at path, downloaded from url first when missing."""
+def read_or_download(path, url, binary=False):
+    """The text at path (binary: its bytes, for the byte tokenizer), downloaded from url first when missing."""
+    if os.path.isdir(path):
+        fail(f"{path} is a folder; give a text file")
     if not os.path.exists(path):
         print(f"downloading {url}")
         try:
@@ -110,8 +124,21 @@ def read_or_download(path, url):
             fail(f"could not download the text ({e}). Offline? Put it at {path}, or run with --input /path/to/text.txt")
         with open(path, 'wb') as f:
             f.write(data)
-    with open(path, encoding='utf-8') as f:
-        return f.read()
+    try:
+        with open(path, 'rb') as f:
+            data = f.read()
+    except OSError as e:
+        fail(f"cannot read {path}: {e.strerror}")
+    return data if binary else utf8_text(data, path)
+
+
+def utf8_text(data, path):
+    """data decoded as UTF-8, or a one-line refusal saying where it is not text."""
+    try:
+        return data.decode('utf-8')
+    except UnicodeDecodeError as e:
+        fail(f"{path} is not UTF-8 text (byte {e.start} is 0x{data[e.start]:02x}; a binary file?); "
+             f"--tokenizer=bytes reads any file as bytes")
 
 
 class ShardWriter:
@@ -197,18 +224,18 @@ def prepare_text(text, codec, meta, out_dir, val_fraction, shard_tokens, source)
         ids = encode_array(codec, part, end=False)
         writers[split] = ShardWriter(out_dir, split, shard_tokens, len(ids))
         writers[split].write(ids)
-    print(f"{len(text):,} characters")
+    print(f"{len(text):,} {'bytes' if isinstance(text, bytes) else 'characters'}")
     return commit(out_dir, writers, codec, meta, {'train': None, 'val': None}, source)
 
 
 class Tokenize:
     """datasets.map function (batched, picklable for num_proc): a batch of documents -> token ids."""
 
-    def __init__(self, codec, text_field):
-        self.codec, self.text_field = codec, text_field
+    def __init__(self, codec, text_field, encoding='utf-8'):
+        self.codec, self.text_field, self.encoding = codec, text_field, encoding
 
     def __call__(self, batch):
-        ids = [encode_array(self.codec, text) for text in batch[self.text_field]]
+        ids = [encode_array(self.codec, text, encoding=self.encoding) for text in batch[self.text_field]]
         return {'ids': ids, 'tokens': [len(x) for x in ids]}
 
 
@@ -223,6 +250,12 @@ def load_documents(args):
             fail(f"--input takes existing files of one kind ({', '.join(BUILDERS)}); got {args.input}")
         builder = kinds.pop()
         options = dict(sample_by='document') if builder == 'text' else {}
+        if builder == 'text' and args.tokenizer == 'bytes':  # any file: latin-1 maps byte k to character k, and back
+            options['encoding'] = 'latin-1'
+        elif builder == 'text':
+            for path in args.input:
+                with open(path, 'rb') as f:
+                    utf8_text(f.read(), path)
         return datasets.load_dataset(builder, data_files=[os.path.abspath(p) for p in args.input], split='train',
                                      cache_dir=args.cache_dir, **options)
     where = dict(name=args.hf_config, split='train', num_proc=args.num_proc, cache_dir=args.cache_dir)
@@ -248,8 +281,10 @@ def prepare_documents(args, codec, meta, out_dir, source):
     if args.text_field not in docs.column_names:
         fail(f"the documents have no '{args.text_field}' field (they have {docs.column_names}); "
                  f"use --text_field")
+    encoding = 'latin-1' if args.input and args.tokenizer == 'bytes' and docs.info.builder_name == 'text' else 'utf-8'
     if len(docs) < 2:
-        return prepare_text(docs[0][args.text_field] if len(docs) else '', codec, meta, out_dir,
+        text = docs[0][args.text_field] if len(docs) else ''
+        return prepare_text(text.encode('latin-1') if encoding == 'latin-1' else text, codec, meta, out_dir,
                             args.val_fraction, args.shard_tokens, source)
     splits = docs.train_test_split(test_size=args.val_fraction, seed=2357, shuffle=True)
     splits = {'train': splits['train'], 'val': splits['test']}
@@ -257,7 +292,7 @@ def prepare_documents(args, codec, meta, out_dir, source):
     os.makedirs(out_dir, exist_ok=True)
     writers = {}
     for split, part in splits.items():
-        tokenized = part.map(Tokenize(codec, args.text_field), batched=True, remove_columns=part.column_names,
+        tokenized = part.map(Tokenize(codec, args.text_field, encoding), batched=True, remove_columns=part.column_names,
                              features=features, num_proc=min(args.num_proc, len(part)), desc=f'tokenizing {split}')
         total = int(pc.sum(tokenized.with_format('arrow')['tokens']).as_py())
         writers[split] = writer = ShardWriter(out_dir, split, args.shard_tokens, total)

@@ -237,3 +237,48 @@ def test_the_same_files_work_when_nothing_is_wrong(paths, tmp_path):
     logs = [json.loads(line) for line in open(fresh / 'eval_log.jsonl')]
     assert [r['iter'] for r in logs] == [0, 4], "an overwritten run starts new logs"
     assert set(md5s(fresh)) == set(first)
+
+
+def test_two_runs_started_together_into_one_out_dir_one_is_refused(paths, tmp_path):
+    """A real race: two train.py processes started at once into the same out_dir. Exactly one trains
+    (exit 0); the other is refused with one line and exit 2, by the lock while the first runs (or, if
+    it started only after the first had finished, because the folder then holds a run)."""
+    import subprocess
+    import sys
+    from conftest import ONE_THREAD
+    run = tmp_path / 'race'
+    command = [sys.executable, os.path.join(REPO, 'train.py'), CONFIG, f'--dataset={paths["data"]}', f'--out_dir={run}',
+               '--max_iters=100000', '--lr_decay_iters=100000', '--eval_interval=100000', '--max_time=4.0']
+    jobs = [subprocess.Popen(command, cwd=REPO, env={**os.environ, **ONE_THREAD}, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(job.wait(timeout=240), job.stdout.read(), job.stderr.read()) for job in jobs]
+    codes = sorted(code for code, _, _ in results)
+    assert codes == [0, 2], results
+    err = next(err for code, _, err in results if code == 2)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('error: '), err
+    assert 'is in use by another training run' in lines[0] or 'holds a run' in lines[0], lines[0]
+    assert [r['iter'] for r in map(json.loads, open(run / 'eval_log.jsonl'))][0] == 0, "one run's log, written once"
+
+
+def test_a_held_lock_refuses_and_a_dead_holders_lock_does_not(paths, tmp_path):
+    """The lock itself: while a process holds out_dir/train.lock a start is refused (exit 2, one line
+    naming the holder's pid); once the holder is killed (SIGKILL: no clean-up runs) the kernel has
+    released the lock and a run starts."""
+    import signal
+    import subprocess
+    import sys
+    run = tmp_path / 'locked'
+    holder = subprocess.Popen([sys.executable, '-c', f"import sys, time; sys.path.insert(0, {REPO!r}); import checkpoint; "
+                               f"lock = checkpoint.lock_run({str(run)!r}); print('held', flush=True); time.sleep(600)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == 'held'
+        args = [CONFIG, f'--dataset={paths["data"]}', f'--out_dir={run}', '--max_iters=2']
+        code, out, err = run_inprocess('train.py', *args)
+        assert code == 2 and err.count('\n') == 1 and f'in use by another training run (pid {holder.pid}' in err, err
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    code, out, err = run_inprocess('train.py', *args)
+    assert code == 0, err

@@ -28,7 +28,7 @@ def main():
     path = args.input[0] if args.input else os.path.join(HERE, 'input.txt')
     if args.input and not os.path.exists(path):
         fail(f"--input {path}: no such file")
-    text = prepare_lib.read_or_download(path, URL)
+    text = prepare_lib.read_or_download(path, URL, binary=args.tokenizer == 'bytes')
     codec, meta = prepare_lib.make_codec(args.tokenizer, args.tiktoken)
     out_dir = args.out_dir or prepare_lib.default_out_dir(HERE, 'shakespeare', args.tokenizer, 'gpt2')
     prepare_lib.prepare_text(text, codec, meta, out_dir, args.val_fraction, args.shard_tokens,

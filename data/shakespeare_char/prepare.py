@@ -27,7 +27,7 @@ def main():
     path = args.input[0] if args.input else os.path.join(HERE, 'input.txt')
     if args.input and not os.path.exists(path):
         fail(f"--input {path}: no such file")
-    text = prepare_lib.read_or_download(path, URL)
+    text = prepare_lib.read_or_download(path, URL, binary=args.tokenizer == 'bytes')
     if args.tokenizer == 'char':
         chars = sorted(set(text))
         if len(chars) > 65535:
