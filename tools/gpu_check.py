@@ -43,6 +43,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from datetime import datetime, timezone
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,7 +58,7 @@ from configurator import UserError, cli, configure, fail, require  # noqa: E402
 from layout import block_starts, visibility  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from sampling import Settings, generate  # noqa: E402
-from vs_nanogpt import EVAL_LINE, ITER_LINE  # noqa: E402  (tools/ is this script's folder)
+from tools.vs_nanogpt import EVAL_LINE, ITER_LINE  # noqa: E402  (the log lines of train.py)
 
 # -----------------------------------------------------------------------------
 device = 'auto'            # 'auto' (cuda when present, else the CPU dry run), 'cpu', 'cuda', 'cuda:1'
@@ -70,6 +71,7 @@ compile_backend = 'auto'   # torch.compile backend: 'auto' = inductor on CUDA, a
 sample_tokens = 40         # greedy tokens per sampler check
 recipe_iters = 0           # train.py iterations of each recipe run (0 = 500 on CUDA, 6 on the dry run)
 recipe_max_time = 150.0    # seconds of training after which a recipe run stops early (train.py --max_time)
+budget = 540.0             # seconds for the whole run: a recipe run gets at most what is left less a minute, or is skipped
 recipe_tokens = 0          # new tokens per sampling-speed run (0 = 256 on CUDA, 16 on the dry run)
 # -----------------------------------------------------------------------------
 GROUPS = ('agree', 'train', 'sample', 'attention', 'recipe')
@@ -115,7 +117,7 @@ class Plan:
     """Where the checks run and what they compare with."""
 
     def __init__(self, dev):
-        self.dev, self.cuda = dev, dev.startswith('cuda')
+        self.dev, self.cuda, self.t0 = dev, dev.startswith('cuda'), time.time()
         self.ref_dev, self.ref_dtype = 'cpu', torch.float32 if self.cuda else torch.float64
         self.reference = 'CPU fp32' if self.cuda else 'CPU float64 (dry run: no CUDA here to compare with the CPU)'
         self.backend = compile_backend if compile_backend != 'auto' else 'inductor' if self.cuda else 'aot_eager'
@@ -325,11 +327,12 @@ def flex(plan, q, k, v, mask):
     dense = mask.expand(B, 1, T, S)[:, 0]
     block = create_block_mask(lambda b, h, qi, ki: dense[b, qi, ki], B, None, T, S, device=plan.dev,
                               BLOCK_SIZE=128 if plan.cuda else 16)
-    attend = torch.compile(flex_attention) if plan.cuda else flex_attention  # eager flex runs on CPU only
+    attend = torch.compile(flex_attention) if plan.cuda else flex_attention  # the dry run: eager (unfused, slow)
     ms = timed(lambda: attend(q, k, v, block_mask=block), plan.dev) * 1000
     q32, k32, v32 = (t.float() for t in (q, k, v))
     diff = (attend(q32, k32, v32, block_mask=block) - sdpa(q32, k32, v32, mask)).abs().max().item()
-    return dict(ms=round(ms, 4), max_diff=diff, sparsity_pct=round(float(block.sparsity()), 1))
+    return dict(ms=round(ms, 4), max_diff=diff, sparsity_pct=round(float(block.sparsity()), 1),
+                mode='compiled' if plan.cuda else 'eager')
 
 
 def attention(plan):
@@ -359,16 +362,16 @@ ATTENTION = []  # the attention table (one entry per case), filled by attention(
 
 # ---- recipe: train.py at nanoGPT's GPU recipe shape, then sampling speed ----
 
-def run_train(plan, kind, folder, iters):
+def run_train(plan, kind, folder, iters, max_time):
     """train.py with the GPU config (dry run: tiny and eager); returns its stdout (raises with its error).
     The shards are prepared first where they are missing (offline: the text is in the repo)."""
     if not os.path.exists(os.path.join(REPO, 'data/shakespeare_char/train.bin')):
         subprocess.run([sys.executable, os.path.join(REPO, 'data/shakespeare_char/prepare.py')], check=True, capture_output=True)
     args = [sys.executable, os.path.join(REPO, 'train.py'), os.path.join(REPO, f'config/train_shakespeare_char_{kind}_gpu.py'),
             f'--out_dir={folder}', '--overwrite=True', f'--max_iters={iters}', f'--eval_interval={iters}',
-            f'--eval_iters={20 if plan.cuda else 2}', '--log_interval=1', f'--device={plan.dev}', f'--max_time={recipe_max_time}']
+            f'--eval_iters={20 if plan.cuda else 2}', '--log_interval=1', f'--device={plan.dev}', f'--max_time={max_time:.0f}']
     args += [] if plan.cuda else DRY_RECIPE
-    done = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=recipe_max_time + 240)
+    done = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=max_time + 240)
     if done.returncode:
         tail = (done.stderr.strip().splitlines() or ['(no output)'])[-1]
         raise RuntimeError(f"train.py exited {done.returncode}: {tail}")
@@ -392,7 +395,10 @@ def sampling_speed(model, plan, batch, sampler, tokens):
 def recipe_run(plan, kind):
     iters = recipe_iters or (500 if plan.cuda else 6)
     folder = os.path.join(out_dir, f'recipe-{kind}')
-    log = run_train(plan, kind, folder, iters)
+    max_time = min(recipe_max_time, budget - (time.time() - plan.t0) - 60)
+    if max_time < 10:
+        return [result(f'recipe_{kind}', None, f"skipped: {budget:g}s budget spent")]
+    log = run_train(plan, kind, folder, iters, max_time)
     lines = ITER_LINE.findall(log)
     ms = [float(t) for _, t in lines][min(10, len(lines) // 2):]  # after warm-up (compilation, allocator)
     mfu = re.findall(r'mfu ([-\d.]+)%', log)
@@ -420,6 +426,10 @@ RECIPE = []  # the recipe table (one entry per run), filled by recipe()
 
 # ---- the report ----
 
+def flex_cell(fx):
+    return f"{fx['ms']} ({fx['mode']})" if 'ms' in fx else 'error' if 'error' in fx else '-'
+
+
 def markdown(report):
     lines = [f"# gpu_check: {report['device_name']}, {report['date']}", '',
              f"torch {report['torch']}, reference: {report['reference']}, compile backend {report['compile_backend']}", '',
@@ -427,12 +437,12 @@ def markdown(report):
     lines += [f"| {c['name']} | {c['status']} | {c['detail']} |" for c in report['checks']]
     if report['attention']:
         lines += ['', '| attention | shape | dtype | SDPA picks | flash ms | efficient ms | cudnn ms | math ms | flex ms | flex max diff |',
-                  '|---|---|---|---|---|---|---|---|---|---|']
+                  '|---|---|---|---|---|---|---|---|---|---|']  # flex ms: compiled on CUDA, eager (unfused) on the dry run
         for a in report['attention']:
             fx, cell = a.get('flex', {}), lambda v: v if not str(v).startswith('no') else 'no'
             lines.append(f"| {a['case']} | {a['shape']} | {a['dtype']} | {a['picked']} | {cell(a['flash_attention'])} | "
                          f"{cell(a['efficient_attention'])} | {cell(a['cudnn_attention'])} | {cell(a['math'])} | "
-                         f"{fx.get('ms', '-')} | {fx.get('max_diff', '-') if 'max_diff' not in fx else format(fx['max_diff'], '.1e')} |")
+                         f"{flex_cell(fx)} | {format(fx['max_diff'], '.1e') if 'max_diff' in fx else '-'} |")
     if report['recipe']:
         lines += ['', '| recipe | params (M) | dtype | compile | iters | ms/iter | MFU % | val loss | tok/s batch 1 | tok/s batch 64 |',
                   '|---|---|---|---|---|---|---|---|---|---|']
@@ -462,22 +472,23 @@ def main():
     configure(globals())
     chosen = [g for g in groups.split(',') if g]
     require(chosen and all(g in GROUPS for g in chosen), f"groups must be a comma-separated subset of {','.join(GROUPS)}, got {groups!r}")
-    require(train_steps >= 2 and sample_tokens >= 1 and recipe_iters >= 0 and recipe_tokens >= 0 and recipe_max_time > 0,
-            "need train_steps >= 2, sample_tokens >= 1, recipe_iters >= 0, recipe_tokens >= 0 and recipe_max_time > 0")
+    require(train_steps >= 2 and sample_tokens >= 1 and min(recipe_iters, recipe_tokens) >= 0 and min(recipe_max_time, budget) > 0,
+            "need train_steps >= 2, sample_tokens >= 1, recipe_iters >= 0, recipe_tokens >= 0, recipe_max_time > 0 and budget > 0")
     try:
         dev = runtime.resolve(device, 'float32')[0]
     except (ValueError, RuntimeError) as e:
         raise UserError(e) from None
     require(dev.split(':')[0] in ('cpu', 'cuda'), f"device must be cpu or cuda here, got {dev!r}")
-    plan, t0 = Plan(dev), time.time()
+    plan = Plan(dev)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 comparisons mean fp32
+    warnings.filterwarnings('ignore', message='flex_attention called without torch.compile')  # the dry run's choice
     print(f"gpu_check on {dev}: {', '.join(chosen)}; reference {plan.reference}", flush=True)
     checks = []
     for name in chosen:
         rows = guarded(name, globals()[name], plan)
         print('\n'.join(f"  {c['status']:4s}  {c['name']}: {c['detail']}" for c in rows), flush=True)
         checks += rows
-    write_report(plan, checks, time.time() - t0)
+    write_report(plan, checks, time.time() - plan.t0)
     failed = [c for c in checks if c['status'] == 'fail']
     if failed:
         fail(f"{len(failed)} check(s) failed, first {failed[0]['name']}: {failed[0]['detail']}", code=1)
