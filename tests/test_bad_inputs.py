@@ -4,6 +4,7 @@ file, a checkpoint or meta.pkl from somewhere else) makes its script exit with c
 on stderr that names the problem, before any work; the run folder it points at is byte for byte
 what it was. The controls at the end show the same scripts and files working when nothing is wrong."""
 
+import base64
 import hashlib
 import json
 import os
@@ -68,6 +69,10 @@ CASES = {  # id: (script, arguments, a fragment the one-line message must hold)
     'small_spike_factor': ('train.py', [*TRAIN, '--spike_factor=0.5'], "spike_factor must be 0 (off) or > 1"),
     'unknown_dtype': ('train.py', [*TRAIN, '--dtype=float64'], "dtype must be 'auto'"),
     'cuda_without_cuda': ('train.py', [*TRAIN, '--device=cuda'], "CUDA is not available"),
+    'mps_without_mps': ('train.py', [*TRAIN, '--device=mps'], "MPS (Apple silicon) is not available"),
+    'unknown_device': ('train.py', [*TRAIN, '--device=tpu'], "device must be 'auto', 'cpu'"),
+    'empty_out_dir': ('train.py', [CONFIG, '--dataset={data}', '--out_dir='], "out_dir is empty"),
+    'out_dir_is_a_file': ('train.py', [CONFIG, '--dataset={data}', '--out_dir={csv}'], "is a file, not a folder"),
     # train.py: the run folder and the data
     'scratch_over_a_run': ('train.py', [CONFIG, '--dataset={data}', '--out_dir={gpt}'], "holds a run (ckpt.pt, best.pt"),
     'resume_without_a_run': ('train.py', [CONFIG, '--dataset={data}', '--out_dir={fresh}', '--init_from=resume'], "no checkpoint at"),
@@ -97,6 +102,8 @@ CASES = {  # id: (script, arguments, a fragment the one-line message must hold)
     'sample_unknown_sampler': ('sample.py', [*SAMPLE, '--sampler=beam'], "sampler must be one of"),
     'sample_unknown_policy': ('sample.py', [*SAMPLE_WFC, '--policy=best'], "policy must be one of"),
     'sample_malformed_goal': ('sample.py', [*SAMPLE_WFC, '--goal=abc'], "goal must look like 'offset:text'"),
+    'sample_gpt2_weights': ('sample.py', ['--init_from=gpt2', '--device=cpu'], "this repo does not download them"),
+    'sample_judge_is_wfc': ('sample.py', [*SAMPLE, '--steer=best_of_n', '--judge={wfc}'], "the judge must be a GPT checkpoint"),
     'sample_goal_on_a_gpt': ('sample.py', [*SAMPLE, '--goal=1:ab'], "a goal needs a WFC model"),
     'sample_goal_and_pin': ('sample.py', [*SAMPLE_WFC, '--goal=1:ab', '--pin=1:ab'], "--pin is the earlier name of --goal"),
     'sample_speculative_gpt': ('sample.py', [*SAMPLE, '--sampler=speculative'], "needs a WFC model"),
@@ -122,7 +129,12 @@ CASES = {  # id: (script, arguments, a fragment the one-line message must hold)
     'eval_depths_on_a_gpt': ('eval.py', ['--out_dir={gpt}', '--depths=2'], "this checkpoint is a GPT"),
     'eval_samples_without_judge': ('eval.py', [*EVAL, '--samples=4'], "--samples needs --judge"),
     'eval_missing_dataset': ('eval.py', [*EVAL, '--dataset=/nonexistent/data'], "no 'val' shards"),
-    'eval_unknown_split': ('eval.py', [*EVAL, '--split=test'], "no 'test' shards"),
+    'eval_unknown_split': ('eval.py', [*EVAL, '--split=test'], "split must be 'train' or 'val', got 'test'"),
+    'eval_out_is_a_folder': ('eval.py', [*EVAL, '--out={data}'], "must name a file, not a folder"),
+    'eval_judge_is_wfc': ('eval.py', [*EVAL, '--judge={wfc}', '--samples=2'], "the judge must be a GPT checkpoint"),
+    'eval_judge_of_another_vocabulary': ('eval.py', [*EVAL, '--judge={mismatched_meta}', '--samples=2'],
+                                         "have different vocabularies"),
+    'eval_on_another_vocabulary': ('eval.py', [*EVAL, '--dataset={other_data}'], "(char, 10 tokens) and the dataset"),
     'eval_garbage_checkpoint': ('eval.py', ['--out_dir={garbage}'], "is not a readable checkpoint"),
     # bench.py
     'bench_training_key': ('bench.py', ['--max_iters=3'], "--max_iters is a training setting"),
@@ -145,6 +157,14 @@ CASES = {  # id: (script, arguments, a fragment the one-line message must hold)
     'prepare_bad_fraction': ('data/shakespeare_char/prepare.py', ['--val_fraction=1.5'], "must be between 0 and 1"),
     'prepare_unknown_tokenizer': ('data/shakespeare_char/prepare.py', ['--tokenizer=words'], "invalid choice: 'words'"),
     'prepare_unknown_option': ('data/shakespeare/prepare.py', ['--shards=3'], "unrecognized arguments: --shards=3"),
+    'prepare_binary_file': ('data/shakespeare_char/prepare.py', ['--input', '{binary}', '--out_dir={fresh}'], "is not UTF-8 text"),
+    'prepare_binary_txt_corpus': ('data/openwebtext/prepare.py', ['--input', '{binary_txt}', '--out_dir={fresh}', '--tiktoken={ranks}'],
+                                  "is not UTF-8 text"),
+    'prepare_a_folder': ('data/shakespeare/prepare.py', ['--input', '{data}', '--out_dir={fresh}'], "is a folder"),
+    'prepare_zero_shard_tokens': ('data/shakespeare_char/prepare.py', ['--shard_tokens=0'], "must be a positive whole number"),
+    'prepare_corrupt_ranks_file': ('data/shakespeare/prepare.py', ['--input', '{text}', '--tiktoken={csv}', '--out_dir={fresh}'],
+                                   "is not a GPT-2 ranks file"),
+    'viz_out_is_a_folder': ('viz.py', ['curves', '--runs', '{gpt}', '--out={data}'], "must name a file, not a folder"),
     'prepare_unsupported_input': ('data/openwebtext/prepare.py', ['--input', '{csv}', '--tokenizer=bytes'], "--input takes existing files"),
 }
 
@@ -197,7 +217,12 @@ def paths(tmp_path_factory):
         (root / f'{name}.py').write_text(source)
         p[name] = str(root / f'{name}.py')
     (root / 'table.csv').write_text('a,b\n1,2\n')
-    p['csv'] = str(root / 'table.csv')
+    p['csv'], p['text'] = str(root / 'table.csv'), str(text)
+    for name in ('binary.dat', 'binary.txt'):  # not UTF-8: 0xff never occurs in it
+        (root / name).write_bytes(bytes(range(256)) * 8)
+    p['binary'], p['binary_txt'] = str(root / 'binary.dat'), str(root / 'binary.txt')
+    (root / 'ranks.tiktoken').write_text(''.join(f"{base64.b64encode(bytes([k])).decode()} {k}\n" for k in range(256)))
+    p['ranks'] = str(root / 'ranks.tiktoken')
     os.makedirs(p['compare'])
     (root / 'compare' / 'results.json').write_text(json.dumps({'tables': {'steps': [{'name': 'finished'}]}}))
     return p
