@@ -307,3 +307,50 @@ def test_a_held_lock_refuses_and_a_dead_holders_lock_does_not(paths, tmp_path):
         holder.wait()
     code, out, err = run_inprocess('train.py', *args)
     assert code == 0, err
+
+
+def test_a_partial_torchrun_environment_is_named(paths, monkeypatch):
+    monkeypatch.setenv('RANK', '0')
+    monkeypatch.setenv('WORLD_SIZE', '2')
+    code, out, err = run_inprocess('train.py', *[a.format(**paths) for a in TRAIN])
+    assert code == 2 and err.count('\n') == 1, err
+    assert 'partial torchrun environment: RANK, WORLD_SIZE set but not LOCAL_RANK, MASTER_ADDR, MASTER_PORT' in err
+
+
+def test_resume_takes_the_runs_own_settings(paths, tmp_path):
+    """--init_from=resume --out_dir=RUN alone resumes with the dataset and architecture the run was
+    trained with (the defaults would name data/openwebtext and another model); the command line still overrides."""
+    run = tmp_path / 'run'
+    shutil.copytree(paths['gpt'], run)
+    code, out, err = run_inprocess('train.py', f'--out_dir={run}', '--init_from=resume', '--max_iters=12')
+    assert code == 0, err
+    saved = json.load(open(run / 'config.json'))['config']
+    assert saved['dataset'] == paths['data'] and saved['n_embd'] == 32 and saved['max_iters'] == 12
+    assert [r['iter'] for r in map(json.loads, open(run / 'eval_log.jsonl'))][-1] == 12
+
+
+def test_ctrl_c_in_sample_keeps_the_text_and_exits_130(paths):
+    import signal
+    import subprocess
+    import sys
+    from conftest import ONE_THREAD
+    job = subprocess.Popen([sys.executable, os.path.join(REPO, 'sample.py'), f'--out_dir={paths["gpt"]}', '--device=cpu',
+                            '--max_new_tokens=1000000', '--num_samples=1', '--start=ab'], cwd=REPO,
+                           env={**os.environ, **ONE_THREAD}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = job.stdout.read(8)  # generation has started
+    job.send_signal(signal.SIGINT)
+    rest, err = job.communicate(timeout=120)
+    assert job.returncode == 130 and 'Traceback' not in err and err.count('\n') == 1, err
+    assert first.startswith('ab') and rest.endswith('---------------\n'), "the text so far is printed"
+
+
+def test_bytes_read_any_file_and_outputs_go_into_new_folders(paths, tmp_path):
+    """--tokenizer=bytes prepares a binary file byte for byte; eval.py --out creates its folder."""
+    code, out, err = run_inprocess('data/shakespeare_char/prepare.py', '--input', paths['binary'], '--tokenizer=bytes',
+                                   f'--out_dir={tmp_path / "bytes"}')
+    assert code == 0, err
+    tokens = np.concatenate([np.fromfile(tmp_path / 'bytes' / f'{s}.bin', dtype=np.uint16) for s in ('train', 'val')])
+    assert bytes(tokens.astype(np.uint8)) == open(paths['binary'], 'rb').read()
+    target = tmp_path / 'new' / 'folder' / 'eval.json'
+    code, out, err = run_inprocess('eval.py', *[a.format(**paths) for a in EVAL], f'--out={target}')
+    assert code == 0 and json.load(open(target))['loss'] > 0, err
