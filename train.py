@@ -224,7 +224,8 @@ ckpt_path, best_path = os.path.join(out_dir, 'ckpt.pt'), os.path.join(out_dir, '
 if resumed is not None:
     if resumed.get('meta') not in (None, meta):
         fail(f"cannot resume {out_dir}/ckpt.pt on {folder}: the checkpoint was trained with another vocabulary "
-             f"(its meta differs from {folder}/meta.pkl); point --dataset at the data it was trained on")
+             f"({checkpoint.vocabulary(resumed['meta'], resumed['model_args'].get('vocab_size'))}) than {folder}/meta.pkl "
+             f"({checkpoint.vocabulary(meta, vocab_size)}); point --dataset at the data it was trained on")
     shape, other = checkpoint.compare_args(resumed['model_args'], model_args)
     if shape:
         fail(f"cannot resume {out_dir}/ckpt.pt: its architecture differs in {shape} "

@@ -141,6 +141,8 @@ CASES = {  # id: (script, arguments, a fragment the one-line message must hold)
     'bench_zero_steps': ('bench.py', ['--steps=0'], "need steps, batch_size"),
     'bench_unknown_variant': ('bench.py', ['--variants=xyz', '--dataset=none'], "unknown variant 'xyz'"),
     'bench_no_run': ('bench.py', ['--out_dir=/nonexistent/run'], "no checkpoint at /nonexistent/run"),
+    'bench_wfc_labelled_gpt': ('bench.py', ['--gpt_ckpt={wfc}'], "is a WFC checkpoint (n_future = 2); its row would be labelled 'gpt'"),
+    'bench_gpt_labelled_wfc': ('bench.py', ['--wfc_ckpt={gpt}'], "is a GPT checkpoint (n_future = 0)"),
     'bench_unknown_dtype': ('bench.py', ['--dtypes=float64'], "dtype must be 'auto'"),
     # compare.py: all before anything trains
     'compare_unknown_table': ('compare.py', ['--tables=nope', '--out_dir={compare}'], "unknown tables ['nope']"),
