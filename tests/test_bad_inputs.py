@@ -356,3 +356,30 @@ def test_bytes_read_any_file_and_outputs_go_into_new_folders(paths, tmp_path):
     target = tmp_path / 'new' / 'folder' / 'eval.json'
     code, out, err = run_inprocess('eval.py', *[a.format(**paths) for a in EVAL], f'--out={target}')
     assert code == 0 and json.load(open(target))['loss'] > 0, err
+
+
+def test_a_disk_that_refuses_writes_is_one_line_and_leaves_no_partial_file(paths, tmp_path, monkeypatch):
+    """A full disk at the first checkpoint: exit 2, one line with the disk's reason, no half-written file."""
+    def full_disk(payload, f):
+        f.write(b'PK half a checkpoint')
+        raise OSError(28, 'No space left on device')
+    monkeypatch.setattr(torch, 'save', full_disk)
+    run = tmp_path / 'full'
+    code, out, err = run_inprocess('train.py', CONFIG, f'--dataset={paths["data"]}', f'--out_dir={run}', '--max_iters=10')
+    assert code == 2 and err.count('\n') == 1 and 'No space left on device' in err, err
+    assert not any(name.endswith('.pt') for name in os.listdir(run)), os.listdir(run)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason='root writes into read-only folders')
+def test_a_read_only_out_dir_is_refused_before_training(paths, tmp_path):
+    run = tmp_path / 'read_only'
+    run.mkdir()
+    run.chmod(0o555)
+    code, out, err = run_inprocess('train.py', CONFIG, f'--dataset={paths["data"]}', f'--out_dir={run}', '--max_iters=10')
+    assert code == 2 and 'is not writable' in err and 'step 0' not in out, err
+
+
+def test_many_samples_are_printed_batch_by_batch(paths):
+    """More samples than one batch (64): every one is printed, each batch as soon as it is done."""
+    code, out, err = run_inprocess('sample.py', *[a.format(**paths) for a in SAMPLE if 'num_samples' not in a], '--num_samples=70')
+    assert code == 0 and out.count('---------------\n') == 70 and all(t.startswith('ab') for t in out.split('---------------\n')[:-1]), err
