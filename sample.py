@@ -2,6 +2,7 @@
 Sample from a trained model. A GPT decodes token by token with its cache; a WFC checkpoint samples
 speculatively by default (its future slots draft, its causal stream verifies: exact and faster), or
 with --sampler=collapse runs converge -> collapse -> shift with policies, collapse modes and goals.
+Ctrl-C prints what was generated so far and exits 130.
 
     python sample.py --out_dir=out-shakespeare-char-wfc
     python sample.py --out_dir=out-shakespeare-char-wfc --start="ROMEO:" --stats=True
