@@ -219,9 +219,6 @@ def sampler_model(name, args, dev, trained=True):
     path = {'gpt': gpt_ckpt, 'wfc': wfc_ckpt, 'run': out_dir}.get(name, '') if trained else ''
     if path:
         model, _ = checkpoint.load_model(path, dev, slot_exit=slot_exit)
-        kind = 'wfc' if model.config.n_future else 'gpt'
-        require(name == 'run' or name == kind, f"--{name}_ckpt={path} is a {kind.upper()} checkpoint (n_future = "
-                                               f"{model.config.n_future}); its row would be labelled {name!r}")
         return model, path
     torch.manual_seed(0)
     return GPT(GPTConfig(**args)).to(dev).eval(), 'untrained'
@@ -329,6 +326,10 @@ def main():
             "need steps, batch_size, sample_tokens and repeats >= 1, warmup and num_samples >= 0")
     if out:
         output_file(out)
+    for name, path in (('gpt', gpt_ckpt), ('wfc', wfc_ckpt)):  # before any timing: a row's label says what it runs
+        n_future = checkpoint.load(path)['model_args'].get('n_future', 0) if path else 0
+        require(not path or (n_future > 0) == (name == 'wfc'), f"--{name}_ckpt={path} is a "
+                f"{'WFC' if n_future else 'GPT'} checkpoint (n_future = {n_future}); its row would be labelled {name!r}")
     try:
         dev = runtime.resolve(device, 'float32')[0]
         names = ['run'] if out_dir else [v for v in variants.split(',') if v]

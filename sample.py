@@ -2,6 +2,7 @@
 Sample from a trained model. A GPT decodes token by token with its cache; a WFC checkpoint samples
 speculatively by default (its future slots draft, its causal stream verifies: exact and faster), or
 with --sampler=collapse runs converge -> collapse -> shift with policies, collapse modes and goals.
+Ctrl-C prints what was generated so far and exits 130.
 
     python sample.py --out_dir=out-shakespeare-char-wfc
     python sample.py --out_dir=out-shakespeare-char-wfc --start="ROMEO:" --stats=True
@@ -30,7 +31,7 @@ from tokenizer import codec_for
 init_from = 'resume'     # 'resume' (out_dir/ckpt.pt) or a checkpoint file (ours or nanoGPT's)
 out_dir = 'out'          # the run folder to sample (with init_from='resume')
 start = '\n'             # the prompt, or FILE:path to read it from a file
-num_samples = 3          # samples (generated together as one batch; the speculative sampler runs them in turn)
+num_samples = 3          # samples (up to 64 generated together as one batch and printed when done; the speculative sampler runs them in turn)
 max_new_tokens = 500     # tokens per sample
 stop = ''                # stop a sample at the first occurrence of this text ('' = never; EOS always stops)
 seed = 1337              # seeds the draws (the same seed gives the same text)

@@ -7,8 +7,11 @@ Train a GPT, a looped GPT or a WFC model (model.py) on token shards in data/<dat
 
 Every setting below can be changed by config files and --key=value (configurator.py). Ctrl-C or
 SIGTERM writes a checkpoint at the next step boundary and exits with code 75 (a second one exits at
-once); rerun with --init_from=resume to continue exactly where it stopped. out_dir gets ckpt.pt (the
-resume point), best.pt (the best val loss so far) and keep_last rolling ckpt-<iter>.pt (checkpoint.py).
+once); rerun with --init_from=resume to continue exactly where it stopped (`python train.py
+--out_dir=RUN --init_from=resume` is enough: the run's saved settings come back, and config files or
+--key=value given with it override them). out_dir gets ckpt.pt (the resume point), best.pt (the best
+val loss so far) and keep_last rolling ckpt-<iter>.pt (checkpoint.py). One run per out_dir: the
+training process holds out_dir/train.lock, and a second start into the folder is refused (exit 2).
 Exit codes: 0 done, 2 bad config, data or checkpoint, 3 non-finite loss, gradient or val loss,
 4 a loss spike with spike_action='stop' (3 and 4 stop before the update and leave the last good
 checkpoint untouched), 75 stopped by a signal (checkpoint written).
@@ -45,7 +48,7 @@ eval_iters = 200                # batches per split per evaluation (the same bat
 eval_only = False               # evaluate the initial/resumed model once and exit
 always_save_checkpoint = True   # False: write ckpt.pt only when the val loss improves
 keep_last = 0                   # also keep the newest keep_last evaluations' checkpoints as ckpt-<iter>.pt (0 = none)
-init_from = 'scratch'           # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+init_from = 'scratch'           # 'scratch' or 'resume' (from out_dir/ckpt.pt, with the settings saved there)
 overwrite = False               # scratch into an out_dir that holds a run: replace it (else that is refused)
 dry_run = False                 # check the settings, data and model, print the plan, write nothing and exit
 max_time = 0.0                  # stop after this many seconds of training time (0 = no limit); the lr schedule stays in iterations
@@ -224,7 +227,8 @@ ckpt_path, best_path = os.path.join(out_dir, 'ckpt.pt'), os.path.join(out_dir, '
 if resumed is not None:
     if resumed.get('meta') not in (None, meta):
         fail(f"cannot resume {out_dir}/ckpt.pt on {folder}: the checkpoint was trained with another vocabulary "
-             f"(its meta differs from {folder}/meta.pkl); point --dataset at the data it was trained on")
+             f"({checkpoint.vocabulary(resumed['meta'], resumed['model_args'].get('vocab_size'))}) than {folder}/meta.pkl "
+             f"({checkpoint.vocabulary(meta, vocab_size)}); point --dataset at the data it was trained on")
     shape, other = checkpoint.compare_args(resumed['model_args'], model_args)
     if shape:
         fail(f"cannot resume {out_dir}/ckpt.pt: its architecture differs in {shape} "

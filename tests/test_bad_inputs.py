@@ -4,6 +4,7 @@ file, a checkpoint or meta.pkl from somewhere else) makes its script exit with c
 on stderr that names the problem, before any work; the run folder it points at is byte for byte
 what it was. The controls at the end show the same scripts and files working when nothing is wrong."""
 
+import base64
 import hashlib
 import json
 import os
@@ -68,6 +69,10 @@ CASES = {  # id: (script, arguments, a fragment the one-line message must hold)
     'small_spike_factor': ('train.py', [*TRAIN, '--spike_factor=0.5'], "spike_factor must be 0 (off) or > 1"),
     'unknown_dtype': ('train.py', [*TRAIN, '--dtype=float64'], "dtype must be 'auto'"),
     'cuda_without_cuda': ('train.py', [*TRAIN, '--device=cuda'], "CUDA is not available"),
+    'mps_without_mps': ('train.py', [*TRAIN, '--device=mps'], "MPS (Apple silicon) is not available"),
+    'unknown_device': ('train.py', [*TRAIN, '--device=tpu'], "device must be 'auto', 'cpu'"),
+    'empty_out_dir': ('train.py', [CONFIG, '--dataset={data}', '--out_dir='], "out_dir is empty"),
+    'out_dir_is_a_file': ('train.py', [CONFIG, '--dataset={data}', '--out_dir={csv}'], "is a file, not a folder"),
     # train.py: the run folder and the data
     'scratch_over_a_run': ('train.py', [CONFIG, '--dataset={data}', '--out_dir={gpt}'], "holds a run (ckpt.pt, best.pt"),
     'resume_without_a_run': ('train.py', [CONFIG, '--dataset={data}', '--out_dir={fresh}', '--init_from=resume'], "no checkpoint at"),
@@ -97,6 +102,8 @@ CASES = {  # id: (script, arguments, a fragment the one-line message must hold)
     'sample_unknown_sampler': ('sample.py', [*SAMPLE, '--sampler=beam'], "sampler must be one of"),
     'sample_unknown_policy': ('sample.py', [*SAMPLE_WFC, '--policy=best'], "policy must be one of"),
     'sample_malformed_goal': ('sample.py', [*SAMPLE_WFC, '--goal=abc'], "goal must look like 'offset:text'"),
+    'sample_gpt2_weights': ('sample.py', ['--init_from=gpt2', '--device=cpu'], "this repo does not download them"),
+    'sample_judge_is_wfc': ('sample.py', [*SAMPLE, '--steer=best_of_n', '--judge={wfc}'], "the judge must be a GPT checkpoint"),
     'sample_goal_on_a_gpt': ('sample.py', [*SAMPLE, '--goal=1:ab'], "a goal needs a WFC model"),
     'sample_goal_and_pin': ('sample.py', [*SAMPLE_WFC, '--goal=1:ab', '--pin=1:ab'], "--pin is the earlier name of --goal"),
     'sample_speculative_gpt': ('sample.py', [*SAMPLE, '--sampler=speculative'], "needs a WFC model"),
@@ -122,13 +129,20 @@ CASES = {  # id: (script, arguments, a fragment the one-line message must hold)
     'eval_depths_on_a_gpt': ('eval.py', ['--out_dir={gpt}', '--depths=2'], "this checkpoint is a GPT"),
     'eval_samples_without_judge': ('eval.py', [*EVAL, '--samples=4'], "--samples needs --judge"),
     'eval_missing_dataset': ('eval.py', [*EVAL, '--dataset=/nonexistent/data'], "no 'val' shards"),
-    'eval_unknown_split': ('eval.py', [*EVAL, '--split=test'], "no 'test' shards"),
+    'eval_unknown_split': ('eval.py', [*EVAL, '--split=test'], "split must be 'train' or 'val', got 'test'"),
+    'eval_out_is_a_folder': ('eval.py', [*EVAL, '--out={data}'], "must name a file, not a folder"),
+    'eval_judge_is_wfc': ('eval.py', [*EVAL, '--judge={wfc}', '--samples=2'], "the judge must be a GPT checkpoint"),
+    'eval_judge_of_another_vocabulary': ('eval.py', [*EVAL, '--judge={mismatched_meta}', '--samples=2'],
+                                         "have different vocabularies"),
+    'eval_on_another_vocabulary': ('eval.py', [*EVAL, '--dataset={other_data}'], "(char, 10 tokens) and the dataset"),
     'eval_garbage_checkpoint': ('eval.py', ['--out_dir={garbage}'], "is not a readable checkpoint"),
     # bench.py
     'bench_training_key': ('bench.py', ['--max_iters=3'], "--max_iters is a training setting"),
     'bench_zero_steps': ('bench.py', ['--steps=0'], "need steps, batch_size"),
     'bench_unknown_variant': ('bench.py', ['--variants=xyz', '--dataset=none'], "unknown variant 'xyz'"),
     'bench_no_run': ('bench.py', ['--out_dir=/nonexistent/run'], "no checkpoint at /nonexistent/run"),
+    'bench_wfc_labelled_gpt': ('bench.py', ['--gpt_ckpt={wfc}'], "is a WFC checkpoint (n_future = 2); its row would be labelled 'gpt'"),
+    'bench_gpt_labelled_wfc': ('bench.py', ['--wfc_ckpt={gpt}'], "is a GPT checkpoint (n_future = 0)"),
     'bench_unknown_dtype': ('bench.py', ['--dtypes=float64'], "dtype must be 'auto'"),
     # compare.py: all before anything trains
     'compare_unknown_table': ('compare.py', ['--tables=nope', '--out_dir={compare}'], "unknown tables ['nope']"),
@@ -145,6 +159,14 @@ CASES = {  # id: (script, arguments, a fragment the one-line message must hold)
     'prepare_bad_fraction': ('data/shakespeare_char/prepare.py', ['--val_fraction=1.5'], "must be between 0 and 1"),
     'prepare_unknown_tokenizer': ('data/shakespeare_char/prepare.py', ['--tokenizer=words'], "invalid choice: 'words'"),
     'prepare_unknown_option': ('data/shakespeare/prepare.py', ['--shards=3'], "unrecognized arguments: --shards=3"),
+    'prepare_binary_file': ('data/shakespeare_char/prepare.py', ['--input', '{binary}', '--out_dir={fresh}'], "is not UTF-8 text"),
+    'prepare_binary_txt_corpus': ('data/openwebtext/prepare.py', ['--input', '{binary_txt}', '--out_dir={fresh}', '--tiktoken={ranks}'],
+                                  "is not UTF-8 text"),
+    'prepare_a_folder': ('data/shakespeare/prepare.py', ['--input', '{data}', '--out_dir={fresh}'], "is a folder"),
+    'prepare_zero_shard_tokens': ('data/shakespeare_char/prepare.py', ['--shard_tokens=0'], "must be a positive whole number"),
+    'prepare_corrupt_ranks_file': ('data/shakespeare/prepare.py', ['--input', '{text}', '--tiktoken={csv}', '--out_dir={fresh}'],
+                                   "is not a GPT-2 ranks file"),
+    'viz_out_is_a_folder': ('viz.py', ['curves', '--runs', '{gpt}', '--out={data}'], "must name a file, not a folder"),
     'prepare_unsupported_input': ('data/openwebtext/prepare.py', ['--input', '{csv}', '--tokenizer=bytes'], "--input takes existing files"),
 }
 
@@ -197,7 +219,12 @@ def paths(tmp_path_factory):
         (root / f'{name}.py').write_text(source)
         p[name] = str(root / f'{name}.py')
     (root / 'table.csv').write_text('a,b\n1,2\n')
-    p['csv'] = str(root / 'table.csv')
+    p['csv'], p['text'] = str(root / 'table.csv'), str(text)
+    for name in ('binary.dat', 'binary.txt'):  # not UTF-8: 0xff never occurs in it
+        (root / name).write_bytes(bytes(range(256)) * 8)
+    p['binary'], p['binary_txt'] = str(root / 'binary.dat'), str(root / 'binary.txt')
+    (root / 'ranks.tiktoken').write_text(''.join(f"{base64.b64encode(bytes([k])).decode()} {k}\n" for k in range(256)))
+    p['ranks'] = str(root / 'ranks.tiktoken')
     os.makedirs(p['compare'])
     (root / 'compare' / 'results.json').write_text(json.dumps({'tables': {'steps': [{'name': 'finished'}]}}))
     return p
@@ -282,3 +309,77 @@ def test_a_held_lock_refuses_and_a_dead_holders_lock_does_not(paths, tmp_path):
         holder.wait()
     code, out, err = run_inprocess('train.py', *args)
     assert code == 0, err
+
+
+def test_a_partial_torchrun_environment_is_named(paths, monkeypatch):
+    monkeypatch.setenv('RANK', '0')
+    monkeypatch.setenv('WORLD_SIZE', '2')
+    code, out, err = run_inprocess('train.py', *[a.format(**paths) for a in TRAIN])
+    assert code == 2 and err.count('\n') == 1, err
+    assert 'partial torchrun environment: RANK, WORLD_SIZE set but not LOCAL_RANK, MASTER_ADDR, MASTER_PORT' in err
+
+
+def test_resume_takes_the_runs_own_settings(paths, tmp_path):
+    """--init_from=resume --out_dir=RUN alone resumes with the dataset and architecture the run was
+    trained with (the defaults would name data/openwebtext and another model); the command line still overrides."""
+    run = tmp_path / 'run'
+    shutil.copytree(paths['gpt'], run)
+    code, out, err = run_inprocess('train.py', f'--out_dir={run}', '--init_from=resume', '--max_iters=12')
+    assert code == 0, err
+    saved = json.load(open(run / 'config.json'))['config']
+    assert saved['dataset'] == paths['data'] and saved['n_embd'] == 32 and saved['max_iters'] == 12
+    assert [r['iter'] for r in map(json.loads, open(run / 'eval_log.jsonl'))][-1] == 12
+
+
+def test_ctrl_c_in_sample_keeps_the_text_and_exits_130(paths):
+    import signal
+    import subprocess
+    import sys
+    from conftest import ONE_THREAD
+    job = subprocess.Popen([sys.executable, os.path.join(REPO, 'sample.py'), f'--out_dir={paths["gpt"]}', '--device=cpu',
+                            '--max_new_tokens=1000000', '--num_samples=1', '--start=ab'], cwd=REPO,
+                           env={**os.environ, **ONE_THREAD}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = job.stdout.read(8)  # generation has started
+    job.send_signal(signal.SIGINT)
+    rest, err = job.communicate(timeout=120)
+    assert job.returncode == 130 and 'Traceback' not in err and err.count('\n') == 1, err
+    assert first.startswith('ab') and rest.endswith('---------------\n'), "the text so far is printed"
+
+
+def test_bytes_read_any_file_and_outputs_go_into_new_folders(paths, tmp_path):
+    """--tokenizer=bytes prepares a binary file byte for byte; eval.py --out creates its folder."""
+    code, out, err = run_inprocess('data/shakespeare_char/prepare.py', '--input', paths['binary'], '--tokenizer=bytes',
+                                   f'--out_dir={tmp_path / "bytes"}')
+    assert code == 0, err
+    tokens = np.concatenate([np.fromfile(tmp_path / 'bytes' / f'{s}.bin', dtype=np.uint16) for s in ('train', 'val')])
+    assert bytes(tokens.astype(np.uint8)) == open(paths['binary'], 'rb').read()
+    target = tmp_path / 'new' / 'folder' / 'eval.json'
+    code, out, err = run_inprocess('eval.py', *[a.format(**paths) for a in EVAL], f'--out={target}')
+    assert code == 0 and json.load(open(target))['loss'] > 0, err
+
+
+def test_a_disk_that_refuses_writes_is_one_line_and_leaves_no_partial_file(paths, tmp_path, monkeypatch):
+    """A full disk at the first checkpoint: exit 2, one line with the disk's reason, no half-written file."""
+    def full_disk(payload, f):
+        f.write(b'PK half a checkpoint')
+        raise OSError(28, 'No space left on device')
+    monkeypatch.setattr(torch, 'save', full_disk)
+    run = tmp_path / 'full'
+    code, out, err = run_inprocess('train.py', CONFIG, f'--dataset={paths["data"]}', f'--out_dir={run}', '--max_iters=10')
+    assert code == 2 and err.count('\n') == 1 and 'No space left on device' in err, err
+    assert not any(name.endswith('.pt') for name in os.listdir(run)), os.listdir(run)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason='root writes into read-only folders')
+def test_a_read_only_out_dir_is_refused_before_training(paths, tmp_path):
+    run = tmp_path / 'read_only'
+    run.mkdir()
+    run.chmod(0o555)
+    code, out, err = run_inprocess('train.py', CONFIG, f'--dataset={paths["data"]}', f'--out_dir={run}', '--max_iters=10')
+    assert code == 2 and 'is not writable' in err and 'step 0' not in out, err
+
+
+def test_many_samples_are_printed_batch_by_batch(paths):
+    """More samples than one batch (64): every one is printed, each batch as soon as it is done."""
+    code, out, err = run_inprocess('sample.py', *[a.format(**paths) for a in SAMPLE if 'num_samples' not in a], '--num_samples=70')
+    assert code == 0 and out.count('---------------\n') == 70 and all(t.startswith('ab') for t in out.split('---------------\n')[:-1]), err

@@ -152,7 +152,7 @@ def test_an_exception_mid_save_leaves_the_previous_checkpoint(tmp_path, monkeypa
         f.write(buffer.getvalue()[:buffer.tell() // 2])
         raise OSError(28, 'No space left on device')
     monkeypatch.setattr(torch, 'save', write_half_then_fail)
-    with pytest.raises(OSError):
+    with pytest.raises(checkpoint.CheckpointError, match='No space left on device'):  # one line for the user
         checkpoint.save({'version': 2, 'w': torch.zeros(1000)}, path)
     assert load(path)['version'] == 1
     assert os.listdir(tmp_path) == ['ckpt.pt']  # and the half file is gone
