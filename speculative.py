@@ -19,7 +19,7 @@ A round, for one row (rows run one after another):
    token committed last becomes the next round's pending token.
 A round commits 1..k + 1 tokens for one stack call. With a temperature schedule the temperature
 advances per round. Draft length: k = F - 1, or with future='auto' the rule of
-sampling.live_slots on the drafts' entropies (the same rule that sizes the collapse sampler's window).
+decoding.live_slots on the drafts' entropies (the same rule that sizes the collapse sampler's window).
 """
 
 import functools
@@ -28,12 +28,12 @@ import torch
 
 import engine
 from layout import Context, visibility
-from sampling import draw, entropy_bits, filtered_probs, live_slots
+from decoding import draw, entropy_bits, filtered_probs, live_slots
 
 
 @torch.no_grad()
 def generate_speculative(model, idx, s, req, on_tokens):
-    """sampling.generate's speculative sampler (req: a sampling.Request): (B, n) new tokens, rows that
+    """sampling.generate's speculative sampler (req: a decoding.Request): (B, n) new tokens, rows that
     on_tokens ended early padded with -1."""
     rows = [sample_row(model, idx[r:r + 1], s, req, None if on_tokens is None else (lambda ids, r=r: on_tokens(r, ids)))[0]
             for r in range(idx.size(0))]

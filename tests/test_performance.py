@@ -17,7 +17,8 @@ import torch
 import engine
 from conftest import REPO, run_script, tiny, train_pattern_model
 from layout import Context, visibility
-from sampling import Settings, choose_slots, generate, sample_tokens
+from decoding import Settings, sample_tokens
+from sampling import choose_slots, generate
 
 sys.path.insert(0, os.path.join(REPO, 'tools'))
 import vs_nanogpt  # noqa: E402
