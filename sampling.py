@@ -99,7 +99,8 @@ class Emitter:
 def _generate_causal(model, idx, s, req, emit):
     """Token by token from the causal stream; the cache rolls past the block edge (rotary) or is
     rebuilt from the last block_size - slide tokens (learned positions)."""
-    bs, out, texts, n = model.config.block_size, [], [''] * idx.size(0), req.max_new_tokens
+    edge, out, texts, n = engine.block_edge(model), [], [''] * idx.size(0), req.max_new_tokens
+    bs = edge.block_size
     window = idx[:, -bs:]
     cache = engine.KVCache()
     x = engine.run_causal(model, window, cache, queries=1)
@@ -112,7 +113,7 @@ def _generate_causal(model, idx, s, req, emit):
         if emit(token) or step == n - 1:
             break
         window = torch.cat((window, token), 1)[:, -bs:]
-        if not engine.rolls(model) and cache.end >= bs:  # learned positions: re-encode the last tokens
+        if not edge.rolls and cache.end >= bs:  # learned positions: re-encode the last tokens
             window, cache = window[:, -max(1, bs - s.slide):], engine.KVCache()
             x = engine.run_causal(model, window, cache, queries=1)
         else:
@@ -282,7 +283,7 @@ def inapplicable(model, s, sampler):
     """The settings of s, changed from their defaults, that the chosen sampler would ignore, each with
     what would use it: an option without effect is refused, not silently dropped."""
     d, c = Settings(), model.config
-    rolling = model.rotary is not None and (c.n_future == 0 or c.attn == 'pinned')
+    rolling = engine.block_edge(model).rolls
     uses = dict(
         sampler=(c.n_future > 0, "a WFC checkpoint"),
         future=(sampler in ('collapse', 'speculative'), "the collapse or speculative sampler of a WFC checkpoint"),
