@@ -48,7 +48,8 @@ import runtime
 from configurator import UserError, cli, configure, output_file, require
 from dataloader import DataError, TokenShards, data_dir, read_meta
 from model import GPT, GPTConfig
-from sampling import Settings, generate
+from decoding import Settings
+from sampling import generate
 
 # -----------------------------------------------------------------------------
 # the model and batch: nanoGPT's CPU recipe for tiny-shakespeare characters by default

@@ -134,7 +134,7 @@ def read_curve(run_dir):
 def evaluate_run(run_dir):
     """eval.py's numbers for the run's final checkpoint, on the same windows for every run."""
     import eval as evaluation
-    from sampling import Settings
+    from decoding import Settings
     overrides = ({'max_loop': eval_max_loop} if eval_max_loop else {}) | \
         ({} if eval_slot_exit == 'model' else {'slot_exit': eval_slot_exit == 'on'})
     model, info = checkpoint.load_model(run_dir, 'cpu', **overrides)

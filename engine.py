@@ -5,7 +5,8 @@ file holds what a sampler carries from token to token, as nanochat keeps its eng
 
 - KVCache: keys/values of the causal stream for B rows, per pass and layer, in one buffer that
   grows by doubling: append, truncate (a speculative draft rejected), select rows (SMC), compact.
-- The block edge. A rotary model keeps its cache when the context outgrows block_size: each new
+- The block edge (BlockEdge, block_edge(model): the one place the rule is written, used by this
+  file, sampling.py and speculative.py). A rotary model keeps its cache when the context outgrows block_size: each new
   token sees the block_size - 1 tokens before it, whose keys/values were computed when they were
   new (a rolling window: nothing is rebuilt, cost per token stays flat). A learned-position model
   must re-encode positions, so it rebuilds its cache from the last max_past - slide tokens
@@ -76,17 +77,40 @@ class KVCache:
         return KVCache(None if self.buf is None else self.buf[:, :, :, rows], self.start, self.length)
 
 
-def rolls(model):
-    """Whether the cache rolls past the block edge (rotary) or is rebuilt (learned positions)."""
-    return model.rotary is not None
+@dataclass(frozen=True)
+class BlockEdge:
+    """The block-edge rule, written once: how far back a token may look in a sampler's window and
+    what the window does when the context outgrows block_size. A causal stream with rotary positions
+    (a GPT, the past of a pinned WFC window) rolls: each new token sees the block_size - 1 tokens
+    before it, whose keys/values were computed when they were new, and positions keep counting.
+    Otherwise (learned positions, a bidirectional window) the window is rebuilt from position 0."""
+    block_size: int  # positions a token's attention spans, itself included (the training context)
+    rolls: bool      # the window rolls on past the edge (else it is rebuilt)
+    max_past: int    # most past tokens a WFC window holds (learned positions: fewer, so the future
+                     # slots stay on positions seen in training)
+
+    @property
+    def keep(self):
+        """Cache entries kept behind new tokens: block_size - 1 when rolling, else all (0)."""
+        return self.block_size - 1 if self.rolls else 0
+
+    @property
+    def window(self):
+        """The attention window in positions for visibility masks (0: none)."""
+        return self.block_size if self.rolls else 0
+
+    def recent(self, n=0):
+        """Cache entries that queries placed after n new tokens may see (0: all)."""
+        return self.block_size + n if self.rolls else 0
 
 
-def max_past(model, n_future=None):
-    """Most past tokens a window holds: block_size (learned WFC positions: fewer, so that the future
-    slots stay on positions seen in training)."""
+def block_edge(model, n_future=None):
+    """The model's BlockEdge (for a window of n_future future slots; default the model's)."""
     c = model.config
-    F_ = c.n_future if n_future is None else n_future
-    return c.block_size if rolls(model) or F_ == 0 else c.block_size - F_ + 1
+    n_future = c.n_future if n_future is None else n_future
+    rotary = model.rotary is not None
+    return BlockEdge(block_size=c.block_size, rolls=rotary and (c.n_future == 0 or c.attn == 'pinned'),
+                     max_past=c.block_size if rotary or n_future == 0 else c.block_size - n_future + 1)
 
 
 def unsupported(model):
@@ -117,13 +141,12 @@ def run_causal(model, idx, cache, queries=None):
     """Run the causal stream on the tokens idx (B, n) that follow the cache, append their keys/values
     (keeping a rolling window for rotary models) and return the final states (of the last `queries`)."""
     require_supported(model)
-    bs, n = model.config.block_size, idx.size(1)
+    edge, n = block_edge(model), idx.size(1)
     ensure_positions(model, cache.end + n)
     pos = torch.arange(cache.end, cache.end + n, device=idx.device)
-    keep = bs - 1 if rolls(model) else 0  # a token sees the block_size - 1 before it
-    past = None if not cache.length else [cache.views(p, keep) for p in range(model.config.n_loop)]
-    x, kvs = model.causal(model.input(idx, pos), pos, past, queries, window=bs if rolls(model) else 0)
-    cache.append(kvs, keep=keep)
+    past = None if not cache.length else [cache.views(p, edge.keep) for p in range(model.config.n_loop)]
+    x, kvs = model.causal(model.input(idx, pos), pos, past, queries, window=edge.window)
+    cache.append(kvs, keep=edge.keep)
     return x
 
 
@@ -162,7 +185,7 @@ def start(model, idx, n_future=None):
     """A window for the prompt idx (B, P): its last max_past tokens as the past, F fresh e_max slots."""
     require_supported(model)
     F_ = n_future or model.config.n_future
-    idx = idx[:, -max_past(model, F_):]
+    idx = idx[:, -block_edge(model, F_).max_past:]
     B, P = idx.shape
     w = Window(past=idx, future=None, decided=torch.full((B, F_), -1, dtype=torch.long, device=idx.device))
     w.future = model.blank(w.future_pos()).expand(B, F_, -1).clone()
@@ -189,22 +212,21 @@ def _pending_pass(model, w, x0, pos_f):
     one stack call: they see the past (and each other, causally), the future sees them; their
     keys/values extend the cache. Returns the future's state after pass 1."""
     n, (B, P), F_, c = w.pending, w.past.shape, w.future.size(1), model.config
-    bs, dev = c.block_size, w.past.device
+    edge, dev = block_edge(model), w.past.device
     ensure_positions(model, w.start + P + F_)
     pos_n = torch.arange(w.start + P - n, w.start + P, device=dev)
-    keep = bs - 1 if rolls(model) else 0
-    prefixes = None if not w.cache.length else w.cache.views(0, keep)
+    prefixes = None if not w.cache.length else w.cache.views(0, edge.keep)
     L = 0 if prefixes is None else prefixes[0][0].size(2)
     j = torch.arange(F_, device=dev)
     horizon = torch.cat((pos_n, pos_n[-1:].expand(F_)))  # pending tokens: causal; future: all of the past
     block = torch.cat((j.new_full((n,), -1), j * 0))
     mask = visibility(horizon, block, torch.cat((j.new_zeros(n), j)), torch.arange(int(pos_n[0]) - L, int(pos_n[-1]) + 1, device=dev),
-                      j * 0, j, c.spec_window, window=bs if rolls(model) else 0)[None, None]
+                      j * 0, j, c.spec_window, window=edge.window)[None, None]
     x_n = model.input(w.past[:, P - n:], pos_n)
     ctx = Context(torch.cat((x_n, x0), 1), torch.cat((pos_n, pos_f)), mask, prefixes)
     frozen = torch.cat((w.decided.new_zeros(B, n, dtype=torch.bool), w.decided >= 0), 1)
     first, kvs = model.update(torch.cat((x_n, w.future), 1), ctx, frozen, queries=F_)
-    w.cache.append([[(k[:, :, :n], v[:, :, :n]) for k, v in kvs]], keep=keep)
+    w.cache.append([[(k[:, :, :n], v[:, :, :n]) for k, v in kvs]], keep=edge.keep)
     w.pending = 0
     return first
 
@@ -222,7 +244,7 @@ def refine(model, w, max_loop=None, tol=None, min_loop=None, slot_exit=None):
     limits = dict(max_loop=max_loop, tol=tol, min_loop=min_loop, slot_exit=slot_exit)
     if c.attn == 'pinned':
         first = _pending_pass(model, w, x0, pos_f) if w.pending else None
-        prefixes = w.cache.views(c.n_loop - 1, c.block_size if rolls(model) else 0)
+        prefixes = w.cache.views(c.n_loop - 1, block_edge(model).recent())
         ctx = Context(x0, pos_f, future_mask(model, prefixes[0][0].size(2), F_, w.past.device), prefixes)
         w.future, trace = model.iterate(w.future, ctx, decided, ~decided, first=first, **limits)
     else:
@@ -314,8 +336,9 @@ def shift(model, w, slide=0, length=None):
         return w, w.past[:, :0]
     (B, P), F_, c = w.past.shape, w.future.size(1), model.config
     moved, past = w.decided[:, :n], torch.cat((w.past, w.decided[:, :n]), 1)
-    over = max(0, past.size(1) - max_past(model))
-    rolling = c.attn == 'pinned' and rolls(model)
+    edge = block_edge(model)
+    over = max(0, past.size(1) - edge.max_past)
+    rolling = edge.rolls
     drop = over if rolling or not over else min(past.size(1) - 1, over + slide)
     carried, old_pos = w.future[:, n:], w.future_pos()[n:]
     if c.attn == 'pinned':

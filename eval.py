@@ -34,7 +34,8 @@ import engine
 import runtime
 from configurator import UserError, cli, configure, output_file, require
 from dataloader import TokenShards, data_dir, read_meta
-from sampling import Settings, generate, live_slots
+from decoding import Settings, live_slots
+from sampling import generate
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'          # run folder (holding ckpt.pt) or a checkpoint file

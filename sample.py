@@ -24,7 +24,8 @@ import runtime
 import steering
 from configurator import UserError, cli, configure, require
 from dataloader import data_dir, read_meta
-from sampling import Settings, generate, inapplicable, parse_goal, pick_sampler
+from decoding import Settings
+from sampling import generate, inapplicable, parse_goal, pick_sampler
 from tokenizer import codec_for
 
 # -----------------------------------------------------------------------------

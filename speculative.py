@@ -19,7 +19,7 @@ A round, for one row (rows run one after another):
    token committed last becomes the next round's pending token.
 A round commits 1..k + 1 tokens for one stack call. With a temperature schedule the temperature
 advances per round. Draft length: k = F - 1, or with future='auto' the rule of
-sampling.live_slots on the drafts' entropies (the same rule that sizes the collapse sampler's window).
+decoding.live_slots on the drafts' entropies (the same rule that sizes the collapse sampler's window).
 """
 
 import functools
@@ -28,12 +28,12 @@ import torch
 
 import engine
 from layout import Context, visibility
-from sampling import draw, entropy_bits, filtered_probs, live_slots
+from decoding import draw, entropy_bits, filtered_probs, live_slots
 
 
 @torch.no_grad()
 def generate_speculative(model, idx, s, req, on_tokens):
-    """sampling.generate's speculative sampler (req: a sampling.Request): (B, n) new tokens, rows that
+    """sampling.generate's speculative sampler (req: a decoding.Request): (B, n) new tokens, rows that
     on_tokens ended early padded with -1."""
     rows = [sample_row(model, idx[r:r + 1], s, req, None if on_tokens is None else (lambda ids, r=r: on_tokens(r, ids)))[0]
             for r in range(idx.size(0))]
@@ -42,7 +42,7 @@ def generate_speculative(model, idx, s, req, on_tokens):
 
 
 @functools.lru_cache(maxsize=64)
-def round_layout(n, L, F_, spec_window, block_size, device):
+def round_layout(n, L, F_, spec_window, window, device):
     """What a round's call looks like relative to its first new token (it repeats, so it is built
     once): the future slots' position offsets (n F,), their blocks and indices, and the visibility of
     [n causal queries, n blocks of F future queries] over [L cached keys, n new keys, n F future keys]."""
@@ -51,7 +51,7 @@ def round_layout(n, L, F_, spec_window, block_size, device):
     block, index = rel.repeat_interleave(F_), torch.arange(F_, device=device).repeat(n)
     mask = visibility(torch.cat((rel, rel.repeat_interleave(F_))), torch.cat((block.new_full((n,), -1), block)),
                       torch.cat((index.new_zeros(n), index)), torch.arange(-L, n, device=device), block, index,
-                      spec_window, window=block_size)[None, None]
+                      spec_window, window=window)[None, None]
     return offsets, block, index, mask
 
 
@@ -61,21 +61,21 @@ def verify(model, cache, tokens, max_loop=1, tol=None):
     Returns the causal logits (1, n, V) (row i: the distribution of the token after tokens[:, i])
     and the future blocks' logits (1, n, F, V)."""
     c, n, F_, dev = model.config, tokens.size(1), model.config.n_future, tokens.device
-    keep, P0 = c.block_size - 1, cache.end
+    edge, P0 = engine.block_edge(model), cache.end
     engine.ensure_positions(model, P0 + n + F_)
-    prefixes = cache.views(0, keep) if cache.length else None
+    prefixes = cache.views(0, edge.keep) if cache.length else None
     offsets, block, index, mask = round_layout(n, prefixes[0][0].size(2) if prefixes else 0, F_, c.spec_window,
-                                               c.block_size, str(dev))
+                                               edge.window, str(dev))
     pos_c, pos_f = torch.arange(P0, P0 + n, device=dev), P0 + offsets
     x0 = torch.cat((model.input(tokens, pos_c), model.blank(pos_f)[None]), 1)
     x, kvs = model.update(x0, Context(x0, torch.cat((pos_c, pos_f)), mask, prefixes))
-    cache.append([[(k[:, :, :n], v[:, :, :n]) for k, v in kvs]], keep=keep)
+    cache.append([[(k[:, :, :n], v[:, :, :n]) for k, v in kvs]], keep=edge.keep)
     future = x[:, n:]
     if max_loop > 1:  # more passes for the drafts, against the past now in the cache
-        views = cache.views(0, c.block_size + n)
+        views = cache.views(0, edge.recent(n))
         keys = torch.arange(cache.end - views[0][0].size(2), cache.end, device=dev)
         ctx = Context(x0[:, n:], pos_f, visibility(pos_c.repeat_interleave(F_), block, index, keys, block, index,
-                                                   c.spec_window, window=c.block_size)[None, None], views)
+                                                   c.spec_window, window=edge.window)[None, None], views)
         none = torch.zeros(1, n * F_, dtype=torch.bool, device=dev)
         future, _ = model.iterate(x0[:, n:], ctx, none, ~none, max_loop=max_loop, tol=tol, first=future)
     return model.logits(x[:, :n]), model.logits(future).view(1, n, F_, -1)
@@ -139,7 +139,10 @@ def sample_row(model, idx, s, req, on_tokens=None):
     """One row (idx (1, P)): its new tokens (1, n) and the cache at the end (every committed token's
     keys/values but the last one's, which is pending)."""
     c = model.config
-    cache, prompt = engine.KVCache(), idx[:, -c.block_size:]
+    edge = engine.block_edge(model)
+    if not edge.rolls:
+        raise ValueError("the speculative sampler needs a window that rolls (a pinned model with pos_emb='rope')")
+    cache, prompt = engine.KVCache(), idx[:, -edge.block_size:]
     if prompt.size(1) > 1:
         engine.run_causal(model, prompt[:, :-1], cache, queries=0)
     pending, draft_logits, out, produced, text = prompt[:, -1:], idx.new_zeros(1, 0, c.vocab_size).float(), [], 0, ''

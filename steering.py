@@ -27,8 +27,8 @@ import torch
 
 from eval import distinct_n, sequence_nll
 import engine
-from sampling import (Constraint, Settings, choose_slots, draw, entropy_bits, filtered_probs, generate, parse_goal, pin_goal,
-                      sample_tokens, warm_start)
+from decoding import Constraint, Settings, draw, entropy_bits, filtered_probs, sample_tokens
+from sampling import choose_slots, generate, parse_goal, pin_goal, warm_start
 
 NEG_INF = float('-inf')
 
@@ -128,7 +128,7 @@ class Match:
     """match:REGEX, a positive format constraint ("hard islands"): the generated text must match the
     pattern in full. As a potential it is 0 while the text can still become a match (every prefix
     is checked with the regex package's partial matching) and -inf once it cannot; its constraint
-    (sampling.Constraint) keeps the samplers from drawing the tokens that would break it, and on
+    (decoding.Constraint) keeps the samplers from drawing the tokens that would break it, and on
     the last token asks for a complete match."""
 
     def __init__(self, pattern, decode, vocab_size):

@@ -28,4 +28,4 @@ VARIANTS['gpt_code'] = [GPT, '--pos_emb=rope', *CODE, '--n_layer=4', '--n_head=4
 VARIANTS['wfc_code'] = [WFC, *CODE, '--n_layer=4', '--n_head=4', '--n_embd=256']
 
 if __name__ == '__main__':  # python research/plan_scale.py SIZE prints that size's budget
-    print(SIZES[sys.argv[1]][3])
+    print(SIZES[sys.argv[1]][3] if sys.argv[1:2] != ['--help'] else f"usage: python research/plan_scale.py SIZE: that size's budget per run in s (SIZE: {', '.join(SIZES)})")

@@ -24,7 +24,7 @@ import checkpoint  # noqa: E402
 from configurator import cli, configure  # noqa: E402
 from dataloader import TokenShards, data_dir  # noqa: E402
 from eval import sample_quality  # noqa: E402
-from sampling import Settings  # noqa: E402
+from decoding import Settings  # noqa: E402
 
 # -----------------------------------------------------------------------------
 wfc_ckpt = 'out-shakespeare-char-wfc'   # the WFC run folder (or checkpoint) to sample

@@ -9,7 +9,8 @@ import torch
 import engine
 from conftest import tiny
 from model import attention_weights
-from sampling import Settings, generate
+from decoding import Settings
+from sampling import generate
 
 
 def test_entmax_with_alpha_one_is_softmax():

@@ -13,7 +13,7 @@ import checkpoint
 import eval as evaluation
 from conftest import run_script, train_pattern_model
 from dataloader import TokenShards, step_seed
-from sampling import Settings
+from decoding import Settings
 
 SEED = 1337  # train.py's default seed: its evaluation batches derive from it
 

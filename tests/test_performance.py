@@ -17,7 +17,8 @@ import torch
 import engine
 from conftest import REPO, run_script, tiny, train_pattern_model
 from layout import Context, visibility
-from sampling import Settings, choose_slots, generate, sample_tokens
+from decoding import Settings, sample_tokens
+from sampling import choose_slots, generate
 
 sys.path.insert(0, os.path.join(REPO, 'tools'))
 import vs_nanogpt  # noqa: E402
@@ -40,7 +41,7 @@ def recomputed_causal(model, history):
     positions: the window as nanoGPT crops it. Rotary: every token attends to the block_size tokens
     up to itself (the rolling window), positions counting from 0. Returns states and per-pass (k, v)."""
     bs = model.config.block_size
-    history = history if engine.rolls(model) else history[:, -bs:]
+    history = history if engine.block_edge(model).rolls else history[:, -bs:]
     pos = torch.arange(history.size(1))
     engine.ensure_positions(model, history.size(1) + model.config.n_future + 1)
     x = model.input(history, pos)
@@ -56,9 +57,9 @@ def uncached_collapse(model, idx, n, s, generator):
     (recomputed_causal over the whole history). Policy and draws as in sampling.generate."""
     w, out, history = engine.start(model, idx), [], idx
     while sum(t.size(1) for t in out) < n:
-        _, kvs = recomputed_causal(model, history if engine.rolls(model) else w.past)  # learned: the window itself
+        _, kvs = recomputed_causal(model, history if engine.block_edge(model).rolls else w.past)  # learned: the window itself
         keep = w.past.size(1)
-        w.cache = engine.KVCache(start=history.size(1) - keep if engine.rolls(model) else 0)
+        w.cache = engine.KVCache(start=history.size(1) - keep if engine.block_edge(model).rolls else 0)
         w.cache.append([[(k[:, :, -keep:], v[:, :, -keep:]) for k, v in layers] for layers in kvs])
         w.pending = 0
         w, _ = engine.refine(model, w if s.warm == 'on' else engine.forget(model, w))

@@ -10,7 +10,8 @@ import torch
 
 import engine
 from conftest import tiny, train_pattern_model
-from sampling import Settings, choose_slots, filtered_probs, generate, live_slots
+from decoding import Settings, filtered_probs, live_slots
+from sampling import choose_slots, generate
 
 COLLAPSE = dict(sampler='collapse')
 
