@@ -164,18 +164,19 @@ def trim_logs(out_dir, iter_num):
 
 # settings of the machine and of this invocation: a resumed run takes every other setting from its checkpoint
 NOT_RESUMED = ('out_dir', 'init_from', 'overwrite', 'dry_run', 'eval_only', 'device', 'compile', 'backend', 'ddp_timeout')
-resumed = None
 try:
     config = configure(globals(), sources=(GPTConfig,))
-    ddp_ranks = runtime.ddp_env()  # (rank, local_rank, world) when started by torchrun
-    ddp = ddp_ranks is not None
     check_out_dir(out_dir, init_from, overwrite)
     if init_from == 'resume':  # the run's own settings (dataset, architecture, recipe), then config files and --key=value
-        resumed = checkpoint.load(os.path.join(out_dir, 'ckpt.pt'))
-        resumed_mtime = os.stat(os.path.join(out_dir, 'ckpt.pt')).st_mtime_ns  # claim_out_dir checks it is still this one
+        _ckpt = checkpoint.load(os.path.join(out_dir, 'ckpt.pt'))
+        _mtime = os.stat(os.path.join(out_dir, 'ckpt.pt')).st_mtime_ns
         globals().update(DEFAULTS)
-        globals().update({k: v for k, v in resumed.get('config', {}).items() if k in DEFAULTS and k not in NOT_RESUMED})
+        globals().update({k: v for k, v in _ckpt.get('config', {}).items() if k in DEFAULTS and k not in NOT_RESUMED})
         config = configure(globals(), sources=(GPTConfig,))
+    # assigned after configure, which takes every lower-case global of a plain type for a setting
+    resumed, resumed_mtime = (_ckpt, _mtime) if init_from == 'resume' else (None, None)  # claim_out_dir checks the mtime
+    ddp_ranks = runtime.ddp_env()  # (rank, local_rank, world) when started by torchrun
+    ddp = ddp_ranks is not None
     check_settings(config, ddp)
     device, dtype = runtime.resolve(device, dtype)
 except (UserError, ValueError, RuntimeError) as e:
