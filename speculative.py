@@ -146,7 +146,8 @@ def sample_row(model, idx, s, req, on_tokens=None):
     if prompt.size(1) > 1:
         engine.run_causal(model, prompt[:, :-1], cache, queries=0)
     pending, draft_logits, out, produced, text = prompt[:, -1:], idx.new_zeros(1, 0, c.vocab_size).float(), [], 0, ''
-    max_loop, tol = s.max_loop or 1, None if s.tol < 0 else s.tol  # drafts: one pass unless asked (exactness does not depend on them)
+    limits = s.limits(model, drafts=True)  # drafts: one pass unless asked
+    max_loop, tol = limits['max_loop'], limits['tol']
     while produced < req.max_new_tokens:
         temperature = req.temperature(s, produced)
         drafts, q = draft(draft_logits, s, temperature, req, text, produced, req.generator)

@@ -246,7 +246,7 @@ def smc(model, prompt, max_new_tokens, potential, decode, particles=8, s=None, e
         finished = generated.size(1) >= max_new_tokens
         if not finished:
             w = pin_goal(model, w, goal, generated.size(1), s)
-            w, used = engine.refine(model, w if warm else engine.forget(model, w), **s.limits())
+            w, used = engine.refine(model, w if warm else engine.forget(model, w), **s.limits(model))
             result.passes += used * N
             logits = w.stats['logits']
         if generated.size(1):  # reweight by the last step's text (and what the refined future promises)
@@ -399,7 +399,7 @@ def calibrate(model, x, percentiles=(10, 25, 50, 75, 90), s=None):
     w, warm = engine.start(model, x[:, :1]), warm_start(model, s)
     bits, var = [], []
     for t in range(1, x.size(1)):
-        w, _ = engine.refine(model, w if warm else engine.forget(model, w), **s.limits())
+        w, _ = engine.refine(model, w if warm else engine.forget(model, w), **s.limits(model))
         h, v = entropy_bits(w.stats['logits'])
         bits.append(h)
         var.append(v)
@@ -482,7 +482,7 @@ def command(model, codec, prompt, s, o, judge=None, scorer=None):
         elif o['steer'] == 'rejection':
             if potential is None:
                 raise ValueError("rejection needs --potential")
-            c = rejection(model, prompt, n, potential, codec.decode, N * n * (s.max_loop or model.config.max_loop), N,
+            c = rejection(model, prompt, n, potential, codec.decode, N * n * s.limits(model)['max_loop'], N,
                           s, g, heat, goal)
             tokens, passes, extra = c.tokens[0], c.passes, f" accepted {c.accepted}/{c.tried}"
         elif o['steer'] == 'best_of_n':
