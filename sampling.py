@@ -122,8 +122,8 @@ def _generate_causal(model, idx, s, req, emit):
 
 def choose_slots(policy, bits, open_, tau):
     """(B, F) bool: the slots to collapse this step. bits (B, F) entropy; open_ (B, F) undecided."""
-    F_ = bits.size(1)
-    first = F.one_hot(open_.float().argmax(1), F_).bool() & open_  # first open slot of each row
+    n_future = bits.size(1)
+    first = F.one_hot(open_.float().argmax(1), n_future).bool() & open_  # first open slot of each row
     if policy in ('first', 'median'):
         return first
     if policy in ('threshold', 'entropy'):  # entropy: tau = ent_low, for the rows that are certain
@@ -132,7 +132,7 @@ def choose_slots(policy, bits, open_, tau):
         run = (certain | ~after_first).long().cumprod(1).bool() & after_first  # leading certain open slots
         return run | first
     if policy == 'lowest':
-        return F.one_hot(bits.masked_fill(~open_, float('inf')).argmin(1), F_).bool() & open_
+        return F.one_hot(bits.masked_fill(~open_, float('inf')).argmin(1), n_future).bool() & open_
     raise ValueError(f"unknown policy {policy!r}")
 
 
