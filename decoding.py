@@ -63,9 +63,13 @@ class Settings:
             raise ValueError('; '.join(problems))
         return self
 
-    def limits(self):
-        """The refinement overrides for engine.refine."""
-        return dict(max_loop=self.max_loop or None, tol=None if self.tol < 0 else self.tol)
+    def limits(self, model, drafts=False):
+        """The refinement limits for engine.refine, resolved against the model: the one place "0 or
+        -1 means the model's value" is read. max_loop 0 is the model's max_loop (drafts=True, the
+        speculative sampler's drafts: one pass, their exactness does not depend on it), tol < 0 the
+        model's tol."""
+        c = model.config
+        return dict(max_loop=self.max_loop or (1 if drafts else c.max_loop), tol=c.tol if self.tol < 0 else self.tol)
 
 
 def filtered_probs(logits, temperature, top_k=0, top_p=1.0, min_p=0.0):
@@ -84,6 +88,14 @@ def filtered_probs(logits, temperature, top_k=0, top_p=1.0, min_p=0.0):
     return probs / probs.sum(-1, keepdim=True)
 
 
+def token_probs(logits, s, temperature):
+    """logits (..., V) -> the distribution a token is drawn from under the settings s: filtered, or
+    at temperature 0 the plain softmax (its argmax is the greedy token; what a constraint filters)."""
+    if temperature == 0:
+        return torch.softmax(logits.float(), -1)
+    return filtered_probs(logits, temperature, s.top_k, s.top_p, s.min_p)
+
+
 def draw(probs, generator=None):
     """One token per row of probs (..., V)."""
     return torch.multinomial(probs.reshape(-1, probs.size(-1)), 1, generator=generator).view(probs.shape[:-1])
@@ -96,8 +108,7 @@ def sample_tokens(logits, s, generator=None, temperature=None, constraint=None, 
     temperature = s.temperature if temperature is None else temperature
     if constraint is None:
         return logits.argmax(-1) if temperature == 0 else draw(filtered_probs(logits, temperature, s.top_k, s.top_p, s.min_p), generator)
-    probs = torch.softmax(logits.float(), -1) if temperature == 0 else filtered_probs(logits, temperature, s.top_k, s.top_p, s.min_p)
-    probs = constraint.filter(probs, texts, last)[0]
+    probs = constraint.filter(token_probs(logits, s, temperature), texts, last)[0]
     return logits.masked_fill(probs == 0, float('-inf')).argmax(-1) if temperature == 0 else draw(probs, generator)
 
 

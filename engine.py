@@ -176,19 +176,19 @@ class Window:
                       None if self.cache is None else self.cache.select(rows), self.pending, stats)
 
     def future_pos(self):
-        P, F_ = self.past.size(1), self.decided.size(1)
-        return torch.arange(self.start + P, self.start + P + F_, device=self.past.device)
+        P, n_future = self.past.size(1), self.decided.size(1)
+        return torch.arange(self.start + P, self.start + P + n_future, device=self.past.device)
 
 
 @torch.no_grad()
 def start(model, idx, n_future=None):
     """A window for the prompt idx (B, P): its last max_past tokens as the past, F fresh e_max slots."""
     require_supported(model)
-    F_ = n_future or model.config.n_future
-    idx = idx[:, -block_edge(model, F_).max_past:]
+    n_future = n_future or model.config.n_future
+    idx = idx[:, -block_edge(model, n_future).max_past:]
     B, P = idx.shape
-    w = Window(past=idx, future=None, decided=torch.full((B, F_), -1, dtype=torch.long, device=idx.device))
-    w.future = model.blank(w.future_pos()).expand(B, F_, -1).clone()
+    w = Window(past=idx, future=None, decided=torch.full((B, n_future), -1, dtype=torch.long, device=idx.device))
+    w.future = model.blank(w.future_pos()).expand(B, n_future, -1).clone()
     if model.config.attn == 'pinned':
         w.cache = KVCache()
         run_causal(model, idx, w.cache, queries=0)  # the future reads only the past's keys/values
@@ -197,13 +197,13 @@ def start(model, idx, n_future=None):
     return w
 
 
-def future_mask(model, n_keys, F_, device):
+def future_mask(model, n_keys, n_future, device):
     """The future slots' visibility in a sampler window (one block after n_keys past keys), or None
     when every slot sees every key; (1, 1, F, n_keys + F)."""
     if model.config.spec_window < 0:
         return None
-    j = torch.arange(F_, device=device)
-    horizon = torch.full((F_,), n_keys - 1, device=device)
+    j = torch.arange(n_future, device=device)
+    horizon = torch.full((n_future,), n_keys - 1, device=device)
     return visibility(horizon, j * 0, j, torch.arange(n_keys, device=device), j * 0, j, model.config.spec_window)[None, None]
 
 
@@ -211,21 +211,21 @@ def _pending_pass(model, w, x0, pos_f):
     """The pinned window's first pass, joined with the causal stream on the pending past tokens in
     one stack call: they see the past (and each other, causally), the future sees them; their
     keys/values extend the cache. Returns the future's state after pass 1."""
-    n, (B, P), F_, c = w.pending, w.past.shape, w.future.size(1), model.config
+    n, (B, P), n_future, c = w.pending, w.past.shape, w.future.size(1), model.config
     edge, dev = block_edge(model), w.past.device
-    ensure_positions(model, w.start + P + F_)
+    ensure_positions(model, w.start + P + n_future)
     pos_n = torch.arange(w.start + P - n, w.start + P, device=dev)
     prefixes = None if not w.cache.length else w.cache.views(0, edge.keep)
     L = 0 if prefixes is None else prefixes[0][0].size(2)
-    j = torch.arange(F_, device=dev)
-    horizon = torch.cat((pos_n, pos_n[-1:].expand(F_)))  # pending tokens: causal; future: all of the past
+    j = torch.arange(n_future, device=dev)
+    horizon = torch.cat((pos_n, pos_n[-1:].expand(n_future)))  # pending tokens: causal; future: all of the past
     block = torch.cat((j.new_full((n,), -1), j * 0))
     mask = visibility(horizon, block, torch.cat((j.new_zeros(n), j)), torch.arange(int(pos_n[0]) - L, int(pos_n[-1]) + 1, device=dev),
                       j * 0, j, c.spec_window, window=edge.window)[None, None]
     x_n = model.input(w.past[:, P - n:], pos_n)
     ctx = Context(torch.cat((x_n, x0), 1), torch.cat((pos_n, pos_f)), mask, prefixes)
     frozen = torch.cat((w.decided.new_zeros(B, n, dtype=torch.bool), w.decided >= 0), 1)
-    first, kvs = model.update(torch.cat((x_n, w.future), 1), ctx, frozen, queries=F_)
+    first, kvs = model.update(torch.cat((x_n, w.future), 1), ctx, frozen, queries=n_future)
     w.cache.append([[(k[:, :, :n], v[:, :, :n]) for k, v in kvs]], keep=edge.keep)
     w.pending = 0
     return first
@@ -236,7 +236,7 @@ def refine(model, w, max_loop=None, tol=None, min_loop=None, slot_exit=None):
     """Run passes from the window's current (warm) state until its open future slots converge or
     max_loop (see GPT.iterate). Returns w and the passes run; w.stats holds entropy (B, F) in nats,
     logits (B, F, V) of the future and the Trace."""
-    c, (B, P), F_ = model.config, w.past.shape, w.future.size(1)
+    c, (B, P), n_future = model.config, w.past.shape, w.future.size(1)
     decided = w.decided >= 0
     pos_f = w.future_pos()
     ensure_positions(model, int(pos_f[-1]) + 1)
@@ -245,11 +245,11 @@ def refine(model, w, max_loop=None, tol=None, min_loop=None, slot_exit=None):
     if c.attn == 'pinned':
         first = _pending_pass(model, w, x0, pos_f) if w.pending else None
         prefixes = w.cache.views(c.n_loop - 1, block_edge(model).recent())
-        ctx = Context(x0, pos_f, future_mask(model, prefixes[0][0].size(2), F_, w.past.device), prefixes)
+        ctx = Context(x0, pos_f, future_mask(model, prefixes[0][0].size(2), n_future, w.past.device), prefixes)
         w.future, trace = model.iterate(w.future, ctx, decided, ~decided, first=first, **limits)
     else:
         none = torch.zeros(B, P, dtype=torch.bool, device=w.past.device)
-        pos = torch.arange(P + F_, device=w.past.device)
+        pos = torch.arange(P + n_future, device=w.past.device)
         ctx = Context(torch.cat((model.input(w.past, pos[:P]), x0), 1), pos)
         x, trace = model.iterate(torch.cat((w.past_x, w.future), 1), ctx, torch.cat((none, decided), 1),
                                  torch.cat((none, ~decided), 1), **limits)
@@ -323,6 +323,36 @@ def rebase(model, x, old_pos, new_pos):
     return x + model.transformer.wpe(new_pos) - model.transformer.wpe(old_pos)
 
 
+def _past_into_cache(model, w, past, moved, drop, rolling):
+    """Pinned: give the cache the keys/values of the tokens it lacks after a shift (the moved ones,
+    or after a rebuild from position 0 the whole new past): a one-pass stream leaves them pending
+    for the next refine's first pass, a looped one runs them now."""
+    rebuild = drop and not rolling  # learned positions: re-encode the past from position 0
+    if rebuild:
+        w.cache, w.pending = KVCache(), 0
+    missing = past[:, drop:] if rebuild else moved  # tokens whose keys/values the cache lacks
+    if model.config.n_loop == 1:
+        w.pending += missing.size(1)  # the next refine runs them with its first pass
+    else:  # a looped stream cannot join the future's single pass: run them now
+        run_causal(model, missing, w.cache, queries=0)
+    w.start += drop if rolling else 0
+
+
+def _refill_future(model, w, carried, n, length):
+    """After n slots moved into the past: keep the carried slots (every pinned one, and up to
+    `length` slots in all; default as many as before) and append fresh e_max slots."""
+    B, n_future = w.decided.size(0), w.future.size(1)
+    decided = w.decided[:, n:]
+    pinned_to = int(((decided >= 0).any(0).nonzero().max() + 1) if (decided >= 0).any() else 0)
+    keep = max(pinned_to, min(n_future if length is None else length, n_future - n))
+    fresh = max(0, (n_future if length is None else length) - keep)
+    w.decided = torch.cat((decided[:, :keep], decided.new_full((B, fresh), -1)), 1)
+    first_fresh = w.start + w.past.size(1) + keep
+    fresh_pos = torch.arange(first_fresh, first_fresh + fresh, device=w.past.device)
+    w.future = torch.cat((carried[:, :keep], model.blank(fresh_pos).expand(B, fresh, -1)), 1)
+    return w
+
+
 @torch.no_grad()
 def shift(model, w, slide=0, length=None):
     """Move the decided prefix (the leading decided slots, as many as every row has) into the past
@@ -334,23 +364,13 @@ def shift(model, w, slide=0, length=None):
     n = int((w.decided >= 0).long().cumprod(1).sum(1).min())
     if n == 0:
         return w, w.past[:, :0]
-    (B, P), F_, c = w.past.shape, w.future.size(1), model.config
+    P, edge = w.past.size(1), block_edge(model)
     moved, past = w.decided[:, :n], torch.cat((w.past, w.decided[:, :n]), 1)
-    edge = block_edge(model)
-    over = max(0, past.size(1) - edge.max_past)
-    rolling = edge.rolls
+    over, rolling = max(0, past.size(1) - edge.max_past), edge.rolls
     drop = over if rolling or not over else min(past.size(1) - 1, over + slide)
     carried, old_pos = w.future[:, n:], w.future_pos()[n:]
-    if c.attn == 'pinned':
-        rebuild = drop and not rolling  # learned positions: re-encode the past from position 0
-        if rebuild:
-            w.cache, w.pending = KVCache(), 0
-        missing = past[:, drop:] if rebuild else moved  # tokens whose keys/values the cache lacks
-        if c.n_loop == 1:
-            w.pending += missing.size(1)  # the next refine runs them with its first pass
-        else:  # a looped stream cannot join the future's single pass: run them now
-            run_causal(model, missing, w.cache, queries=0)
-        w.start += drop if rolling else 0
+    if model.config.attn == 'pinned':
+        _past_into_cache(model, w, past, moved, drop, rolling)
     else:
         w.past_x = torch.cat((w.past_x, w.future[:, :n]), 1)[:, drop:]
     if drop and not rolling:
@@ -358,12 +378,5 @@ def shift(model, w, slide=0, length=None):
         if w.past_x is not None:
             w.past_x = rebase(model, w.past_x, pos[drop:], pos[:P + n - drop])
         carried = rebase(model, carried, old_pos, old_pos - drop)
-    w.past, decided = past[:, drop:], w.decided[:, n:]
-    pinned_to = int(((decided >= 0).any(0).nonzero().max() + 1) if (decided >= 0).any() else 0)
-    keep = max(pinned_to, min(F_ if length is None else length, F_ - n))
-    fresh = max(0, (F_ if length is None else length) - keep)
-    w.decided = torch.cat((decided[:, :keep], decided.new_full((B, fresh), -1)), 1)
-    first_fresh = w.start + w.past.size(1) + keep
-    fresh_pos = torch.arange(first_fresh, first_fresh + fresh, device=past.device)
-    w.future = torch.cat((carried[:, :keep], model.blank(fresh_pos).expand(B, fresh, -1)), 1)
-    return w, moved
+    w.past = past[:, drop:]
+    return _refill_future(model, w, carried, n, length), moved

@@ -39,17 +39,17 @@ def visibility(horizon, block, index, key_pos, key_block=None, key_index=None, s
     return torch.cat((see, same), -1)
 
 
-def block_starts(phase, T, F_):
-    """(B, T) first slot of each future slot's block: blocks start at 0 and at phase + k F_."""
+def block_starts(phase, T, n_future):
+    """(B, T) first slot of each future slot's block: blocks start at 0 and at phase + k n_future."""
     j, ph = torch.arange(T, device=phase.device), phase[:, None]
-    return torch.where(j < ph, 0, ph + (j - ph).div(F_, rounding_mode='floor') * F_)
+    return torch.where(j < ph, 0, ph + (j - ph).div(n_future, rounding_mode='floor') * n_future)
 
 
-def keep_blocks(phase, T, F_, frac):
+def keep_blocks(phase, T, n_future, frac):
     """A random fraction of each row's future blocks (at least one): (B, n) indices of the kept
     slots in order, padded to the longest row, and (B, n) bool of the real ones."""
-    start = block_starts(phase, T, F_)
-    block = torch.where(start == 0, 0, (start - phase[:, None]).div(F_, rounding_mode='floor') + 1)  # (B, T)
+    start = block_starts(phase, T, n_future)
+    block = torch.where(start == 0, 0, (start - phase[:, None]).div(n_future, rounding_mode='floor') + 1)  # (B, T)
     n_blocks = block[:, -1] + 1
     draw = torch.rand(len(phase), T, device=phase.device).masked_fill(
         torch.arange(T, device=phase.device)[None] >= n_blocks[:, None], 2.0)  # only real blocks compete
@@ -140,13 +140,13 @@ class Layout:
     self_targets: torch.Tensor = None  # bidirectional: (B, S) a past slot's own token (its past loss), -1 elsewhere
 
 
-def training_layout(model, idx, targets, F_, past_kv=None, phase=None, split=None, slots=None):
+def training_layout(model, idx, targets, n_future, past_kv=None, phase=None, split=None, slots=None):
     """The future stream of a WFC step. Pinned: slot j (predicting token j + 1, at position j + 1)
-    is in the block of F_ slots starting at s(j); slots = (indices, real) runs only those. Bidirectional:
-    the past idx[:, :s + 1] at slots 0..s, future slots s + 1..s + F_ (slot i predicts token i), padding after."""
+    is in the block of n_future slots starting at s(j); slots = (indices, real) runs only those. Bidirectional:
+    the past idx[:, :s + 1] at slots 0..s, future slots s + 1..s + n_future (slot i predicts token i), padding after."""
     (B, T), dev = idx.shape, idx.device
     if model.config.attn == 'pinned':
-        start, j = block_starts(phase, T, F_), torch.arange(T, device=dev).expand(B, T)
+        start, j = block_starts(phase, T, n_future), torch.arange(T, device=dev).expand(B, T)
         real = torch.ones(B, T, dtype=torch.bool, device=dev)
         if slots is not None:
             j, real = slots
@@ -155,12 +155,12 @@ def training_layout(model, idx, targets, F_, past_kv=None, phase=None, split=Non
                           model.config.spec_window)[:, None]  # padding slots are nobody's keys
         tg, dist = targets.gather(1, j).masked_fill(~real, -1), j - start + 1
         ctx = Context(model.blank(j + 1), j[0] + 1 if slots is None else j + 1, mask, past_kv)
-        return Layout(ctx, tg, dist, dist == F_, real & (tg >= 0), torch.zeros_like(real))
-    i, s = torch.arange(T + F_, device=dev), split[:, None]
-    past, future = i <= s, (i > s) & (i <= s + F_)
-    mask = visibility((s + F_).expand(B, T + F_), None, None, i)[:, None]  # everything valid sees everything valid
-    tokens = torch.cat((idx, idx.new_zeros(B, F_)), 1)
-    tg = torch.cat((targets.new_full((B, 1), -1), targets, targets.new_full((B, F_ - 1), -1)), 1).masked_fill(~future, -1)
+        return Layout(ctx, tg, dist, dist == n_future, real & (tg >= 0), torch.zeros_like(real))
+    i, s = torch.arange(T + n_future, device=dev), split[:, None]
+    past, future = i <= s, (i > s) & (i <= s + n_future)
+    mask = visibility((s + n_future).expand(B, T + n_future), None, None, i)[:, None]  # everything valid sees everything valid
+    tokens = torch.cat((idx, idx.new_zeros(B, n_future)), 1)
+    tg = torch.cat((targets.new_full((B, 1), -1), targets, targets.new_full((B, n_future - 1), -1)), 1).masked_fill(~future, -1)
     ctx = Context(torch.where(past[..., None], model.input(tokens, i), model.blank(i)), i, mask)
-    return Layout(ctx, tg, (i - s).clamp(min=1), (i == s) | (i == s + F_) | ~(past | future), future & (tg >= 0),
+    return Layout(ctx, tg, (i - s).clamp(min=1), (i == s) | (i == s + n_future) | ~(past | future), future & (tg >= 0),
                   past & False, tokens.masked_fill(~past, -1))

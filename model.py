@@ -123,6 +123,15 @@ def config_problems(c):
     return problems
 
 
+def capabilities(c):
+    """What a model trained with config c can do at inference (train.py stores it in checkpoints).
+    can_verify: its causal stream's next-token head was trained (pinned, past_loss > 0, past_target
+    'next'), so it verifies drafts and samples alone. warm_starts: it was trained to continue from a
+    carried state (warm_prob > 0) or to converge (a bounded state)."""
+    return dict(can_verify=c.attn == 'pinned' and c.past_loss > 0 and c.past_target == 'next',
+                warm_starts=c.warm_prob > 0 or c.bound != 'none')
+
+
 @dataclass
 class Trace:
     """What an inference run of the recurrence did: passes each slot moved (B, S), row-passes
@@ -299,6 +308,7 @@ class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config, C = config, config.n_embd
+        self.capabilities = capabilities(config)  # what the samplers may ask of it (see capabilities)
         modules = dict(wte=nn.Embedding(config.vocab_size, C), drop=nn.Dropout(config.dropout),
                        h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]), ln_f=LayerNorm(C, bias=config.bias))
         if config.pos_emb == 'learned':
@@ -326,6 +336,14 @@ class GPT(nn.Module):
         if config.inject == 'adapter':  # starts as inject='add' (x + x0) and learns from there
             with torch.no_grad():
                 self.transformer.adapter.weight.copy_(torch.cat((torch.eye(C), torch.eye(C)), 1))
+
+    @property
+    def can_verify(self):  # the causal stream can verify drafts (see capabilities)
+        return self.capabilities['can_verify']
+
+    @property
+    def warm_starts(self):  # refinement may continue from a carried state (see capabilities)
+        return self.capabilities['warm_starts']
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):

@@ -37,8 +37,7 @@ def pick_sampler(model, s, goal=None):
             raise ValueError(f"{'a goal' if goal is not None else f'sampler={s.sampler!r}'} needs a WFC model "
                              f"(n_future > 0): it uses the future slots; a GPT samples with 'causal'")
         return 'causal'
-    verifies = c.attn == 'pinned' and c.past_loss > 0 and c.past_target == 'next'
-    if s.sampler in ('speculative', 'causal') and not verifies:
+    if s.sampler in ('speculative', 'causal') and not model.can_verify:
         raise ValueError(f"sampler={s.sampler!r} reads the causal stream's next-token head, which this model did not "
                          f"train (it needs attn='pinned', past_loss > 0 and past_target='next'); use --sampler=collapse")
     if s.sampler == 'speculative' and (c.n_loop != 1 or model.rotary is None):
@@ -47,7 +46,7 @@ def pick_sampler(model, s, goal=None):
     if goal is not None and s.sampler in ('speculative', 'causal'):
         raise ValueError(f"a goal pins future slots, which sampler={s.sampler!r} does not refine; use --sampler=collapse")
     if s.sampler == 'auto':
-        fast = verifies and c.n_loop == 1 and model.rotary is not None and s.policy == 'first' and goal is None
+        fast = model.can_verify and c.n_loop == 1 and model.rotary is not None and s.policy == 'first' and goal is None
         return 'speculative' if fast else 'collapse'
     return s.sampler
 
@@ -123,8 +122,8 @@ def _generate_causal(model, idx, s, req, emit):
 
 def choose_slots(policy, bits, open_, tau):
     """(B, F) bool: the slots to collapse this step. bits (B, F) entropy; open_ (B, F) undecided."""
-    F_ = bits.size(1)
-    first = F.one_hot(open_.float().argmax(1), F_).bool() & open_  # first open slot of each row
+    n_future = bits.size(1)
+    first = F.one_hot(open_.float().argmax(1), n_future).bool() & open_  # first open slot of each row
     if policy in ('first', 'median'):
         return first
     if policy in ('threshold', 'entropy'):  # entropy: tau = ent_low, for the rows that are certain
@@ -133,7 +132,7 @@ def choose_slots(policy, bits, open_, tau):
         run = (certain | ~after_first).long().cumprod(1).bool() & after_first  # leading certain open slots
         return run | first
     if policy == 'lowest':
-        return F.one_hot(bits.masked_fill(~open_, float('inf')).argmin(1), F_).bool() & open_
+        return F.one_hot(bits.masked_fill(~open_, float('inf')).argmin(1), n_future).bool() & open_
     raise ValueError(f"unknown policy {policy!r}")
 
 
@@ -163,7 +162,7 @@ def entropy_step(model, w, logits, s, generator, temperature):
     extra = 0
     if s.boost_loop and unsure.any():
         rows = unsure.nonzero()[:, 0]
-        sub, extra = engine.refine(model, w.select(rows), max_loop=s.boost_loop, tol=s.limits()['tol'], min_loop=s.boost_loop)
+        sub, extra = engine.refine(model, w.select(rows), max_loop=s.boost_loop, tol=s.limits(model)['tol'], min_loop=s.boost_loop)
         w.future[rows] = sub.future
         if w.past_x is not None:
             w.past_x[rows] = sub.past_x
@@ -196,7 +195,7 @@ def branch_tokens(model, w, rows, first, logits, s, generator, temperature):
     copies = w.select(rows.repeat_interleave(k))
     slot = first[rows].repeat_interleave(k, 0)
     copies = engine.collapse(model, copies, slot, candidates.reshape(-1, 1).expand_as(slot), mode=s.mode, eps=s.eps, lam=s.lam)
-    copies, used = engine.refine(model, copies if warm_start(model, s) else engine.forget(model, copies), **s.limits())
+    copies, used = engine.refine(model, copies if warm_start(model, s) else engine.forget(model, copies), **s.limits(model))
     open_ = copies.decided < 0
     bits = entropy_bits(engine.future_logits(model, copies))[0]
     spread = (bits * open_).sum(1) / open_.sum(1).clamp(min=1)  # (R * k,) mean entropy of the open slots
@@ -207,7 +206,7 @@ def warm_start(model, s):
     """Whether to refine from the carried state. A model refined a fixed number of times from e_max
     in training has never seen a carried state and needs a cold start; one trained to warm-start
     (warm_prob > 0) or to converge (a bounded state) continues from where it was."""
-    return s.warm == 'on' or (s.warm == 'auto' and (model.config.warm_prob > 0 or model.config.bound != 'none'))
+    return s.warm == 'on' or (s.warm == 'auto' and model.warm_starts)
 
 
 def parse_goal(spec, encode):
@@ -240,7 +239,7 @@ def collapse_step(model, w, s, req, produced, texts):
     """One converge -> collapse -> shift step of the collapse sampler. Returns w, the moved tokens
     (B, n), the passes, the window's entropy (bits) and the collapsed slots."""
     w = pin_goal(model, w, req.goal, produced, s)
-    w, used = engine.refine(model, w if warm_start(model, s) else engine.forget(model, w), **s.limits())
+    w, used = engine.refine(model, w if warm_start(model, s) else engine.forget(model, w), **s.limits(model))
     logits, bits, open_ = w.stats['logits'], w.stats['entropy'] / LN2, w.decided < 0
     temperature = req.temperature(s, produced)
     if s.policy == 'entropy' and open_.any():

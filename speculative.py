@@ -28,7 +28,7 @@ import torch
 
 import engine
 from layout import Context, visibility
-from decoding import draw, entropy_bits, filtered_probs, live_slots
+from decoding import draw, entropy_bits, filtered_probs, live_slots, token_probs
 
 
 @torch.no_grad()
@@ -42,14 +42,14 @@ def generate_speculative(model, idx, s, req, on_tokens):
 
 
 @functools.lru_cache(maxsize=64)
-def round_layout(n, L, F_, spec_window, window, device):
+def round_layout(n, L, n_future, spec_window, window, device):
     """What a round's call looks like relative to its first new token (it repeats, so it is built
     once): the future slots' position offsets (n F,), their blocks and indices, and the visibility of
     [n causal queries, n blocks of F future queries] over [L cached keys, n new keys, n F future keys]."""
     rel = torch.arange(n, device=device)  # the causal queries' positions, relative to the first one
-    offsets = (rel[:, None] + torch.arange(1, F_ + 1, device=device)).flatten()  # block b: the F positions after token b
-    block, index = rel.repeat_interleave(F_), torch.arange(F_, device=device).repeat(n)
-    mask = visibility(torch.cat((rel, rel.repeat_interleave(F_))), torch.cat((block.new_full((n,), -1), block)),
+    offsets = (rel[:, None] + torch.arange(1, n_future + 1, device=device)).flatten()  # block b: the F positions after token b
+    block, index = rel.repeat_interleave(n_future), torch.arange(n_future, device=device).repeat(n)
+    mask = visibility(torch.cat((rel, rel.repeat_interleave(n_future))), torch.cat((block.new_full((n,), -1), block)),
                       torch.cat((index.new_zeros(n), index)), torch.arange(-L, n, device=device), block, index,
                       spec_window, window=window)[None, None]
     return offsets, block, index, mask
@@ -60,11 +60,11 @@ def verify(model, cache, tokens, max_loop=1, tol=None):
     cache, and F future slots behind each of them. Appends the n tokens' keys/values to the cache.
     Returns the causal logits (1, n, V) (row i: the distribution of the token after tokens[:, i])
     and the future blocks' logits (1, n, F, V)."""
-    c, n, F_, dev = model.config, tokens.size(1), model.config.n_future, tokens.device
+    c, n, n_future, dev = model.config, tokens.size(1), model.config.n_future, tokens.device
     edge, P0 = engine.block_edge(model), cache.end
-    engine.ensure_positions(model, P0 + n + F_)
+    engine.ensure_positions(model, P0 + n + n_future)
     prefixes = cache.views(0, edge.keep) if cache.length else None
-    offsets, block, index, mask = round_layout(n, prefixes[0][0].size(2) if prefixes else 0, F_, c.spec_window,
+    offsets, block, index, mask = round_layout(n, prefixes[0][0].size(2) if prefixes else 0, n_future, c.spec_window,
                                                edge.window, str(dev))
     pos_c, pos_f = torch.arange(P0, P0 + n, device=dev), P0 + offsets
     x0 = torch.cat((model.input(tokens, pos_c), model.blank(pos_f)[None]), 1)
@@ -74,17 +74,17 @@ def verify(model, cache, tokens, max_loop=1, tol=None):
     if max_loop > 1:  # more passes for the drafts, against the past now in the cache
         views = cache.views(0, edge.recent(n))
         keys = torch.arange(cache.end - views[0][0].size(2), cache.end, device=dev)
-        ctx = Context(x0[:, n:], pos_f, visibility(pos_c.repeat_interleave(F_), block, index, keys, block, index,
+        ctx = Context(x0[:, n:], pos_f, visibility(pos_c.repeat_interleave(n_future), block, index, keys, block, index,
                                                    c.spec_window, window=edge.window)[None, None], views)
-        none = torch.zeros(1, n * F_, dtype=torch.bool, device=dev)
+        none = torch.zeros(1, n * n_future, dtype=torch.bool, device=dev)
         future, _ = model.iterate(x0[:, n:], ctx, none, ~none, max_loop=max_loop, tol=tol, first=future)
-    return model.logits(x[:, :n]), model.logits(future).view(1, n, F_, -1)
+    return model.logits(x[:, :n]), model.logits(future).view(1, n, n_future, -1)
 
 
 def target_probs(logits, s, temperature, req, text, drafts, produced):
     """The filtered distributions (n, V) of logits (1, n, V), position i after text and drafts[:i];
     with a constraint, the tokens that would break it are removed (greedy: from the plain softmax)."""
-    probs = torch.softmax(logits[0].float(), -1) if temperature == 0 else filtered_probs(logits[0], temperature, s.top_k, s.top_p, s.min_p)
+    probs = token_probs(logits[0], s, temperature)
     if req.constraint is None:
         return probs
     pieces = [req.constraint.pieces[t] for t in drafts[0].tolist()]
@@ -146,7 +146,8 @@ def sample_row(model, idx, s, req, on_tokens=None):
     if prompt.size(1) > 1:
         engine.run_causal(model, prompt[:, :-1], cache, queries=0)
     pending, draft_logits, out, produced, text = prompt[:, -1:], idx.new_zeros(1, 0, c.vocab_size).float(), [], 0, ''
-    max_loop, tol = s.max_loop or 1, None if s.tol < 0 else s.tol  # drafts: one pass unless asked (exactness does not depend on them)
+    limits = s.limits(model, drafts=True)  # drafts: one pass unless asked
+    max_loop, tol = limits['max_loop'], limits['tol']
     while produced < req.max_new_tokens:
         temperature = req.temperature(s, produced)
         drafts, q = draft(draft_logits, s, temperature, req, text, produced, req.generator)

@@ -27,7 +27,7 @@ import torch
 
 from eval import distinct_n, sequence_nll
 import engine
-from decoding import Constraint, Settings, draw, entropy_bits, filtered_probs, sample_tokens
+from decoding import Constraint, Settings, draw, entropy_bits, sample_tokens, token_probs
 from sampling import choose_slots, generate, parse_goal, pin_goal, warm_start
 
 NEG_INF = float('-inf')
@@ -102,15 +102,15 @@ def contain_lookahead(word, encode, weight=1.0):
     def twist(text, logprobs):  # logprobs (F, V)
         if found(text):
             return 0.0
-        F_, best = logprobs.size(0), NEG_INF
-        spell = lambda rest, at: sum(logprobs[min(at + j, F_ - 1), t].item() for j, t in enumerate(rest))
+        n_future, best = logprobs.size(0), NEG_INF
+        spell = lambda rest, at: sum(logprobs[min(at + j, n_future - 1), t].item() for j, t in enumerate(rest))
         for k in range(1, len(word)):  # begun
             if text.endswith(word[:k]) and _word_start(text, k):
                 best = max(best, spell(encode(word[k:]), 0))
         rest = encode(word)
         if _word_start(text, 0):  # the text ends at a boundary: start right away
             best = max(best, spell(rest, 0))
-        for at in range(len(space), F_):  # a space, then the word
+        for at in range(len(space), n_future):  # a space, then the word
             best = max(best, spell(space, at - len(space)) + spell(rest, at))
         return weight * best
     return twist
@@ -246,7 +246,7 @@ def smc(model, prompt, max_new_tokens, potential, decode, particles=8, s=None, e
         finished = generated.size(1) >= max_new_tokens
         if not finished:
             w = pin_goal(model, w, goal, generated.size(1), s)
-            w, used = engine.refine(model, w if warm else engine.forget(model, w), **s.limits())
+            w, used = engine.refine(model, w if warm else engine.forget(model, w), **s.limits(model))
             result.passes += used * N
             logits = w.stats['logits']
         if generated.size(1):  # reweight by the last step's text (and what the refined future promises)
@@ -304,9 +304,7 @@ def propose(model, w, logits, s, temperature, constraint, texts, last, generator
     if constraint is not None and slots.any():
         first, t = slots.float().argmax(1), s.temperature if temperature is None else temperature
         rows = torch.arange(len(first), device=first.device)
-        probs = torch.softmax(logits[rows, first].float(), -1) if t == 0 else \
-            filtered_probs(logits[rows, first], t, s.top_k, s.top_p, s.min_p)
-        probs, mass = constraint.filter(probs, texts, last)
+        probs, mass = constraint.filter(token_probs(logits[rows, first], s, t), texts, last)
         tokens[rows, first] = probs.argmax(-1) if t == 0 else draw(probs, generator)
         kept = torch.log(mass.double().clamp(min=1e-300)) if t else kept
     w, moved = engine.shift(model, engine.collapse(model, w, slots, tokens, mode=s.mode, eps=s.eps, lam=s.lam), slide=s.slide)
@@ -399,7 +397,7 @@ def calibrate(model, x, percentiles=(10, 25, 50, 75, 90), s=None):
     w, warm = engine.start(model, x[:, :1]), warm_start(model, s)
     bits, var = [], []
     for t in range(1, x.size(1)):
-        w, _ = engine.refine(model, w if warm else engine.forget(model, w), **s.limits())
+        w, _ = engine.refine(model, w if warm else engine.forget(model, w), **s.limits(model))
         h, v = entropy_bits(w.stats['logits'])
         bits.append(h)
         var.append(v)
@@ -451,54 +449,54 @@ def make_potential(spec, codec, prompt, scorer=None, vocab_size=None):
                      f"'judge[:weight]' (judge needs --judge or --scorer), got {spec!r}")
 
 
-def command(model, codec, prompt, s, o, judge=None, scorer=None):
-    """Run o['steer'] ('plain' | 'smc' | 'rejection' | 'best_of_n' | 'tree') o['num_samples'] times
+def command(model, codec, prompt, s, options, judge=None, scorer=None):
+    """Run options['steer'] ('plain' | 'smc' | 'rejection' | 'best_of_n' | 'tree') options['num_samples'] times
     from the prompt ids, print each run's text and a summary: constraint satisfied, judge NLL,
-    passes, tokens/s. o holds sample.py's options. Returns the per-run records."""
-    n, N = o['max_new_tokens'], o['particles']
-    potential = make_potential(o['potential'], codec, prompt, scorer, model.config.vocab_size)
+    passes, tokens/s. options holds sample.py's options. Returns the per-run records."""
+    n, N = options['max_new_tokens'], options['particles']
+    potential = make_potential(options['potential'], codec, prompt, scorer, model.config.vocab_size)
     constraint = getattr(potential, 'constraint', None)
-    heat = schedule(o['schedule'], s.temperature)
-    goal = parse_goal(o['goal'], codec.encode)
+    heat = schedule(options['schedule'], s.temperature)
+    goal = parse_goal(options['goal'], codec.encode)
     score = judge_score(scorer, prompt) if scorer is not None else \
         None if potential is None else (lambda ids: potential(codec.decode(ids), len(ids)))
-    if o['steer'] == 'tree' and goal is not None:
+    if options['steer'] == 'tree' and goal is not None:
         raise ValueError("tree does not take a goal: use best_of_n or smc")
-    if o['steer'] in ('best_of_n', 'tree') and score is None:
-        raise ValueError(f"{o['steer']} needs a score: --judge (or --scorer) for the judge's NLL, or --potential")
-    g = torch.Generator(device=model.e_max().device).manual_seed(o['seed'])
+    if options['steer'] in ('best_of_n', 'tree') and score is None:
+        raise ValueError(f"{options['steer']} needs a score: --judge (or --scorer) for the judge's NLL, or --potential")
+    g = torch.Generator(device=model.e_max().device).manual_seed(options['seed'])
     records = []
-    for run in range(o['num_samples']):
+    for run in range(options['num_samples']):
         t0, extra, steps = time.time(), '', None
-        if o['steer'] == 'plain':
+        if options['steer'] == 'plain':
             tokens, passes, steps = sample_n(model, prompt, n, 1, s, g, heat, goal, constraint)
             tokens = tokens[0]
-        elif o['steer'] == 'smc':
-            r = smc(model, prompt, n, potential, codec.decode, N, s, o['ess'], heat, goal, g,
+        elif options['steer'] == 'smc':
+            r = smc(model, prompt, n, potential, codec.decode, N, s, options['ess'], heat, goal, g,
                     lookahead=getattr(potential, 'lookahead', None))
             tokens, passes = r.tokens[r.pick(g)], r.passes
             extra = f" log Z {r.log_z:.3f}, resampled {sum(r.resampled)}/{len(r.resampled)}" + \
                     (f", ALL {N} PARTICLES DIED at step {r.died_at}: nothing satisfied the potential" if r.died_at >= 0 else '')
-        elif o['steer'] == 'rejection':
+        elif options['steer'] == 'rejection':
             if potential is None:
                 raise ValueError("rejection needs --potential")
-            c = rejection(model, prompt, n, potential, codec.decode, N * n * (s.max_loop or model.config.max_loop), N,
+            c = rejection(model, prompt, n, potential, codec.decode, N * n * s.limits(model)['max_loop'], N,
                           s, g, heat, goal)
             tokens, passes, extra = c.tokens[0], c.passes, f" accepted {c.accepted}/{c.tried}"
-        elif o['steer'] == 'best_of_n':
+        elif options['steer'] == 'best_of_n':
             c = best_of_n(model, prompt, n, score, N, s, g, heat, goal, constraint)
             tokens, passes, extra = c.tokens[0], c.passes, f" scores {' '.join(f'{v:.3f}' for v in c.scores)}"
-        elif o['steer'] == 'tree':
-            c = tree(model, prompt, n, score, max(1, N // max(s.branch, 1)), max(s.branch, 1), o['segment'], s, g, heat)
+        elif options['steer'] == 'tree':
+            c = tree(model, prompt, n, score, max(1, N // max(s.branch, 1)), max(s.branch, 1), options['segment'], s, g, heat)
             tokens, passes, extra = c.tokens[0], c.passes, f" best score {c.scores[0]:.3f}"
         else:
-            raise ValueError(f"steer must be 'plain', 'smc', 'rejection', 'best_of_n' or 'tree', got {o['steer']!r}")
+            raise ValueError(f"steer must be 'plain', 'smc', 'rejection', 'best_of_n' or 'tree', got {options['steer']!r}")
         ids = tokens.tolist()
         text = codec.decode(ids)
         rec = dict(text=text, passes=passes, seconds=time.time() - t0, tokens=len(ids), ids=ids)
         if steps:
             rec['tokens_per_step'] = len(ids) / steps
-        if potential is not None and not o['potential'].startswith('judge'):
+        if potential is not None and not options['potential'].startswith('judge'):
             rec['satisfied'] = satisfies(potential, codec.decode, ids)
         if judge is not None:
             device = next(judge.parameters()).device
@@ -507,7 +505,7 @@ def command(model, codec, prompt, s, o, judge=None, scorer=None):
         print(codec.decode(list(prompt)) + text)
         print(f"--------------- run {run}: {passes} passes" + ''.join(f", {k} {rec[k]:.3f}" if k == 'judge_nll' else
               f", {k} {rec[k]}" for k in ('satisfied', 'judge_nll', 'tokens_per_step') if k in rec) + extra)
-    print(summary(o['steer'], records, o.get('nll_ref', 0.0)))
+    print(summary(options['steer'], records, options.get('nll_ref', 0.0)))
     return records
 
 

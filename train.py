@@ -355,14 +355,14 @@ def save_checkpoint(path):
     RNG states are rank 0's; training reseeds every micro-step, so they matter only to new code."""
     write_or_fail(checkpoint.save, dict(
         model=raw_model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
-        model_args=model_args, config=config, iter_num=iter_num, best_val_loss=best_val_loss,
+        model_args=model_args, capabilities=raw_model.capabilities, config=config, iter_num=iter_num, best_val_loss=best_val_loss,
         train_time=train_time, meta=meta, format_version=checkpoint.FORMAT_VERSION, loss_ema=loss_ema,
         rng=checkpoint.rng_state(), data=dict(iter=iter_num, seed=seed)), path)
 
 
 def save_best(path, val):
     """best.pt: what sampling needs (weights, model_args, meta), no optimizer."""
-    write_or_fail(checkpoint.save, dict(model=raw_model.state_dict(), model_args=model_args, config=config,
+    write_or_fail(checkpoint.save, dict(model=raw_model.state_dict(), model_args=model_args, capabilities=raw_model.capabilities, config=config,
                                         iter_num=iter_num, val_loss=val, meta=meta,
                                         format_version=checkpoint.FORMAT_VERSION), path)
 

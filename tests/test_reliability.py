@@ -96,7 +96,7 @@ def assert_clean_error(code, err, phrase):
 def test_a_checkpoint_holds_everything_a_resume_needs_and_loads_weights_only(straight):
     ckpt = load(straight[0] / 'ckpt.pt')
     assert {'model', 'optimizer', 'scaler', 'iter_num', 'best_val_loss', 'rng', 'data', 'config', 'model_args',
-            'meta', 'format_version', 'loss_ema'} <= set(ckpt)
+            'meta', 'format_version', 'loss_ema', 'capabilities'} <= set(ckpt)
     assert ckpt['iter_num'] == N and ckpt['data'] == {'iter': N, 'seed': 1337}  # the data loader's position
     assert ckpt['config']['dropout'] == 0.1 and ckpt['config']['max_iters'] == N  # the resolved config
     assert {'python', 'numpy', 'torch'} <= set(ckpt['rng']) and ckpt['optimizer']['state']
