@@ -221,6 +221,8 @@ def build_model(ckpt, **overrides):
                               f"{' '.join(str(e).split())[:300]}") from None
     if missing or unexpected:
         raise CheckpointError(f"checkpoint weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    # what it was trained to do, as stored when trained (older checkpoints: computed from the config)
+    model.capabilities.update({k: v for k, v in ckpt.get('capabilities', {}).items() if k in model.capabilities})
     return model
 
 
