@@ -9,8 +9,9 @@
 # costs nothing, and a warm start from the last step's state is as good as a cold one. The price:
 # its converged loss is 0.04 nats worse than one pass, and a step costs about 1.9x. For the best
 # next-token loss at equal time, train config/train_shakespeare_char_wfc_onepass.py.
-# 2-core AMD EPYC CPU (2026-12, AVX2): about 0.33 s per iteration alone, 11 minutes; next-token
-# val loss about 1.88 at 8 passes.
+# 1500 iterations (the screens ran 2000, reaching 1.851 on eval.py's 64 windows) so that the README's
+# first command fits 10 minutes: on a fresh clone of 2026-12-05 (2-core AMD EPYC, AVX2) prepare +
+# train + sample took 8 min 39 s after a 53 s install; train.py's last val estimate 1.948 (20 batches).
 #   python train.py config/train_shakespeare_char_wfc.py
 include('train_shakespeare_char_wfc_onepass.py')
 out_dir = 'out-shakespeare-char-wfc'
