@@ -471,7 +471,8 @@ class GPT(nn.Module):
         """torch.compile one pass of the recurrence (update) instead of the whole forward: a WFC step
         draws its depth at random and switches gradients off for the passes before the truncation,
         which a whole-forward graph would have to re-trace for every depth (dynamo refused it). One
-        pass is the same graph at every depth, so it compiles once (plus once without gradient)."""
+        pass is the same graph at every depth: a few graphs in all (string or boolean mask, gradient
+        on or off, input requiring grad or not), none per depth."""
         self.update = torch.compile(self.update)
         return self
 
