@@ -15,7 +15,6 @@ Every file holds only tensors and plain Python data, so torch.load(weights_only=
 import fcntl
 import glob
 import os
-import pickle
 import random
 import shutil
 import tempfile
