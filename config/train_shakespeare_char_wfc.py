@@ -11,7 +11,8 @@
 # next-token loss at equal time, train config/train_shakespeare_char_wfc_onepass.py.
 # 1500 iterations (the screens ran 2000, reaching 1.851 on eval.py's 64 windows) so that the README's
 # first command fits 10 minutes: on a fresh clone of 2026-12-05 (2-core AMD EPYC, AVX2) prepare +
-# train + sample took 8 min 39 s after a 53 s install; train.py's last val estimate 1.948 (20 batches).
+# train + sample took 6 min 3 s after a 52 s install (8 min 39 s beside other jobs); train.py's last
+# val estimate 1.948 (20 batches).
 #   python train.py config/train_shakespeare_char_wfc.py
 include('train_shakespeare_char_wfc_onepass.py')
 out_dir = 'out-shakespeare-char-wfc'
