@@ -114,13 +114,13 @@ def block_edge(model, n_future=None):
 
 
 def unsupported(model):
-    """Why the samplers cannot run this model ('' when they can). Their windows run the whole stack
-    as the recurrence (one cache entry per pass of every layer); a sandwich (n_prelude, n_coda > 0)
-    loops only its core, which train.py and eval.py's parallel losses handle and these windows do not yet."""
+    """Why the samplers cannot run this model ('' when they can). A sandwich (n_prelude, n_coda > 0)
+    keeps one cache entry per layer, so its causal stream may run its core once only, and its future
+    slots need a pinned window (the prelude and coda read the past's cached keys/values)."""
     c = model.config
-    if model.sandwiched() and (c.n_future or c.n_loop > 1):
-        return ("sampling a sandwich model (n_prelude/n_coda > 0) with future slots or n_loop > 1 is not built yet; "
-                "eval.py measures its parallel losses")
+    if model.sandwiched() and (c.n_loop > 1 or c.n_future and c.attn != 'pinned'):
+        return ("sampling a sandwich model (n_prelude/n_coda > 0) with n_loop > 1 or bidirectional attention is not "
+                "built yet; eval.py measures its parallel losses")
     return ''
 
 
@@ -156,7 +156,8 @@ class Window:
     (the last max_past of them), the first at absolute position `start`. future (B, F, C): the
     future slots' states. decided (B, F): token of a collapsed or pinned slot, -1 while open.
     Bidirectional: past_x (B, P, C) the past's states. Pinned: cache, the causal stream's keys/values
-    of all but the last `pending` past tokens (the next refine runs those with its first pass)."""
+    of all but the last `pending` past tokens (the next refine runs those with its first pass).
+    fresh (B, F): slots at e_max that no refine has run yet (a sandwich starts them at its prelude's output)."""
     past: torch.Tensor
     future: torch.Tensor
     decided: torch.Tensor
@@ -165,6 +166,7 @@ class Window:
     cache: KVCache = None
     pending: int = 0
     stats: dict = field(default_factory=dict)
+    fresh: torch.Tensor = None
 
     def select(self, rows):
         """A window made of the batch rows `rows` (1-D long, repeats allowed): how SMC resamples
@@ -173,7 +175,7 @@ class Window:
         stats = {k: v[rows] if torch.is_tensor(v) and v.dim() and v.size(0) == B else v for k, v in self.stats.items()}
         return Window(self.past[rows], self.future[rows], self.decided[rows], self.start,
                       None if self.past_x is None else self.past_x[rows],
-                      None if self.cache is None else self.cache.select(rows), self.pending, stats)
+                      None if self.cache is None else self.cache.select(rows), self.pending, stats, self.fresh[rows])
 
     def future_pos(self):
         P, n_future = self.past.size(1), self.decided.size(1)
@@ -187,7 +189,8 @@ def start(model, idx, n_future=None):
     n_future = n_future or model.config.n_future
     idx = idx[:, -block_edge(model, n_future).max_past:]
     B, P = idx.shape
-    w = Window(past=idx, future=None, decided=torch.full((B, n_future), -1, dtype=torch.long, device=idx.device))
+    w = Window(past=idx, future=None, decided=torch.full((B, n_future), -1, dtype=torch.long, device=idx.device),
+               fresh=torch.ones(B, n_future, dtype=torch.bool, device=idx.device))
     w.future = model.blank(w.future_pos()).expand(B, n_future, -1).clone()
     if model.config.attn == 'pinned':
         w.cache = KVCache()
@@ -231,6 +234,13 @@ def _pending_pass(model, w, x0, pos_f):
     return first
 
 
+def future_context(model, w, x0=None):
+    """A pinned window's context for its future slots: inputs x0, positions, visibility and the
+    cache's keys/values they may see."""
+    prefixes = w.cache.views(model.config.n_loop - 1, block_edge(model).recent())
+    return Context(x0, w.future_pos(), future_mask(model, prefixes[0][0].size(2), w.future.size(1), w.past.device), prefixes)
+
+
 @torch.no_grad()
 def refine(model, w, max_loop=None, tol=None, min_loop=None, slot_exit=None):
     """Run passes from the window's current (warm) state until its open future slots converge or
@@ -244,8 +254,10 @@ def refine(model, w, max_loop=None, tol=None, min_loop=None, slot_exit=None):
     limits = dict(max_loop=max_loop, tol=tol, min_loop=min_loop, slot_exit=slot_exit)
     if c.attn == 'pinned':
         first = _pending_pass(model, w, x0, pos_f) if w.pending else None
-        prefixes = w.cache.views(c.n_loop - 1, block_edge(model).recent())
-        ctx = Context(x0, pos_f, future_mask(model, prefixes[0][0].size(2), n_future, w.past.device), prefixes)
+        ctx = future_context(model, w, x0)
+        if model.sandwiched():  # the core's input: the prelude's output, anew as the past grows (as in training,
+            ctx.x0 = model.prelude_of(x0, ctx)  # where decided slots are pins); fresh and decided slots start there
+            w.future = torch.where((decided | w.fresh)[..., None], ctx.x0.to(w.future.dtype), w.future)
         w.future, trace = model.iterate(w.future, ctx, decided, ~decided, first=first, **limits)
     else:
         none = torch.zeros(B, P, dtype=torch.bool, device=w.past.device)
@@ -254,7 +266,8 @@ def refine(model, w, max_loop=None, tol=None, min_loop=None, slot_exit=None):
         x, trace = model.iterate(torch.cat((w.past_x, w.future), 1), ctx, torch.cat((none, decided), 1),
                                  torch.cat((none, ~decided), 1), **limits)
         w.past_x, w.future = x[:, :P], x[:, P:]
-    logits = model.logits(w.future)  # (B, F, V), decoded once per step for the sampler
+    logits = model.readout(w.future, ctx)  # (B, F, V), decoded once per step for the sampler
+    w.fresh = torch.zeros_like(decided)
     w.stats = dict(passes=trace.steps, entropy=model.entropy_of_logits(logits), logits=logits, trace=trace)
     return w, trace.steps
 
@@ -265,14 +278,16 @@ def forget(model, w):
     warm-start): open future slots back to e_max and, bidirectional, the past back to its token
     embeddings (refine moves the past's states too; carried over steps they drift)."""
     w.future = torch.where((w.decided < 0)[..., None], model.blank(w.future_pos()).to(w.future.dtype), w.future)
+    w.fresh = w.fresh | (w.decided < 0)
     if w.past_x is not None:
         w.past_x = model.input(w.past, torch.arange(w.past.size(1), device=w.past.device)).to(w.past_x.dtype)
     return w
 
 
 def future_logits(model, w):
-    """(B, F, V) logits of the future slots."""
-    return model.logits(w.future)
+    """(B, F, V) logits of the future slots (a sandwich decodes them through its coda, which
+    attends to the window as the refinement does)."""
+    return model.readout(w.future, future_context(model, w)) if len(model.coda) else model.logits(w.future)
 
 
 @torch.no_grad()
@@ -281,6 +296,9 @@ def collapse(model, w, slots, tokens, mode='token', eps=0.1, lam=0.5, decide=Tru
     row (as a GPT would); 'partial' moves lam of the way there; 'nearest' writes the closest state on
     the way from the current state to the row that decodes to the token with p >= 1 - eps (the seed's
     proposal: keep the nuance). decide=False leaves the slots open (a nudge, as the median policy does)."""
+    if model.sandwiched() and mode != 'token':
+        raise ValueError(f"collapse mode {mode!r} moves a slot's state toward a token's embedding row, and a sandwich "
+                         "model's looped core does not work in embedding space: use --mode=token and a policy other than median")
     rows = model.input(tokens.clamp(min=0), w.future_pos())
     if mode == 'token':
         new = rows
@@ -331,9 +349,9 @@ def _past_into_cache(model, w, past, moved, drop, rolling):
     if rebuild:
         w.cache, w.pending = KVCache(), 0
     missing = past[:, drop:] if rebuild else moved  # tokens whose keys/values the cache lacks
-    if model.config.n_loop == 1:
+    if model.config.n_loop == 1 and not model.sandwiched():
         w.pending += missing.size(1)  # the next refine runs them with its first pass
-    else:  # a looped stream cannot join the future's single pass: run them now
+    else:  # a looped stream or a sandwich cannot join the future's first pass: run them now
         run_causal(model, missing, w.cache, queries=0)
     w.start += drop if rolling else 0
 
@@ -347,6 +365,7 @@ def _refill_future(model, w, carried, n, length):
     keep = max(pinned_to, min(n_future if length is None else length, n_future - n))
     fresh = max(0, (n_future if length is None else length) - keep)
     w.decided = torch.cat((decided[:, :keep], decided.new_full((B, fresh), -1)), 1)
+    w.fresh = torch.cat((w.fresh[:, n:][:, :keep], w.fresh.new_ones(B, fresh)), 1)
     first_fresh = w.start + w.past.size(1) + keep
     fresh_pos = torch.arange(first_fresh, first_fresh + fresh, device=w.past.device)
     w.future = torch.cat((carried[:, :keep], model.blank(fresh_pos).expand(B, fresh, -1)), 1)

@@ -56,6 +56,7 @@ sample_tokens = 96       # generated tokens per sample
 max_loop = 0             # WFC: override the model's refinement cap (0 = keep)
 tol = -1.0               # WFC: override the model's convergence tolerance (< 0 = keep)
 slot_exit = 'model'      # WFC: per-slot exit in the converged runs: 'model' (its own setting), 'on' or 'off'
+exit_rule = ''           # WFC: override the model's exit rule ('kl', 'delta', 'entropy', 'accel'; '' = keep; tol is in its units)
 device = 'auto'          # 'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'mps'
 dtype = 'float32'        # evaluation in full precision by default
 out = ''                 # also write the results as JSON here
@@ -317,9 +318,10 @@ def main():
     require(slot_exit in ('model', 'on', 'off'), f"slot_exit must be 'model', 'on' or 'off', got {slot_exit!r}")
     overrides = {k: v for k, v in (('max_loop', max_loop), ('tol', tol)) if (v > 0 if k == 'max_loop' else v >= 0)}
     overrides.update({} if slot_exit == 'model' else {'slot_exit': slot_exit == 'on'})
+    overrides.update({'exit_rule': exit_rule} if exit_rule else {})
     model, info = checkpoint.load_model(run, dev, **overrides)
     require(model.config.n_future or not (steps or convergence or overrides),
-            "depths, convergence, max_loop and tol are WFC settings; this checkpoint is a GPT (n_future = 0)")
+            "depths, convergence, max_loop, tol, slot_exit and exit_rule are WFC settings; this checkpoint is a GPT (n_future = 0)")
     V = model.config.vocab_size
     judge_model = checkpoint.load_judge(judge, dev, info.get('meta'), V) if judge else None
     folder = dataset or data_dir(info.get('config', {}).get('dataset', ''))

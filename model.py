@@ -476,6 +476,23 @@ class GPT(nn.Module):
         self.update = torch.compile(self.update)
         return self
 
+    def once_through(self, x, ctx, n_loop=1, queries=None):
+        """A stream through the whole sandwich: the prelude once (its output becomes ctx.x0, what the
+        core re-injects), the core n_loop times, the coda once. Returns the core's state, the coda's
+        output (the state to decode: the core's state when there is no coda) and every layer's (k, v)
+        (the core's from its last pass). queries: the last block outputs the last `queries` slots only.
+        Without a prelude and coda this is n_loop passes of `update`."""
+        kvs_prelude, kvs_coda = [], []
+        if len(self.prelude):
+            x, kvs_prelude = self.stack(x, ctx.pos, ctx.mask, ctx.prefixes, layers=self.prelude)
+        ctx.x0 = x
+        for p in range(n_loop):
+            x, kvs = self.update(x, ctx, queries=queries if p == n_loop - 1 and not len(self.coda) else None)
+        out = x
+        if len(self.coda):
+            out, kvs_coda = self.stack(x, ctx.pos, ctx.mask, ctx.prefixes, queries, layers=self.coda)
+        return x, out, kvs_prelude + kvs + kvs_coda
+
     def causal(self, x, pos, past=None, queries=None, window=0):
         """The causal stream (GPT, and the past of pinned WFC): n_loop passes over x (B, T, C) at
         positions pos (T,). past (inference with a cache): per pass, the per-layer (k, v) of the
@@ -492,12 +509,8 @@ class GPT(nn.Module):
             if past is not None and n_loop > 1:
                 raise NotImplementedError("a key/value cache of a sandwich looped more than once is not built")
             ctx.prefixes = None if past is None else past[0]
-            x, kvs_pre = self.stack(x, pos, mask, ctx.prefixes, layers=self.prelude) if len(self.prelude) else (x, [])
-            ctx.x0 = x
-            for p in range(n_loop):
-                x, kvs = self.update(x, ctx, queries=queries if p == n_loop - 1 and not len(self.coda) else None)
-            x, kvs_coda = self.stack(x, pos, mask, ctx.prefixes, queries, layers=self.coda) if len(self.coda) else (x, [])
-            return x, [kvs_pre + kvs + kvs_coda]
+            _, x, kvs = self.once_through(x, ctx, n_loop, queries)
+            return x, [kvs]
         for p in range(n_loop):
             ctx.prefixes = None if past is None else past[p]
             x, kvs = self.update(x, ctx, queries=queries if p == n_loop - 1 else None)

@@ -68,17 +68,19 @@ def verify(model, cache, tokens, max_loop=1, tol=None):
                                                edge.window, str(dev))
     pos_c, pos_f = torch.arange(P0, P0 + n, device=dev), P0 + offsets
     x0 = torch.cat((model.input(tokens, pos_c), model.blank(pos_f)[None]), 1)
-    x, kvs = model.update(x0, Context(x0, torch.cat((pos_c, pos_f)), mask, prefixes))
+    ctx = Context(x0, torch.cat((pos_c, pos_f)), mask, prefixes)
+    core, out, kvs = model.once_through(x0, ctx)  # a sandwich: prelude, one core pass, coda
     cache.append([[(k[:, :, :n], v[:, :, :n]) for k, v in kvs]], keep=edge.keep)
-    future = x[:, n:]
+    future_logits = model.logits(out[:, n:])
     if max_loop > 1:  # more passes for the drafts, against the past now in the cache
         views = cache.views(0, edge.recent(n))
         keys = torch.arange(cache.end - views[0][0].size(2), cache.end, device=dev)
-        ctx = Context(x0[:, n:], pos_f, visibility(pos_c.repeat_interleave(n_future), block, index, keys, block, index,
-                                                   c.spec_window, window=edge.window)[None, None], views)
+        ctx = Context(ctx.x0[:, n:], pos_f, visibility(pos_c.repeat_interleave(n_future), block, index, keys, block, index,
+                                                       c.spec_window, window=edge.window)[None, None], views)
         none = torch.zeros(1, n * n_future, dtype=torch.bool, device=dev)
-        future, _ = model.iterate(x0[:, n:], ctx, none, ~none, max_loop=max_loop, tol=tol, first=future)
-    return model.logits(x[:, :n]), model.logits(future).view(1, n, n_future, -1)
+        future, _ = model.iterate(ctx.x0, ctx, none, ~none, max_loop=max_loop, tol=tol, first=core[:, n:])
+        future_logits = model.readout(future, ctx)
+    return model.logits(out[:, :n]), future_logits.view(1, n, n_future, -1)
 
 
 def target_probs(logits, s, temperature, req, text, drafts, produced):

@@ -1,6 +1,7 @@
 # WFC on tiny-shakespeare characters at nanoGPT's GPU recipe size: the default research recipe
 # (config/train_shakespeare_char_wfc.py: pinned attention, rotary positions, two future slots, past
-# loss, rms bound, a uniform depth of 1..8 passes per step with gradient on the last 2) on the
+# loss, a prelude / core / coda sandwich with one block each side, here a core of 4, contractive
+# injection, rms bound, a uniform depth of 1..8 core passes per step with gradient on the last 2) on the
 # blocks and batch of config/train_shakespeare_char_gpt_gpu.py (6 x 384, 6 heads, block 256, batch 64,
 # dropout 0.2, lr 1e-3 -> 1e-4 over 5000 iterations), compiled (one pass: GPT.compile_passes),
 # device and dtype picked automatically (cuda + bf16).

@@ -5,7 +5,8 @@ Proves: an empty prelude and coda are today's model (the same blocks, the same m
 runs its prelude and coda once per stream and only its core per pass; the consistency loss moves
 the earlier passes toward the (detached) last one and never the last; every exit rule stops a
 converged refinement and none changes a slot after it exited; leaving exited slots out gives the
-same states and pass counts as computing them; the samplers refuse what they cannot run."""
+same states and pass counts as computing them; the sampler's window runs a sandwich as training's
+layout does; the samplers refuse what they cannot run."""
 
 import pytest
 import torch
@@ -122,12 +123,48 @@ def test_leaving_exited_slots_out_changes_nothing(monkeypatch):
     assert torch.equal(compact.trace.passes, full.trace.passes)
 
 
-def test_the_samplers_refuse_a_sandwich_wfc():
+def parallel_block(model, idx, past, depth, pins=None):
+    """score's logits (B, F, V) of the training layout's future block whose past is idx[:, :past]."""
+    n_future = model.config.n_future
+    phase = torch.full((idx.size(0),), (past - 1) % n_future)  # a block starts at slot past - 1
+    out = model.score(idx, idx.roll(-1, 1), depth=depth, phase=phase, pins=pins)
+    assert bool((out.dist[:, past - 1] == 1).all())
+    return out.logits[:, past - 1:past - 1 + n_future]
+
+
+@pytest.mark.parametrize('depth', [1, 3])
+def test_a_sandwich_window_refines_as_training_scores_it(depth):
+    """The sampler's window (engine.py) runs a sandwich as the training layout does: after every
+    collapse and shift, a cold refine gives the logits of the parallel block with the same past,
+    also with a slot pinned to a goal token (its state starts at the prelude of the token)."""
+    model = tiny(n_prelude=1, n_coda=1, bound='rms', inject='contract', max_loop=4).eval()
+    idx, _ = batch(B=2)
+    w = engine.start(model, idx[:, :5])
+    with torch.no_grad():
+        for step in range(5):
+            past, pins = w.past.size(1), None
+            if step == 2:  # a goal: slot 2 decided before slot 1
+                w = engine.collapse(model, w, torch.tensor([[False, True]] * 2), idx[:, past + 1:past + 2].expand(2, 2).contiguous())
+                pins = torch.zeros(2, 16, dtype=torch.bool)
+                pins[:, past] = True
+            w, _ = engine.refine(model, engine.forget(model, w), max_loop=depth, tol=-1.0)
+            torch.testing.assert_close(w.stats['logits'], parallel_block(model, idx, past, depth, pins), atol=1e-5, rtol=1e-5)
+            first = torch.tensor([[True, False]] * 2)
+            w, _ = engine.shift(model, engine.collapse(model, w, first, idx[:, past:past + 1].expand(2, 2).contiguous()))
+        assert w.past.size(1) == 5 + 5 + 1  # the goal's step moved two decided tokens
+
+
+def test_what_the_samplers_refuse_of_a_sandwich():
     model = tiny(n_prelude=1, n_coda=1).eval()
-    assert 'not built' in engine.unsupported(model)
+    assert engine.unsupported(model) == ''
+    assert 'not built' in engine.unsupported(tiny(n_prelude=1, n_coda=1, attn='bidirectional', past_loss=0.0))
+    assert 'not built' in engine.unsupported(tiny(n_future=0, n_prelude=1, n_coda=1, n_loop=2, past_loss=0.0))
     with pytest.raises(ValueError, match='sandwich'):
-        engine.start(model, torch.zeros(1, 4, dtype=torch.long))
-    assert engine.unsupported(tiny(n_future=0, n_prelude=1, n_coda=1, past_loss=0.0)) == ''  # a GPT sandwich samples
+        engine.start(tiny(n_prelude=1, n_coda=1, n_loop=2), torch.zeros(1, 4, dtype=torch.long))
+    w, _ = engine.refine(model, engine.start(model, torch.zeros(1, 4, dtype=torch.long)))
+    for mode in ('nearest', 'partial'):  # they move a state toward an embedding row: not a sandwich core's space
+        with pytest.raises(ValueError, match='mode=token'):
+            engine.collapse(model, w, w.decided < 0, w.decided.clamp(min=0), mode=mode)
 
 
 def test_a_depth_per_row_is_each_row_run_at_its_own_depth():

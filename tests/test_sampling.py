@@ -174,3 +174,23 @@ def test_warm_auto_warm_starts_only_models_trained_to():
     assert not warm_start(tiny(n_future=2), s), "a one-pass model never saw a carried state"
     assert warm_start(tiny(n_future=2, warm_prob=0.5), s) and warm_start(tiny(n_future=2, bound='rms'), s)
     assert warm_start(tiny(n_future=2), Settings(warm='on')) and not warm_start(tiny(n_future=2, bound='rms'), Settings(warm='off'))
+
+
+def test_a_sandwich_runs_every_sampler_past_the_block_edge():
+    """A prelude / core / coda sandwich (its window runs the prelude on fresh and decided slots and
+    decodes through the coda): every sampler and policy writes the pattern it learned, across the
+    block edge, and a goal lands at its offset; the collapse modes that work in embedding space are refused."""
+    model = train_pattern_model(steps=150, n_future=2, pos_emb='rope', past_loss=1.0, n_layer=3, n_prelude=1, n_coda=1,
+                                bound='rms', inject='contract', train_depth=4, loop_law='uniform', bptt=2, supervise=2,
+                                max_loop=4)
+    idx = torch.arange(10)[None] % 7
+    pattern = ((torch.arange(10, 50) % 7)[None]).tolist()
+    for s in (Settings(temperature=0, sampler='causal'), Settings(temperature=0, sampler='speculative'),
+              Settings(temperature=0, **COLLAPSE), Settings(temperature=0, policy='threshold', tau=2.0, **COLLAPSE),
+              Settings(temperature=0, policy='entropy', **COLLAPSE), Settings(temperature=0, warm='off', **COLLAPSE)):
+        out, _ = generate(model, idx, 40, s)
+        assert out.tolist() == pattern, s
+    out, _ = generate(model, idx, 14, Settings(temperature=0, **COLLAPSE), goal=(9, [6, 6]))
+    assert out[0, 8:10].tolist() == [6, 6] and out.size(1) == 14
+    with pytest.raises(ValueError, match='mode=token'):
+        generate(model, idx, 5, Settings(temperature=0, policy='median', **COLLAPSE))

@@ -20,14 +20,16 @@ from sampling import generate
 
 @pytest.fixture(scope='module')
 def checkpoints():
-    """A trained pattern model with F = 2 and one with F = 4 (their drafts are often accepted), and
-    an untrained one (often rejected)."""
+    """A trained pattern model with F = 2, one with F = 4 and a prelude / core / coda sandwich with
+    F = 2 (their drafts are often accepted), and an untrained one (often rejected)."""
     return {'F2': train_pattern_model(steps=150, n_future=2, pos_emb='rope', past_loss=1.0),
             'F4': train_pattern_model(steps=150, n_future=4, pos_emb='rope', past_loss=1.0, dist_power=1.0),
-            'untrained': tiny(vocab_size=9, n_future=3, pos_emb='rope', past_loss=1.0).eval()}
+            'untrained': tiny(vocab_size=9, n_future=3, pos_emb='rope', past_loss=1.0).eval(),
+            'sandwich': train_pattern_model(steps=150, n_future=2, pos_emb='rope', past_loss=1.0, n_layer=3, n_prelude=1,
+                                            n_coda=1, bound='rms', inject='contract')}
 
 
-@pytest.mark.parametrize('name', ['F2', 'F4', 'untrained'])
+@pytest.mark.parametrize('name', ['F2', 'F4', 'sandwich', 'untrained'])
 def test_greedy_speculation_is_the_causal_streams_greedy_text(checkpoints, name):
     model = checkpoints[name]
     prompts = [torch.tensor([[0, 1, 2]]), torch.tensor([[5]]), torch.tensor([[3, 3, 8, 1, 2, 3, 4, 5]])]
@@ -116,7 +118,7 @@ def test_one_stack_call_per_round_and_the_cache_is_never_rebuilt(checkpoints, mo
     assert summary['acceptance'][0] >= summary['acceptance'][-1], "a far draft is accepted less often"
 
 
-@pytest.mark.parametrize('name', ['F2', 'F4', 'untrained'])
+@pytest.mark.parametrize('name', ['F2', 'F4', 'sandwich', 'untrained'])
 def test_the_cache_holds_exactly_the_committed_tokens(checkpoints, name):
     """After any mix of accepted and rejected drafts the cache equals the causal stream recomputed from
     scratch over the committed tokens (the last one is still pending): truncation keeps the accepted."""

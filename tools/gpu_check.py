@@ -9,7 +9,7 @@ working: 31 s of CPU time, 80 s wall on a busy 2-core AMD EPYC, 2026-12). Not ye
 
 Checks (groups), each a row of the report with pass / fail / skip and the numbers behind it:
 - agree: forward + loss of a tiny GPT and a tiny WFC model (the default WFC recipe: pinned, rotary,
-  F = 2, rms bound, past loss) on the device in fp32 (TF32 off) against the CPU in fp32, both as
+  F = 2, a 1 / core / 1 sandwich with contractive injection, rms bound, past loss) on the device in fp32 (TF32 off) against the CPU in fp32, both as
   training runs it (truncated unroll, gradient on) and as sampling runs it (iterate, no gradient);
   the largest |logit difference| and |loss difference| must be <= tolerance. On the CPU dry run the
   reference is the same model in float64 (a CUDA-vs-CPU comparison is impossible there).
@@ -75,10 +75,11 @@ budget = 540.0             # seconds for the whole run: a recipe run gets at mos
 recipe_tokens = 0          # new tokens per sampling-speed run (0 = 256 on CUDA, 16 on the dry run)
 # -----------------------------------------------------------------------------
 GROUPS = ('agree', 'train', 'sample', 'attention', 'recipe')
-WFC = dict(pos_emb='rope', n_future=2, attn='pinned', dist_power=1.0, past_loss=1.0, bound='rms', train_depth=8,
-           loop_law='uniform', bptt=2, supervise=2, max_loop=8)  # config/train_shakespeare_char_wfc.py's model
-TINY = dict(block_size=16, vocab_size=9, n_layer=2, n_head=2, n_embd=32, bias=False, dropout=0.0)
-DRY_RECIPE = ['--n_layer=2', '--n_head=2', '--n_embd=64', '--block_size=32', '--batch_size=8', '--compile=False']
+WFC = dict(pos_emb='rope', n_future=2, attn='pinned', dist_power=1.0, past_loss=1.0, n_prelude=1, n_coda=1,
+           inject='contract', bound='rms', train_depth=8, loop_law='uniform', bptt=2, supervise=2,
+           max_loop=8)  # config/train_shakespeare_char_wfc.py's model
+TINY = dict(block_size=16, vocab_size=9, n_layer=3, n_head=2, n_embd=32, bias=False, dropout=0.0)
+DRY_RECIPE = ['--n_layer=3', '--n_head=2', '--n_embd=64', '--block_size=32', '--batch_size=8', '--compile=False']
 
 
 def result(name, ok, detail, **numbers):
