@@ -225,8 +225,35 @@ def sampler_model(name, args, dev, trained=True):
     return GPT(GPTConfig(**args)).to(dev).eval(), 'untrained'
 
 
+def stack_share(model, dev, run):
+    """The share of run()'s time spent inside model.stack, the blocks' own work: the floor a sampler
+    cannot go below with these kernels (the rest is Python, dispatch, masks, filters and draws).
+    Every call is timed (with a device sync on CUDA), so this is a run of its own, not a timed one."""
+    inside, own, stack = [0.0], 'stack' in vars(model), model.stack
+
+    def timed(*args, **kwargs):
+        sync(dev)
+        t0 = time.perf_counter()
+        result = stack(*args, **kwargs)
+        sync(dev)
+        inside[0] += time.perf_counter() - t0
+        return result
+    model.stack = timed
+    try:
+        t0 = time.perf_counter()
+        run()
+        total = time.perf_counter() - t0
+    finally:
+        if own:
+            model.stack = stack
+        else:
+            del model.stack  # back to the class's method
+    return inside[0] / total
+
+
 def sample_speed(model, dev, dtype, batch, slide=slide):
-    """Median over `repeats` runs of sampling sample_tokens tokens at this batch."""
+    """Median over `repeats` runs of sampling sample_tokens tokens at this batch, and the share of a
+    run spent inside the block stack (stack_share)."""
     s = Settings(temperature=temperature, top_k=top_k, sampler=sampler, policy=policy, tau=tau, slide=slide,
                  max_loop=sample_max_loop).check()
     idx = torch.zeros(batch, 1, dtype=torch.long, device=dev)  # one token: '\n' in the char vocabulary
@@ -239,10 +266,12 @@ def sample_speed(model, dev, dtype, batch, slide=slide):
             tokens, record = generate(model, idx, sample_tokens, s, torch.Generator(device=dev).manual_seed(r))
             sync(dev)
             runs.append((time.perf_counter() - t0, record.summary()))
+        share = stack_share(model, dev, lambda: generate(model, idx, sample_tokens, s, torch.Generator(device=dev).manual_seed(0)))
     dt = statistics.median(t for t, _ in runs)
     summary = runs[0][1]
     return dict(tokens_per_s=batch * tokens.size(1) / dt, passes_per_token=summary['passes_per_token'],
-                tokens_per_step=summary['tokens_per_step'], peak_mb=None if memory.peak is None else memory.peak / 2 ** 20)
+                tokens_per_step=summary['tokens_per_step'], tokens_per_call=summary.get('tokens_per_call'), stack_share=share,
+                peak_mb=None if memory.peak is None else memory.peak / 2 ** 20)
 
 
 def measure_row(name, args, dev, dtype, peak, trained=True):
@@ -251,9 +280,11 @@ def measure_row(name, args, dev, dtype, peak, trained=True):
     model, source = sampler_model(name, args, dev, trained)
     one = sample_speed(model, dev, dtype, 1)
     row.update(sample_from=source, sample_tokens_per_s=one['tokens_per_s'], passes_per_token=one['passes_per_token'],
-               tokens_per_step=one['tokens_per_step'], sample_peak_mb=one['peak_mb'])
+               tokens_per_step=one['tokens_per_step'], tokens_per_call=one['tokens_per_call'], stack_share=one['stack_share'],
+               sample_peak_mb=one['peak_mb'])
     if num_samples > 1:
-        row['batch_tokens_per_s'] = sample_speed(model, dev, dtype, num_samples)['tokens_per_s']
+        many = sample_speed(model, dev, dtype, num_samples)
+        row.update(batch_tokens_per_s=many['tokens_per_s'], batch_stack_share=many['stack_share'])
     return row
 
 
@@ -309,13 +340,14 @@ def fmt(value, spec):
 def print_table(rows, title):
     head = (f"{'variant':8s} {'dtype':8s} {'F':>3s} {'block':>5s} {'C':>4s} | {'train tok/s':>11s} {'ms/step':>8s} "
             f"{'MFU':>6s} {'mem MB':>7s} | {'sample tok/s':>12s} {f'x{num_samples} tok/s':>11s} {'passes/tok':>10s} "
-            f"{'tok/step':>8s} {'mem MB':>7s}")
+            f"{'tok/step':>8s} {'tok/call':>8s} {'in stack':>8s} {'mem MB':>7s}")
     print(f"\n{title}\n{head}\n{'-' * len(head)}")
     for r in rows:
         print(f"{r['variant']:8s} {r['dtype']:8s} {r['n_future']:3d} {r['block_size']:5d} {r['n_embd']:4d} | "
               f"{r['train_tokens_per_s']:11,.0f} {r['step_ms']:8.1f} {r['mfu'] * 100:5.1f}% {fmt(r['train_peak_mb'], '7.1f')} | "
               f"{r['sample_tokens_per_s']:12,.0f} {fmt(r.get('batch_tokens_per_s'), '11,.0f')} "
-              f"{r['passes_per_token']:10.2f} {r['tokens_per_step']:8.2f} {fmt(r['sample_peak_mb'], '7.1f')}", flush=True)
+              f"{r['passes_per_token']:10.2f} {r['tokens_per_step']:8.2f} {fmt(r.get('tokens_per_call'), '8.2f')} "
+              f"{r['stack_share'] * 100:7.0f}% {fmt(r['sample_peak_mb'], '7.1f')}", flush=True)
 
 
 def main():

@@ -115,22 +115,28 @@ def peak_flops(device, dtype):
 def training_flops(c, n_params, B, T, passes=None):
     """Matmul FLOPs of one training forward + backward on B rows of T tokens (PaLM appendix B, as
     nanoGPT counts them), counting what WFC really computes: every pass, both streams of the pinned
-    layout, dense attention over all keys, decodes of supervised passes, warm-start passes
-    (expected). Passes without gradient count forward only. passes: the future's depth (default:
-    its mean under loop_law)."""
+    layout, dense attention over all keys, decodes of supervised passes (through the coda of a
+    sandwich, whose passes run only its core), warm-start passes (expected). Passes without
+    gradient count forward only. passes: the future's depth (default: its mean under loop_law)."""
     V, C, L = c.vocab_size, c.n_embd, c.n_layer
     stack = 2 * (n_params - V * C)        # forward FLOPs per token per pass (dense part)
     attn = lambda keys: 4 * L * C * keys  # QK^T and AV, forward, per query token
     decode = 2 * V * C
+    n_core = L - c.n_prelude - c.n_coda
+    # the causal stream per token: the prelude and coda once, the core n_loop times
+    causal = (L + (c.n_loop - 1) * n_core) * (stack + attn(T)) / L
     if c.n_future == 0:
-        return 3 * B * T * (c.n_loop * (stack + attn(T)) + decode)
+        return 3 * B * T * (causal + decode)
     passes = passes or (c.depth if c.loop_law != 'uniform' else (c.depth + 1) / 2)
     bptt = passes if c.bptt <= 0 else min(c.bptt, passes)
     S, keys = (T * c.future_frac, T * (1 + c.future_frac)) if c.attn == 'pinned' else (T + c.n_future, T + c.n_future)
-    per_pass = stack + attn(keys)
-    future = 3 * bptt * per_pass + (passes - bptt) * per_pass + 3 * min(c.supervise, bptt) * decode
-    future += c.warm_prob * (c.depth + 1) / 2 * per_pass
+    block = (stack + attn(keys)) / L      # one block, forward, per future slot
+    core = n_core * block                  # a pass loops only the core; the prelude runs once per slot
+    readout = c.n_coda * block + decode    # and the coda decodes every state that gets a loss
+    decoded = bptt if c.consistency > 0 else min(c.supervise, bptt)
+    future = 3 * bptt * core + (passes - bptt) * core + 3 * c.n_prelude * block + 3 * decoded * readout
+    future += c.warm_prob * (c.depth + 1) / 2 * core
     total = S * future
     if c.attn == 'pinned':
-        total += 3 * T * (c.n_loop * (stack + attn(T)) + (decode if c.past_loss > 0 else 0))
+        total += 3 * T * (causal + (decode if c.past_loss > 0 else 0))
     return B * total

@@ -26,4 +26,6 @@ VARIANTS.update({
     'sw_rms_u8_cons': [ONE_PASS, *OLD, *SANDWICH, '--bptt=4', '--consistency=1'],
     'rms_all4_cons': [ONE_PASS, *ALL4, '--consistency=1'],                   # loss on every pass of 1..4 + consistency
     'sw_rms_all4': [ONE_PASS, *ALL4, *SANDWICH],                            # the sandwich, loss on every pass of 1..4
+    'sw_contract_row': [ONE_PASS, *OLD, *SANDWICH, '--inject=contract', '--depth_per=row'],  # a depth per sequence (Parcae)
+    'sw_contract_cons': [ONE_PASS, *OLD, *SANDWICH, '--inject=contract', '--bptt=4', '--consistency=1'],
 })

@@ -178,3 +178,14 @@ def test_a_depth_per_row_is_each_row_run_at_its_own_depth():
         alone = model.score(idx, targets, depth=k, phase=phase)
         torch.testing.assert_close(rows.logits[r], alone.logits[r])
         assert int(rows.trace.passes[r].max()) == k
+
+
+def test_a_sandwich_pass_costs_only_its_core_in_the_flops_count():
+    """train.py's MFU counts what runs: an extra pass without gradient costs the core's share of the
+    blocks (here 2 of 4), and a looped sandwich GPT loops only its core."""
+    plain, sandwich = tiny(bptt=2), tiny(bptt=2, n_prelude=1, n_coda=1)
+    extra = lambda m: m.flops_per_iter(4, 16, passes=6) - m.flops_per_iter(4, 16, passes=5)  # noqa: E731
+    assert extra(sandwich) == pytest.approx(extra(plain) / 2)
+    gpt = lambda **kw: tiny(n_future=0, past_loss=0.0, **kw).flops_per_iter(4, 16)  # noqa: E731
+    once, looped = gpt(n_prelude=1, n_coda=1), gpt(n_prelude=1, n_coda=1, n_loop=3)
+    assert looped - once == pytest.approx(gpt(n_loop=2) - gpt())  # two more passes of a 2-block core = one of 4 blocks
