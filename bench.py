@@ -54,6 +54,7 @@ from sampling import generate
 # -----------------------------------------------------------------------------
 # the model and batch: nanoGPT's CPU recipe for tiny-shakespeare characters by default
 globals().update(asdict(GPTConfig()))
+slot_exit = GPTConfig.slot_exit  # read by this script (sampling a checkpoint), as every GPTConfig field is a setting
 block_size, vocab_size, n_layer, n_head, n_embd, bias = 64, 65, 4, 4, 128, False
 n_future = 2                   # future slots of the 'wfc' variant (the research default)
 past_loss, dist_power = 1.0, 1.0  # the WFC research default (config/train_shakespeare_char_wfc.py)

@@ -61,8 +61,9 @@ dataset = 'openwebtext'         # a folder under data/, or a path to one
 gradient_accumulation_steps = 40  # micro-steps per iteration, summed over all DDP ranks
 batch_size = 12                 # rows per micro-step
 future_warmup_iters = 0         # WFC curriculum: the training future grows from 1 slot to n_future over these iterations
-# model: every GPTConfig field (model.py documents each) is a setting
+# model: every GPTConfig field (model.py documents each) is a setting, with GPTConfig's default
 globals().update(asdict(GPTConfig()))
+block_size, n_future, n_loop = GPTConfig.block_size, GPTConfig.n_future, GPTConfig.n_loop  # the ones this script reads
 bias = False                    # nanoGPT's training default: a little better and faster than GPT-2's biases
 # AdamW
 learning_rate = 6e-4            # peak learning rate
