@@ -63,7 +63,7 @@ dataset = 'shakespeare_char'    # batches from data/<dataset> (or a path); rando
 variants = 'gpt,wfc'            # comma-separated: 'gpt', 'wfc', 'config' (see above)
 dtypes = 'float32,auto'         # comma-separated autocast dtypes; 'auto' = bf16 where native, else skipped as a duplicate
 device = 'auto'                # 'auto', 'cpu', 'cuda', 'mps'
-compile = False                 # torch.compile the training model
+compile = False                 # torch.compile the training model, and time sampling with compiled blocks too (GPT.compile_blocks)
 threads = 0                     # torch threads (0 = torch's default: one per core)
 # timing
 steps = 30                      # timed training steps per row
@@ -252,40 +252,67 @@ def stack_share(model, dev, run):
     return inside[0] / total
 
 
-def sample_speed(model, dev, dtype, batch, slide=slide):
+def use_blocks(model, blocks):
+    for i, block in enumerate(blocks):
+        model.transformer.h[i] = block
+
+
+def sample_speed(model, dev, dtype, batch, slide=slide, compiled=None):
     """Median over `repeats` runs of sampling sample_tokens tokens at this batch, and the share of a
-    run spent inside the block stack (stack_share)."""
+    run spent inside the block stack (stack_share). compiled: the model's blocks compiled
+    (GPT.compile_blocks), timed in runs interleaved with the eager ones (compiled_tokens_per_s),
+    after a warm-up past the block edge that compiles every variant."""
     s = Settings(temperature=temperature, top_k=top_k, sampler=sampler, policy=policy, tau=tau, slide=slide,
                  max_loop=sample_max_loop).check()
     idx = torch.zeros(batch, 1, dtype=torch.long, device=dev)  # one token: '\n' in the char vocabulary
-    runs = []
+    eager = list(model.transformer.h)
+    kinds = {'eager': eager, **({'compiled': compiled} if compiled else {})}
+    runs = {kind: [] for kind in kinds}
     with runtime.autocast(dev, dtype), PeakMemory(dev) as memory:
-        generate(model, idx, 8, s, torch.Generator(device=dev).manual_seed(0))  # warm-up
+        for kind, blocks in kinds.items():  # warm-up
+            use_blocks(model, blocks)
+            warm = model.config.block_size + model.config.n_future + 8 if kind == 'compiled' else 8
+            generate(model, idx, warm, s, torch.Generator(device=dev).manual_seed(0))
         for r in range(repeats):
-            sync(dev)
-            t0 = time.perf_counter()
-            tokens, record = generate(model, idx, sample_tokens, s, torch.Generator(device=dev).manual_seed(r))
-            sync(dev)
-            runs.append((time.perf_counter() - t0, record.summary()))
+            for kind, blocks in kinds.items():
+                use_blocks(model, blocks)
+                sync(dev)
+                t0 = time.perf_counter()
+                tokens, record = generate(model, idx, sample_tokens, s, torch.Generator(device=dev).manual_seed(r))
+                sync(dev)
+                runs[kind].append((time.perf_counter() - t0, record.summary()))
+        use_blocks(model, eager)
         share = stack_share(model, dev, lambda: generate(model, idx, sample_tokens, s, torch.Generator(device=dev).manual_seed(0)))
-    dt = statistics.median(t for t, _ in runs)
-    summary = runs[0][1]
-    return dict(tokens_per_s=batch * tokens.size(1) / dt, passes_per_token=summary['passes_per_token'],
-                tokens_per_step=summary['tokens_per_step'], tokens_per_call=summary.get('tokens_per_call'), stack_share=share,
+    speed = {kind: batch * tokens.size(1) / statistics.median(t for t, _ in times) for kind, times in runs.items()}
+    summary = runs['eager'][0][1]
+    return dict(tokens_per_s=speed['eager'], compiled_tokens_per_s=speed.get('compiled'),
+                passes_per_token=summary['passes_per_token'], tokens_per_step=summary['tokens_per_step'],
+                tokens_per_call=summary.get('tokens_per_call'), stack_share=share,
                 peak_mb=None if memory.peak is None else memory.peak / 2 ** 20)
+
+
+def compiled_blocks(model):
+    """The model's blocks compiled for sampling (GPT.compile_blocks), the eager ones left in place."""
+    eager = list(model.transformer.h)
+    blocks = list(model.compile_blocks().transformer.h)
+    use_blocks(model, eager)
+    return blocks
 
 
 def measure_row(name, args, dev, dtype, peak, trained=True):
     row = dict(variant=name, dtype=dtype, n_future=args['n_future'], block_size=args['block_size'],
                n_embd=args['n_embd'], **train_speed(args, dev, dtype, peak))
     model, source = sampler_model(name, args, dev, trained)
-    one = sample_speed(model, dev, dtype, 1)
-    row.update(sample_from=source, sample_tokens_per_s=one['tokens_per_s'], passes_per_token=one['passes_per_token'],
+    compiled = compiled_blocks(model) if compile else None
+    one = sample_speed(model, dev, dtype, 1, compiled=compiled)
+    row.update(sample_from=source, sample_tokens_per_s=one['tokens_per_s'], compiled_tokens_per_s=one['compiled_tokens_per_s'],
+               passes_per_token=one['passes_per_token'],
                tokens_per_step=one['tokens_per_step'], tokens_per_call=one['tokens_per_call'], stack_share=one['stack_share'],
                sample_peak_mb=one['peak_mb'])
     if num_samples > 1:
-        many = sample_speed(model, dev, dtype, num_samples)
-        row.update(batch_tokens_per_s=many['tokens_per_s'], batch_stack_share=many['stack_share'])
+        many = sample_speed(model, dev, dtype, num_samples, compiled=compiled)
+        row.update(batch_tokens_per_s=many['tokens_per_s'], batch_compiled_tokens_per_s=many['compiled_tokens_per_s'],
+                   batch_stack_share=many['stack_share'])
     return row
 
 
@@ -340,13 +367,14 @@ def fmt(value, spec):
 
 def print_table(rows, title):
     head = (f"{'variant':8s} {'dtype':8s} {'F':>3s} {'block':>5s} {'C':>4s} | {'train tok/s':>11s} {'ms/step':>8s} "
-            f"{'MFU':>6s} {'mem MB':>7s} | {'sample tok/s':>12s} {f'x{num_samples} tok/s':>11s} {'passes/tok':>10s} "
-            f"{'tok/step':>8s} {'tok/call':>8s} {'in stack':>8s} {'mem MB':>7s}")
+            f"{'MFU':>6s} {'mem MB':>7s} | {'sample tok/s':>12s} {'compiled':>8s} {f'x{num_samples} tok/s':>11s} "
+            f"{'compiled':>8s} {'passes/tok':>10s} {'tok/step':>8s} {'tok/call':>8s} {'in stack':>8s} {'mem MB':>7s}")
     print(f"\n{title}\n{head}\n{'-' * len(head)}")
     for r in rows:
         print(f"{r['variant']:8s} {r['dtype']:8s} {r['n_future']:3d} {r['block_size']:5d} {r['n_embd']:4d} | "
               f"{r['train_tokens_per_s']:11,.0f} {r['step_ms']:8.1f} {r['mfu'] * 100:5.1f}% {fmt(r['train_peak_mb'], '7.1f')} | "
-              f"{r['sample_tokens_per_s']:12,.0f} {fmt(r.get('batch_tokens_per_s'), '11,.0f')} "
+              f"{r['sample_tokens_per_s']:12,.0f} {fmt(r.get('compiled_tokens_per_s'), '8,.0f')} "
+              f"{fmt(r.get('batch_tokens_per_s'), '11,.0f')} {fmt(r.get('batch_compiled_tokens_per_s'), '8,.0f')} "
               f"{r['passes_per_token']:10.2f} {r['tokens_per_step']:8.2f} {fmt(r.get('tokens_per_call'), '8.2f')} "
               f"{r['stack_share'] * 100:7.0f}% {fmt(r['sample_peak_mb'], '7.1f')}", flush=True)
 
