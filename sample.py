@@ -142,13 +142,13 @@ def print_stats(record, top, sampler):
         for k, step in enumerate(record.steps):
             collapsed = ' '.join(f'{b:.2f}' for b in step['collapsed_bits'])
             live = step['live'] if step['live'] is not None else '-'
-            print(f"{k:4d}  {step['emitted']:6d}  {step['passes']:6d}  {live:>4}  {collapsed:16s}  "
+            print(f"{k:4d}  {step['emitted']:6g}  {step['passes']:6d}  {live:>4}  {collapsed:16s}  "
                   f"{sparkline(step['window_bits'], top)}", file=sys.stderr)
     summary = record.summary()
     extra = ''
     if 'acceptance' in summary:
         extra = ", acceptance by distance " + ' '.join(f'{a:.2f}' for a in summary['acceptance'])
-    print(f"[{sampler}: {summary['tokens']} tokens in {summary['seconds']:.2f}s: {summary['tokens_per_s']:.1f} tokens/s, "
+    print(f"[{sampler}: {summary['tokens']:g} tokens in {summary['seconds']:.2f}s: {summary['tokens_per_s']:.1f} tokens/s, "
           f"{summary['passes_per_token']:.2f} passes/token, {summary['tokens_per_step']:.2f} tokens/step, "
           f"{summary['tokens_per_call']:.2f} tokens/stack call{extra}]", file=sys.stderr)
 
