@@ -154,7 +154,7 @@ def entropy_bits(logits):
 
 class Stats:
     """Per-step record of a generation: passes, tokens emitted per row (a batched speculative round:
-    the mean over its rows, which accept different numbers of drafts), stack calls, the entropy (bits) of
+    the batch's tokens over its rows, as its rows accept different numbers of drafts), stack calls, the entropy (bits) of
     what collapsed and the window's entropy curve (row 0; detail=True only, it costs a sync per step),
     and for the speculative sampler drafts proposed and accepted by distance."""
 

@@ -32,7 +32,7 @@ from tokenizer import codec_for
 init_from = 'resume'     # 'resume' (out_dir/ckpt.pt) or a checkpoint file (ours or nanoGPT's)
 out_dir = 'out'          # the run folder to sample (with init_from='resume')
 start = '\n'             # the prompt, or FILE:path to read it from a file
-num_samples = 3          # samples (up to 64 generated together as one batch and printed when done; the speculative sampler runs them in turn)
+num_samples = 3          # samples (up to 64 generated together as one batch and printed when done; every sampler runs the batch together)
 max_new_tokens = 500     # tokens per sample
 stop = ''                # stop a sample at the first occurrence of this text ('' = never; EOS always stops)
 seed = 1337              # seeds the draws (the same seed gives the same text)

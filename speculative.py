@@ -26,8 +26,9 @@ tokens it never keeps) at its own positions, so rows drift apart in length. The 
 row rejects becomes a hole (its position set past every horizon), so no entry moves. The masks are
 written on positions (layout.visibility): a query sees its row's entries at positions up to its
 horizon and within block_size of it, which is the rolling window of the block edge with holes
-skipped. Drafting and the acceptance rule run per row on tiny tensors (a constraint reads each
-row's text); the stack call, the expensive part, runs once. Finished rows leave the batch. Draft length: k = F - 1, or with future='auto' the rule of
+skipped. Drafting and the acceptance rule run on the rows that share a temperature together (per
+row under a constraint, which reads each row's text, or future='auto', which sizes each row's
+drafts); the stack call, the expensive part, runs once. Finished rows leave the batch. Draft length: k = F - 1, or with future='auto' the rule of
 decoding.live_slots on the drafts' entropies (the same rule that sizes the collapse sampler's window).
 """
 
@@ -112,57 +113,62 @@ def more_draft_passes(model, cache, x0, first, pos_c, pos_f, layout, max_loop, t
 
 
 def target_probs(logits, s, temperature, req, text, drafts, produced):
-    """The filtered distributions (n, V) of logits (1, n, V), position i after text and drafts[:i];
-    with a constraint, the tokens that would break it are removed (greedy: from the plain softmax)."""
-    probs = token_probs(logits[0], s, temperature)
+    """The filtered distributions (B, n, V) of logits (B, n, V), position i after text and drafts[:, :i];
+    with a constraint (one row: it reads the row's text), the tokens that would break it are removed
+    (greedy: from the plain softmax)."""
+    probs = token_probs(logits, s, temperature)
     if req.constraint is None:
         return probs
     pieces = [req.constraint.pieces[t] for t in drafts[0].tolist()]
-    texts = [text + ''.join(pieces[:i]) for i in range(len(probs))]
-    return torch.cat([req.constraint.filter(probs[i:i + 1], texts[i:i + 1], produced + i == req.max_new_tokens - 1)[0]
-                      for i in range(len(probs))])
+    texts = [text + ''.join(pieces[:i]) for i in range(probs.size(1))]
+    return torch.cat([req.constraint.filter(probs[0, i:i + 1], texts[i:i + 1], produced + i == req.max_new_tokens - 1)[0]
+                      for i in range(probs.size(1))])[None]
 
 
 def accept(p, q, drafts, generator):
-    """The acceptance rule. p (k + 1, V) the verifier's filtered distributions, q (k, V) the drafts'
-    (None when greedy: accept while the draft is the argmax), drafts (1, k). Returns the number of
-    accepted drafts a and the token that follows them (1, 1): a residual draw at the rejection, or the bonus."""
-    k = drafts.size(1)
+    """The acceptance rule for B rows. p (B, k + 1, V) the verifier's filtered distributions, q (B, k, V)
+    the drafts' (None when greedy: accept while the draft is the argmax), drafts (B, k). Returns the
+    number of accepted drafts a (B,) and the token that follows them (B, 1): a residual draw at the
+    rejection, or the bonus."""
+    (B, k), rows = drafts.shape, torch.arange(drafts.size(0), device=p.device)
     if q is None:
-        target = p.argmax(-1)[None]
-        a = int((drafts == target[:, :k]).long().cumprod(1).sum())
-        return a, target[:, a:a + 1]
-    a = 0
+        target = p.argmax(-1)
+        a = (drafts == target[:, :k]).long().cumprod(1).sum(1)
+        return a, target.gather(1, a[:, None])
+    a = drafts.new_zeros(B)
     if k:
-        rows = torch.arange(k, device=p.device)
-        u = torch.rand(k, device=p.device, generator=generator)
-        a = int((u * q[rows, drafts[0]] < p[rows, drafts[0]]).long().cumprod(0).sum())  # u < p / q, in order
-    if a == k:
-        return a, draw(p[k], generator).view(1, 1)
-    residual = (p[a] - q[a]).clamp(min=0)
-    total = residual.sum()
-    return a, draw(residual / total if total > 0 else p[a], generator).view(1, 1)
+        u = torch.rand(B, k, device=p.device, generator=generator)
+        p_d, q_d = p[:, :k].gather(2, drafts[..., None])[..., 0], q.gather(2, drafts[..., None])[..., 0]
+        a = (u * q_d < p_d).long().cumprod(1).sum(1)  # u < p / q, in order
+    after = p[rows, a]  # (B, V) the bonus distribution where every draft was accepted
+    if k:
+        residual = (after - q[rows, a.clamp(max=k - 1)]).clamp(min=0)
+        total = residual.sum(-1, keepdim=True)
+        rejected = (a < k)[:, None] & (total > 0)
+        after = torch.where(rejected, residual / total.clamp(min=torch.finfo(total.dtype).tiny), after)
+    return a, draw(after, generator)[:, None]
 
 
 def draft(draft_logits, s, temperature, req, text, produced, generator):
-    """Draft tokens (1, k) and their distributions q (k, V) (None when greedy) from the logits (1, k, V)
-    of the draft slots, one after another (a constraint sees the drafts before each); future='auto'
-    keeps the leading slots the rule allows."""
+    """Draft tokens (B, k) and their distributions q (B, k, V) (None when greedy) from the logits
+    (B, k, V) of the draft slots. One row only with a constraint (the drafts are drawn one after
+    another, the constraint seeing the drafts before each) or future='auto' (it keeps the leading
+    slots the rule allows for the row)."""
     if s.future == 'auto' and draft_logits.size(1):
         draft_logits = draft_logits[:, :live_slots(entropy_bits(draft_logits)[0], s.tau)]
     if req.constraint is None:
         if temperature == 0:
             return draft_logits.argmax(-1), None
-        q = filtered_probs(draft_logits[0], temperature, s.top_k, s.top_p, s.min_p)
-        return draw(q, generator)[None], q
+        q = filtered_probs(draft_logits, temperature, s.top_k, s.top_p, s.min_p)
+        return draw(q, generator), q
     tokens, q = [], []
     for i in range(draft_logits.size(1)):
         probs = target_probs(draft_logits[:, i:i + 1], s, temperature, req, text + ''.join(req.constraint.pieces[t] for t in tokens),
-                             torch.tensor([[]], dtype=torch.long), produced + i)
-        tokens.append(int(probs[0].argmax()) if temperature == 0 else int(draw(probs[0], generator)))
-        q.append(probs[0])
+                             torch.tensor([[]], dtype=torch.long), produced + i)[0, 0]
+        tokens.append(int(probs.argmax()) if temperature == 0 else int(draw(probs, generator)))
+        q.append(probs)
     drafts = torch.tensor([tokens], dtype=torch.long, device=draft_logits.device)
-    return drafts, (None if temperature == 0 else torch.stack(q) if q else draft_logits.new_zeros(0, draft_logits.size(-1)))
+    return drafts, (None if temperature == 0 else torch.stack(q)[None] if q else draft_logits.new_zeros(1, 0, draft_logits.size(-1)))
 
 
 @dataclass
@@ -190,29 +196,68 @@ def prefill(model, idx):
     return engine.RowCache.adopt(cache, idx.size(0)), rows
 
 
-def settle(row, p_logits, future_logits, drafts, q, temperature, s, req):
-    """Judge one row's drafts (1, k) against its verifier logits p_logits (1, n >= k + 1, V) and commit
-    what the acceptance rule gives; future_logits (1, n, F, V) give the next round's drafts. Returns the
-    committed tokens (1, m) (pending and the accepted drafts are what the cache keeps: m entries) and
-    the number of accepted drafts."""
-    k = drafts.size(1)
-    p = target_probs(p_logits[:, :k + 1], s, temperature, req, row.text, drafts, row.produced)
-    a, token = accept(p, q, drafts, req.generator)
-    committed = torch.cat((drafts[:, :a], token), 1)[:, :req.max_new_tokens - row.produced]
-    row.produced, row.pending, row.end = row.produced + committed.size(1), committed[:, -1:], row.end + committed.size(1)
-    row.text = row.text if req.constraint is None else req.constraint.extend([row.text], committed)[0]
-    row.draft_logits = future_logits[:, a, 1:]  # the block behind the last accepted token: slot 1 is `token`
-    row.out.append(committed)
-    req.stats.drafts(k, a)
-    return committed, a
+def groups(live, temperatures, s, req):
+    """The rows (indices into live) whose drafts are drawn and judged together: those that share a
+    temperature (a schedule moves each row's with its length), or each row alone under a constraint
+    (it reads the row's text) or future='auto' (it sizes the row's drafts)."""
+    if req.constraint is not None or s.future == 'auto':
+        return [[i] for i in range(len(live))]
+    shared = {}
+    for i, temperature in enumerate(temperatures):
+        shared.setdefault(temperature, []).append(i)
+    return list(shared.values())
 
 
-def round_tokens(rows, proposals):
+def propose(live, temperatures, s, req):
+    """The round's drafts, group by group: [(rows, temperature, drafts (G, k), q (G, k, V) or None)]."""
+    proposals = []
+    for rows in groups(live, temperatures, s, req):
+        first, logits = live[rows[0]], torch.cat([live[i].draft_logits for i in rows])
+        drafts, q = draft(logits, s, temperatures[rows[0]], req, first.text, first.produced, req.generator)
+        proposals.append((rows, temperatures[rows[0]], drafts, q))
+    return proposals
+
+
+def round_tokens(live, proposals):
     """[pending, drafts] of every row (B, 1 + k), k the most drafts of any row: a row with fewer is
     padded with token 0, whose entries it never keeps (its acceptance stops at its own drafts)."""
-    k = max(drafts.size(1) for drafts, _ in proposals)
-    return torch.cat([torch.cat((row.pending, torch.nn.functional.pad(drafts, (0, k - drafts.size(1)))), 1)
-                      for row, (drafts, _) in zip(rows, proposals)])
+    k = max(drafts.size(1) for _, _, drafts, _ in proposals)
+    tokens = torch.zeros(len(live), 1 + k, dtype=torch.long, device=live[0].pending.device)
+    tokens[:, :1] = torch.cat([row.pending for row in live])
+    for rows, _, drafts, _ in proposals:
+        tokens[rows, 1:1 + drafts.size(1)] = drafts
+    return tokens
+
+
+def settle(rows, p_logits, future_logits, drafts, q, temperature, s, req):
+    """Judge a group's drafts (G, k) against its verifier logits p_logits (G, n >= k + 1, V) and commit
+    what the acceptance rule gives; future_logits (G, n, F, V) give the next round's drafts. Returns per
+    row the committed tokens (1, m) (pending and the accepted drafts are what the cache keeps: m
+    entries) and the number of accepted drafts."""
+    k = drafts.size(1)
+    p = target_probs(p_logits[:, :k + 1], s, temperature, req, rows[0].text, drafts, rows[0].produced)
+    accepted, tokens = accept(p, q, drafts, req.generator)
+    settled = []
+    for j, (row, a) in enumerate(zip(rows, accepted.tolist())):
+        committed = torch.cat((drafts[j:j + 1, :a], tokens[j:j + 1]), 1)[:, :req.max_new_tokens - row.produced]
+        row.produced, row.pending, row.end = row.produced + committed.size(1), committed[:, -1:], row.end + committed.size(1)
+        row.text = row.text if req.constraint is None else req.constraint.extend([row.text], committed)[0]
+        row.draft_logits = future_logits[j:j + 1, a, 1:]  # the block behind the last accepted token: slot 1 is `token`
+        row.out.append(committed)
+        req.stats.drafts(k, a)
+        settled.append((committed, a))
+    return settled
+
+
+def settle_all(live, proposals, p_logits, future_logits, s, req):
+    """settle for every group of the round: per row of live, (committed tokens (1, m), accepted drafts)."""
+    settled = [None] * len(live)
+    for rows, temperature, drafts, q in proposals:
+        index = torch.tensor(rows, device=p_logits.device)
+        for i, result in zip(rows, settle([live[i] for i in rows], p_logits[index], future_logits[index], drafts, q,
+                                          temperature, s, req)):
+            settled[i] = result
+    return settled
 
 
 def sample_rows(model, idx, s, req, on_tokens=None):
@@ -226,17 +271,15 @@ def sample_rows(model, idx, s, req, on_tokens=None):
     max_loop, running = limits['max_loop'], list(range(idx.size(0)))
     while running:
         live = [rows[b] for b in running]
-        temperatures = [req.temperature(s, row.produced) for row in live]
-        proposals = [draft(row.draft_logits, s, t, req, row.text, row.produced, req.generator) for row, t in zip(live, temperatures)]
+        proposals = propose(live, [req.temperature(s, row.produced) for row in live], s, req)
         tokens = round_tokens(live, proposals)
         ends = torch.tensor([row.end for row in live], device=idx.device)
         p_logits, future_logits = verify(model, cache, tokens, ends, max_loop, limits['tol'])
-        settled = [settle(row, p_logits[i:i + 1], future_logits[i:i + 1], *proposals[i], temperatures[i], s, req)
-                   for i, row in enumerate(live)]
+        settled = settle_all(live, proposals, p_logits, future_logits, s, req)
         kept = torch.tensor([committed.size(1) for committed, _ in settled], device=idx.device)
         cache.keep_new(tokens.size(1), kept)
         bits = [entropy_bits(p_logits[0, settled[0][1]])[0].item()] if req.stats.detail else ()  # the first running row's
-        req.stats.add(max_loop, kept.sum().item() / len(live), bits, calls=max_loop)  # tokens per row: the mean
+        req.stats.add(max_loop, kept.sum().item() / len(rows), bits, calls=max_loop)  # per row of the batch: they sum to a row's length
         still = [i for i, (b, (committed, _)) in enumerate(zip(running, settled))
                  if not ended(rows[b], b, committed, req, on_tokens)]
         if still and len(still) < len(running):  # the others leave the batch; the last rows keep the cache
