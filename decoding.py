@@ -153,7 +153,8 @@ def entropy_bits(logits):
 
 
 class Stats:
-    """Per-step record of a generation: passes, tokens emitted, stack calls, the entropy (bits) of
+    """Per-step record of a generation: passes, tokens emitted per row (a batched speculative round:
+    the batch's tokens over its rows, as its rows accept different numbers of drafts), stack calls, the entropy (bits) of
     what collapsed and the window's entropy curve (row 0; detail=True only, it costs a sync per step),
     and for the speculative sampler drafts proposed and accepted by distance."""
 

@@ -5,6 +5,8 @@ file holds what a sampler carries from token to token, as nanochat keeps its eng
 
 - KVCache: keys/values of the causal stream for B rows, per pass and layer, in one buffer that
   grows by doubling: append, truncate (a speculative draft rejected), select rows (SMC), compact.
+- RowCache: the same for rows that keep different entries (batched speculation): per-row positions,
+  a rejected draft's entries become holes that masks never show.
 - The block edge (BlockEdge, block_edge(model): the one place the rule is written, used by this
   file, sampling.py and speculative.py). A rotary model keeps its cache when the context outgrows block_size: each new
   token sees the block_size - 1 tokens before it, whose keys/values were computed when they were
@@ -75,6 +77,82 @@ class KVCache:
 
     def select(self, rows):
         return KVCache(None if self.buf is None else self.buf[:, :, :, rows], self.start, self.length)
+
+
+class RowCache:
+    """Keys/values of the causal stream for B rows that keep different entries (batched speculation:
+    rows accept different numbers of drafts). Every append adds n columns to every row; each row then
+    keeps the first few of them (keep_new) and the rest become holes. buf is laid out as KVCache's,
+    for one pass; pos (B, capacity) holds each entry's absolute position per row, HOLE where a row
+    keeps nothing. Masks read pos (layout.visibility works on positions), so a hole is never seen and
+    the block edge is a window of positions per row: no row's entries move when another's are rejected."""
+    HOLE = 2 ** 62  # a position after every query's horizon: nobody sees it
+
+    def __init__(self, buf=None, pos=None, length=0):
+        self.buf, self.pos, self.length = buf, pos, length
+
+    @classmethod
+    def adopt(cls, cache, rows):
+        """The RowCache of a KVCache of the prompt (the same positions in each of its `rows` rows)."""
+        if cache.buf is None:
+            return cls()
+        pos = torch.arange(cache.start, cache.start + cache.buf.size(5), device=cache.buf.device)
+        return cls(cache.buf, torch.where(pos < cache.end, pos, cls.HOLE).expand(rows, -1).clone(), cache.length)
+
+    def views(self):
+        """Per layer (k, v) of every column, and the columns' positions (B, length)."""
+        kvs = [] if self.buf is None else [(layer[0, :, :, :self.length], layer[1, :, :, :self.length]) for layer in self.buf[0]]
+        return kvs, self.pos[:, :self.length]
+
+    def append(self, kvs, pos, keep):
+        """Add the per-layer (k, v) (B, n_head, n, head_size) of n new tokens at positions pos (B, n).
+        When the buffer is full: each row's newest `keep` entries are gathered to the front (the
+        rolling window), else the buffer doubles."""
+        n = pos.size(1)
+        if self.buf is None:
+            k0 = kvs[0][0]
+            self.buf = k0.new_empty(1, len(kvs), 2, k0.size(0), k0.size(1), max(64, 2 * n), k0.size(3))
+            self.pos = pos.new_full((pos.size(0), self.buf.size(5)), self.HOLE)
+        if self.length + n > self.buf.size(5):
+            if keep + n <= self.buf.size(5):
+                self.compact(keep)
+            else:
+                self.grow(2 * (self.length + n))
+        for i, (k, v) in enumerate(kvs):
+            self.buf[0, i, 0, :, :, self.length:self.length + n] = k
+            self.buf[0, i, 1, :, :, self.length:self.length + n] = v
+        self.pos[:, self.length:self.length + n] = pos
+        self.length += n
+
+    def grow(self, capacity):
+        grown = self.buf.new_empty(*self.buf.shape[:5], capacity, self.buf.size(6))
+        grown[..., :self.length, :] = self.buf[..., :self.length, :]
+        self.buf, self.pos = grown, F.pad(self.pos, (0, capacity - self.pos.size(1)), value=self.HOLE)
+
+    def compact(self, keep):
+        """Gather each row's newest `keep` entries (holes skipped) into the first `keep` columns."""
+        live = self.pos[:, :self.length] != self.HOLE
+        column = torch.arange(self.length, device=self.pos.device).expand_as(live)
+        newest = torch.where(live, column, -1).topk(min(keep, self.length), dim=1).values.flip(1)  # (B, keep), -1: none
+        index = newest.clamp(min=0)
+        shape = self.buf.shape[:5] + (index.size(1), self.buf.size(6))
+        self.buf[..., :index.size(1), :] = self.buf.gather(5, index[None, None, None, :, None, :, None].expand(shape))
+        self.pos[:, :index.size(1)] = torch.where(newest >= 0, self.pos.gather(1, index), self.HOLE)
+        self.pos[:, index.size(1):] = self.HOLE
+        self.length = index.size(1)
+
+    def keep_new(self, n, kept):
+        """Of the last n columns row b keeps the first kept[b] (kept (B,) long); the others become
+        holes, and trailing columns that are holes in every row are dropped (at B = 1: truncation)."""
+        first = self.length - n
+        dropped = torch.arange(n, device=kept.device) >= kept[:, None]  # (B, n)
+        self.pos[:, first:self.length] = self.pos[:, first:self.length].masked_fill(dropped, self.HOLE)
+        self.length = first + int(kept.max())
+
+    def select(self, rows):
+        """The cache of the batch rows `rows` (1-D long)."""
+        return RowCache(None if self.buf is None else self.buf[:, :, :, rows], None if self.pos is None else self.pos[rows],
+                        self.length)
 
 
 @dataclass(frozen=True)

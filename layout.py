@@ -22,7 +22,8 @@ import torch
 
 def visibility(horizon, block, index, key_pos, key_block=None, key_index=None, spec_window=-1, window=0):
     """Who may see whom: the one attention rule of every layout (training, evaluation, sampling).
-    Keys are past keys at positions key_pos (Tp,) (the causal stream's keys/values) and, optionally,
+    Keys are past keys at positions key_pos (Tp,) (the causal stream's keys/values; (B, 1, Tp) when
+    rows keep different keys, with per-row horizons (B, Tq)) and, optionally,
     future keys of block key_block at index key_index (..., Tf). A query sees a past key iff its
     position is <= the query's horizon (the last token the query may know; window > 0: and more than
     horizon - window), and a future key iff it is in the query's block and at most spec_window

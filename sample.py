@@ -33,7 +33,7 @@ from tokenizer import codec_for
 init_from = 'resume'     # 'resume' (out_dir/ckpt.pt) or a checkpoint file (ours or nanoGPT's)
 out_dir = 'out'          # the run folder to sample (with init_from='resume')
 start = '\n'             # the prompt, or FILE:path to read it from a file
-num_samples = 3          # samples (up to 64 generated together as one batch and printed when done; the speculative sampler runs them in turn)
+num_samples = 3          # samples (up to 64 generated together as one batch and printed when done; every sampler runs the batch together)
 max_new_tokens = 500     # tokens per sample
 stop = ''                # stop a sample at the first occurrence of this text ('' = never; EOS always stops)
 seed = 1337              # seeds the draws (the same seed gives the same text)
@@ -143,13 +143,13 @@ def print_stats(record, top, sampler):
         for k, step in enumerate(record.steps):
             collapsed = ' '.join(f'{b:.2f}' for b in step['collapsed_bits'])
             live = step['live'] if step['live'] is not None else '-'
-            print(f"{k:4d}  {step['emitted']:6d}  {step['passes']:6d}  {live:>4}  {collapsed:16s}  "
+            print(f"{k:4d}  {step['emitted']:6g}  {step['passes']:6d}  {live:>4}  {collapsed:16s}  "
                   f"{sparkline(step['window_bits'], top)}", file=sys.stderr)
     summary = record.summary()
     extra = ''
     if 'acceptance' in summary:
         extra = ", acceptance by distance " + ' '.join(f'{a:.2f}' for a in summary['acceptance'])
-    print(f"[{sampler}: {summary['tokens']} tokens in {summary['seconds']:.2f}s: {summary['tokens_per_s']:.1f} tokens/s, "
+    print(f"[{sampler}: {summary['tokens']:g} tokens in {summary['seconds']:.2f}s: {summary['tokens_per_s']:.1f} tokens/s, "
           f"{summary['passes_per_token']:.2f} passes/token, {summary['tokens_per_step']:.2f} tokens/step, "
           f"{summary['tokens_per_call']:.2f} tokens/stack call{extra}]", file=sys.stderr)
 

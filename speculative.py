@@ -1,7 +1,7 @@
 """
 Exact speculative sampling for pinned WFC models: the future slots draft, the causal stream verifies.
 
-A round, for one row (rows run one after another):
+A round, for each row (every row of the batch in the same stack call):
 1. Drafts d_1..d_k are drawn from q_1..q_k, the filtered distributions of future slots 2..k + 1 of
    the block behind the last token the cache has seen (slot 1 of that block predicts the token
    committed last, which is already known).
@@ -17,12 +17,23 @@ A round, for one row (rows run one after another):
    which gives exactly the causal stream's greedy text.
 4. The cache keeps the keys/values of pending and the accepted drafts and forgets the rest; the
    token committed last becomes the next round's pending token.
-A round commits 1..k + 1 tokens for one stack call. With a temperature schedule the temperature
-advances per round. Draft length: k = F - 1, or with future='auto' the rule of
+A round commits 1..k + 1 tokens per row for one stack call. With a temperature schedule the
+temperature advances per round, per row (rows are at different lengths).
+
+Batched: every row feeds 1 + k tokens (k the most drafts of any row; a row with fewer pads with
+tokens it never keeps) at its own positions, so rows drift apart in length. The cache
+(engine.RowCache) gives every row the same columns and keeps per row each entry's position; what a
+row rejects becomes a hole (its position set past every horizon), so no entry moves. The masks are
+written on positions (layout.visibility): a query sees its row's entries at positions up to its
+horizon and within block_size of it, which is the rolling window of the block edge with holes
+skipped. Drafting and the acceptance rule run on the rows that share a temperature together (per
+row under a constraint, which reads each row's text, or future='auto', which sizes each row's
+drafts); the stack call, the expensive part, runs once. Finished rows leave the batch. Draft length: k = F - 1, or with future='auto' the rule of
 decoding.live_slots on the drafts' entropies (the same rule that sizes the collapse sampler's window).
 """
 
 import functools
+from dataclasses import dataclass, field
 
 import torch
 
@@ -35,138 +46,258 @@ from decoding import draw, entropy_bits, filtered_probs, live_slots, token_probs
 def generate_speculative(model, idx, s, req, on_tokens):
     """sampling.generate's speculative sampler (req: a decoding.Request): (B, n) new tokens, rows that
     on_tokens ended early padded with -1."""
-    rows = [sample_row(model, idx[r:r + 1], s, req, None if on_tokens is None else (lambda ids, r=r: on_tokens(r, ids)))[0]
-            for r in range(idx.size(0))]
+    rows, _ = sample_rows(model, idx, s, req, on_tokens)
     n = max(row.size(1) for row in rows)
     return torch.cat([torch.nn.functional.pad(row, (0, n - row.size(1)), value=-1) for row in rows])
 
 
 @functools.lru_cache(maxsize=64)
-def round_layout(n, L, n_future, spec_window, window, device):
-    """What a round's call looks like relative to its first new token (it repeats, so it is built
-    once): the future slots' position offsets (n F,), their blocks and indices, and the visibility of
-    [n causal queries, n blocks of F future queries] over [L cached keys, n new keys, n F future keys]."""
+def round_layout(n, n_future, device):
+    """What a round's call looks like relative to its first new token, the same in every row and
+    every round (so built once): the future slots' position offsets (n F,), their blocks and indices
+    (n F,), and per query of [n causal, n blocks of F future] its horizon offset, block and index."""
     rel = torch.arange(n, device=device)  # the causal queries' positions, relative to the first one
     offsets = (rel[:, None] + torch.arange(1, n_future + 1, device=device)).flatten()  # block b: the F positions after token b
     block, index = rel.repeat_interleave(n_future), torch.arange(n_future, device=device).repeat(n)
-    mask = visibility(torch.cat((rel, rel.repeat_interleave(n_future))), torch.cat((block.new_full((n,), -1), block)),
-                      torch.cat((index.new_zeros(n), index)), torch.arange(-L, n, device=device), block, index,
-                      spec_window, window=window)[None, None]
-    return offsets, block, index, mask
+    queries = (torch.cat((rel, block)), torch.cat((block.new_full((n,), -1), block)), torch.cat((index.new_zeros(n), index)))
+    return offsets, block, index, queries
 
 
-def verify(model, cache, tokens, max_loop=1, tol=None):
-    """The round's one stack call: the causal stream on tokens (1, n) = [pending, drafts] after the
-    cache, and F future slots behind each of them. Appends the n tokens' keys/values to the cache.
-    Returns the causal logits (1, n, V) (row i: the distribution of the token after tokens[:, i])
-    and the future blocks' logits (1, n, F, V)."""
-    c, n, n_future, dev = model.config, tokens.size(1), model.config.n_future, tokens.device
-    edge, P0 = engine.block_edge(model), cache.end
-    engine.ensure_positions(model, P0 + n + n_future)
-    prefixes = cache.views(0, edge.keep) if cache.length else None
-    offsets, block, index, mask = round_layout(n, prefixes[0][0].size(2) if prefixes else 0, n_future, c.spec_window,
-                                               edge.window, str(dev))
-    pos_c, pos_f = torch.arange(P0, P0 + n, device=dev), P0 + offsets
-    x0 = torch.cat((model.input(tokens, pos_c), model.blank(pos_f)[None]), 1)
-    ctx = Context(x0, torch.cat((pos_c, pos_f)), mask, prefixes)
+def round_mask(layout, ends, cache_pos, spec_window, window):
+    """The visibility (B, 1, queries, keys) of a round's queries over [the cached keys at positions
+    cache_pos (B, L) (None: no cache; RowCache.HOLE: a hole), n new keys, n F future keys], for rows
+    whose first new token sits at position ends (B,)."""
+    _, block, index, (horizon, query_block, query_index) = layout
+    B, n = ends.size(0), horizon.size(0) - block.size(0)
+    new_pos = ends[:, None] + horizon[:n]
+    key_pos = new_pos if cache_pos is None else torch.cat((cache_pos, new_pos), 1)
+    return visibility(ends[:, None] + horizon, query_block.expand(B, -1), query_index.expand(B, -1), key_pos[:, None],
+                      block, index, spec_window, window=window)[:, None]
+
+
+def verify(model, cache, tokens, ends, max_loop=1, tol=None):
+    """The round's one stack call for the whole batch: the causal stream on tokens (B, n) = [pending,
+    drafts] of each row, at positions ends (B,) onward after the row's entries of the RowCache, and F
+    future slots behind each of them. Appends the n tokens' keys/values to the cache. Returns the
+    causal logits (B, n, V) (row i: the distribution of the token after tokens[:, i]) and the future
+    blocks' logits (B, n, F, V)."""
+    c, (B, n), n_future, dev = model.config, tokens.shape, model.config.n_future, tokens.device
+    edge = engine.block_edge(model)
+    engine.ensure_positions(model, int(ends.max()) + n + n_future)
+    prefixes, cache_pos = cache.views() if cache.length else (None, None)
+    layout = round_layout(n, n_future, str(dev))
+    pos_c, pos_f = ends[:, None] + torch.arange(n, device=dev), ends[:, None] + layout[0]
+    x0 = torch.cat((model.input(tokens, pos_c), model.blank(pos_f)), 1)
+    ctx = Context(x0, torch.cat((pos_c, pos_f), 1), round_mask(layout, ends, cache_pos, c.spec_window, edge.window), prefixes)
     core, out, kvs = model.once_through(x0, ctx)  # a sandwich: prelude, one core pass, coda
-    cache.append([[(k[:, :, :n], v[:, :, :n]) for k, v in kvs]], keep=edge.keep)
+    cache.append([(k[:, :, :n], v[:, :, :n]) for k, v in kvs], pos_c, keep=edge.keep)
     future_logits = model.logits(out[:, n:])
-    if max_loop > 1:  # more passes for the drafts, against the past now in the cache
-        views = cache.views(0, edge.recent(n))
-        keys = torch.arange(cache.end - views[0][0].size(2), cache.end, device=dev)
-        ctx = Context(ctx.x0[:, n:], pos_f, visibility(pos_c.repeat_interleave(n_future), block, index, keys, block, index,
-                                                       c.spec_window, window=edge.window)[None, None], views)
-        none = torch.zeros(1, n * n_future, dtype=torch.bool, device=dev)
-        future, _ = model.iterate(ctx.x0, ctx, none, ~none, max_loop=max_loop, tol=tol, first=core[:, n:])
-        future_logits = model.readout(future, ctx)
-    return model.logits(out[:, :n]), future_logits.view(1, n, n_future, -1)
+    if max_loop > 1:
+        future_logits = more_draft_passes(model, cache, ctx.x0[:, n:], core[:, n:], pos_c, pos_f, layout, max_loop, tol)
+    return model.logits(out[:, :n]), future_logits.view(B, n, n_future, -1)
+
+
+def more_draft_passes(model, cache, x0, first, pos_c, pos_f, layout, max_loop, tol):
+    """Passes 2..max_loop of the future blocks (B, n F) against the past now in the cache (the round's
+    tokens included, each block seeing up to its own token); returns their logits (B, n F, V)."""
+    c, B = model.config, x0.size(0)
+    _, block, index, _ = layout
+    views, key_pos = cache.views()
+    horizon = pos_c.repeat_interleave(c.n_future, 1)  # block b sits behind token b
+    mask = visibility(horizon, block.expand(B, -1), index.expand(B, -1), key_pos[:, None], block, index, c.spec_window,
+                      window=engine.block_edge(model).window)[:, None]
+    ctx = Context(x0, pos_f, mask, views)
+    none = torch.zeros(B, x0.size(1), dtype=torch.bool, device=x0.device)
+    future, _ = model.iterate(x0, ctx, none, ~none, max_loop=max_loop, tol=tol, first=first)
+    return model.readout(future, ctx)
 
 
 def target_probs(logits, s, temperature, req, text, drafts, produced):
-    """The filtered distributions (n, V) of logits (1, n, V), position i after text and drafts[:i];
-    with a constraint, the tokens that would break it are removed (greedy: from the plain softmax)."""
-    probs = token_probs(logits[0], s, temperature)
+    """The filtered distributions (B, n, V) of logits (B, n, V), position i after text and drafts[:, :i];
+    with a constraint (one row: it reads the row's text), the tokens that would break it are removed
+    (greedy: from the plain softmax)."""
+    probs = token_probs(logits, s, temperature)
     if req.constraint is None:
         return probs
     pieces = [req.constraint.pieces[t] for t in drafts[0].tolist()]
-    texts = [text + ''.join(pieces[:i]) for i in range(len(probs))]
-    return torch.cat([req.constraint.filter(probs[i:i + 1], texts[i:i + 1], produced + i == req.max_new_tokens - 1)[0]
-                      for i in range(len(probs))])
+    texts = [text + ''.join(pieces[:i]) for i in range(probs.size(1))]
+    return torch.cat([req.constraint.filter(probs[0, i:i + 1], texts[i:i + 1], produced + i == req.max_new_tokens - 1)[0]
+                      for i in range(probs.size(1))])[None]
 
 
 def accept(p, q, drafts, generator):
-    """The acceptance rule. p (k + 1, V) the verifier's filtered distributions, q (k, V) the drafts'
-    (None when greedy: accept while the draft is the argmax), drafts (1, k). Returns the number of
-    accepted drafts a and the token that follows them (1, 1): a residual draw at the rejection, or the bonus."""
-    k = drafts.size(1)
+    """The acceptance rule for B rows. p (B, k + 1, V) the verifier's filtered distributions, q (B, k, V)
+    the drafts' (None when greedy: accept while the draft is the argmax), drafts (B, k). Returns the
+    number of accepted drafts a (B,) and the token that follows them (B, 1): a residual draw at the
+    rejection, or the bonus."""
+    (B, k), rows = drafts.shape, torch.arange(drafts.size(0), device=p.device)
     if q is None:
-        target = p.argmax(-1)[None]
-        a = int((drafts == target[:, :k]).long().cumprod(1).sum())
-        return a, target[:, a:a + 1]
-    a = 0
+        target = p.argmax(-1)
+        a = (drafts == target[:, :k]).long().cumprod(1).sum(1)
+        return a, target.gather(1, a[:, None])
+    a = drafts.new_zeros(B)
     if k:
-        rows = torch.arange(k, device=p.device)
-        u = torch.rand(k, device=p.device, generator=generator)
-        a = int((u * q[rows, drafts[0]] < p[rows, drafts[0]]).long().cumprod(0).sum())  # u < p / q, in order
-    if a == k:
-        return a, draw(p[k], generator).view(1, 1)
-    residual = (p[a] - q[a]).clamp(min=0)
-    total = residual.sum()
-    return a, draw(residual / total if total > 0 else p[a], generator).view(1, 1)
+        u = torch.rand(B, k, device=p.device, generator=generator)
+        p_d, q_d = p[:, :k].gather(2, drafts[..., None])[..., 0], q.gather(2, drafts[..., None])[..., 0]
+        a = (u * q_d < p_d).long().cumprod(1).sum(1)  # u < p / q, in order
+    after = p[rows, a]  # (B, V) the bonus distribution where every draft was accepted
+    if k:
+        residual = (after - q[rows, a.clamp(max=k - 1)]).clamp(min=0)
+        total = residual.sum(-1, keepdim=True)
+        rejected = (a < k)[:, None] & (total > 0)
+        after = torch.where(rejected, residual / total.clamp(min=torch.finfo(total.dtype).tiny), after)
+    return a, draw(after, generator)[:, None]
 
 
 def draft(draft_logits, s, temperature, req, text, produced, generator):
-    """Draft tokens (1, k) and their distributions q (k, V) (None when greedy) from the logits (1, k, V)
-    of the draft slots, one after another (a constraint sees the drafts before each); future='auto'
-    keeps the leading slots the rule allows."""
+    """Draft tokens (B, k) and their distributions q (B, k, V) (None when greedy) from the logits
+    (B, k, V) of the draft slots. One row only with a constraint (the drafts are drawn one after
+    another, the constraint seeing the drafts before each) or future='auto' (it keeps the leading
+    slots the rule allows for the row)."""
     if s.future == 'auto' and draft_logits.size(1):
         draft_logits = draft_logits[:, :live_slots(entropy_bits(draft_logits)[0], s.tau)]
     if req.constraint is None:
         if temperature == 0:
             return draft_logits.argmax(-1), None
-        q = filtered_probs(draft_logits[0], temperature, s.top_k, s.top_p, s.min_p)
-        return draw(q, generator)[None], q
+        q = filtered_probs(draft_logits, temperature, s.top_k, s.top_p, s.min_p)
+        return draw(q, generator), q
     tokens, q = [], []
     for i in range(draft_logits.size(1)):
         probs = target_probs(draft_logits[:, i:i + 1], s, temperature, req, text + ''.join(req.constraint.pieces[t] for t in tokens),
-                             torch.tensor([[]], dtype=torch.long), produced + i)
-        tokens.append(int(probs[0].argmax()) if temperature == 0 else int(draw(probs[0], generator)))
-        q.append(probs[0])
+                             torch.tensor([[]], dtype=torch.long), produced + i)[0, 0]
+        tokens.append(int(probs.argmax()) if temperature == 0 else int(draw(probs, generator)))
+        q.append(probs)
     drafts = torch.tensor([tokens], dtype=torch.long, device=draft_logits.device)
-    return drafts, (None if temperature == 0 else torch.stack(q) if q else draft_logits.new_zeros(0, draft_logits.size(-1)))
+    return drafts, (None if temperature == 0 else torch.stack(q)[None] if q else draft_logits.new_zeros(1, 0, draft_logits.size(-1)))
 
 
-def sample_row(model, idx, s, req, on_tokens=None):
-    """One row (idx (1, P)): its new tokens (1, n) and the cache at the end (every committed token's
-    keys/values but the last one's, which is pending)."""
-    c = model.config
+@dataclass
+class Row:
+    """One row's speculation between rounds."""
+    pending: torch.Tensor       # (1, 1) the token committed last, not yet in the cache
+    end: int                    # its position
+    draft_logits: torch.Tensor  # (1, k, V) the draft slots behind it: the next round's drafts
+    produced: int = 0           # tokens committed so far
+    text: str = ''              # their text (kept for a constraint only)
+    out: list = field(default_factory=list)  # the committed tokens, round by round (1, m) each
+
+
+def prefill(model, idx):
+    """The cache of the prompt idx (B, P) (its last block_size tokens but the last, which is pending)
+    and one Row per batch row."""
     edge = engine.block_edge(model)
     if not edge.rolls:
         raise ValueError("the speculative sampler needs a window that rolls (a pinned model with pos_emb='rope')")
     cache, prompt = engine.KVCache(), idx[:, -edge.block_size:]
     if prompt.size(1) > 1:
         engine.run_causal(model, prompt[:, :-1], cache, queries=0)
-    pending, draft_logits, out, produced, text = prompt[:, -1:], idx.new_zeros(1, 0, c.vocab_size).float(), [], 0, ''
-    limits = s.limits(model, drafts=True)  # drafts: one pass unless asked
-    max_loop, tol = limits['max_loop'], limits['tol']
-    while produced < req.max_new_tokens:
-        temperature = req.temperature(s, produced)
-        drafts, q = draft(draft_logits, s, temperature, req, text, produced, req.generator)
-        k = drafts.size(1)
-        start = cache.end
-        p_logits, future_logits = verify(model, cache, torch.cat((pending, drafts), 1), max_loop, tol)
-        p = target_probs(p_logits, s, temperature, req, text, drafts, produced)
-        a, token = accept(p, q, drafts, req.generator)
-        committed = torch.cat((drafts[:, :a], token), 1)[:, :req.max_new_tokens - produced]
-        cache.truncate(start + committed.size(1))  # pending and the accepted drafts stay; the rejected go
-        produced, pending = produced + committed.size(1), committed[:, -1:]
-        text = text if req.constraint is None else req.constraint.extend([text], committed)[0]
-        draft_logits = future_logits[:, a, 1:]  # the block behind the last accepted token: slot 1 is `token`
-        req.stats.add(max_loop, committed.size(1), [entropy_bits(p_logits[0, a])[0].item()] if req.stats.detail else (),
-                      calls=max_loop)
+    no_drafts = idx.new_zeros(1, 0, model.config.vocab_size).float()
+    rows = [Row(prompt[b:b + 1, -1:], prompt.size(1) - 1, no_drafts) for b in range(idx.size(0))]
+    return engine.RowCache.adopt(cache, idx.size(0)), rows
+
+
+def groups(live, temperatures, s, req):
+    """The rows (indices into live) whose drafts are drawn and judged together: those that share a
+    temperature (a schedule moves each row's with its length), or each row alone under a constraint
+    (it reads the row's text) or future='auto' (it sizes the row's drafts)."""
+    if req.constraint is not None or s.future == 'auto':
+        return [[i] for i in range(len(live))]
+    shared = {}
+    for i, temperature in enumerate(temperatures):
+        shared.setdefault(temperature, []).append(i)
+    return list(shared.values())
+
+
+def propose(live, temperatures, s, req):
+    """The round's drafts, group by group: [(rows, temperature, drafts (G, k), q (G, k, V) or None)]."""
+    proposals = []
+    for rows in groups(live, temperatures, s, req):
+        first, logits = live[rows[0]], torch.cat([live[i].draft_logits for i in rows])
+        drafts, q = draft(logits, s, temperatures[rows[0]], req, first.text, first.produced, req.generator)
+        proposals.append((rows, temperatures[rows[0]], drafts, q))
+    return proposals
+
+
+def round_tokens(live, proposals):
+    """[pending, drafts] of every row (B, 1 + k), k the most drafts of any row: a row with fewer is
+    padded with token 0, whose entries it never keeps (its acceptance stops at its own drafts)."""
+    k = max(drafts.size(1) for _, _, drafts, _ in proposals)
+    tokens = torch.zeros(len(live), 1 + k, dtype=torch.long, device=live[0].pending.device)
+    tokens[:, :1] = torch.cat([row.pending for row in live])
+    for rows, _, drafts, _ in proposals:
+        tokens[rows, 1:1 + drafts.size(1)] = drafts
+    return tokens
+
+
+def settle(rows, p_logits, future_logits, drafts, q, temperature, s, req):
+    """Judge a group's drafts (G, k) against its verifier logits p_logits (G, n >= k + 1, V) and commit
+    what the acceptance rule gives; future_logits (G, n, F, V) give the next round's drafts. Returns per
+    row the committed tokens (1, m) (pending and the accepted drafts are what the cache keeps: m
+    entries) and the number of accepted drafts."""
+    k = drafts.size(1)
+    p = target_probs(p_logits[:, :k + 1], s, temperature, req, rows[0].text, drafts, rows[0].produced)
+    accepted, tokens = accept(p, q, drafts, req.generator)
+    settled = []
+    for j, (row, a) in enumerate(zip(rows, accepted.tolist())):
+        committed = torch.cat((drafts[j:j + 1, :a], tokens[j:j + 1]), 1)[:, :req.max_new_tokens - row.produced]
+        row.produced, row.pending, row.end = row.produced + committed.size(1), committed[:, -1:], row.end + committed.size(1)
+        row.text = row.text if req.constraint is None else req.constraint.extend([row.text], committed)[0]
+        row.draft_logits = future_logits[j:j + 1, a, 1:]  # the block behind the last accepted token: slot 1 is `token`
+        row.out.append(committed)
         req.stats.drafts(k, a)
-        out.append(committed)
-        if on_tokens is not None and on_tokens(committed[0].tolist()):
-            break
-    return torch.cat(out, 1), cache
+        settled.append((committed, a))
+    return settled
+
+
+def settle_all(live, proposals, p_logits, future_logits, s, req):
+    """settle for every group of the round: per row of live, (committed tokens (1, m), accepted drafts)."""
+    settled = [None] * len(live)
+    for rows, temperature, drafts, q in proposals:
+        index = torch.tensor(rows, device=p_logits.device)
+        for i, result in zip(rows, settle([live[i] for i in rows], p_logits[index], future_logits[index], drafts, q,
+                                          temperature, s, req)):
+            settled[i] = result
+    return settled
+
+
+def sample_rows(model, idx, s, req, on_tokens=None):
+    """Every row of idx (B, P) at once, one stack call per round for the whole batch (each row
+    accepts its own number of drafts; its rejected entries stay in the cache as holes). Returns each
+    row's new tokens [(1, n_b)] (a row ends at max_new_tokens or when on_tokens(b, ids) says so) and
+    the cache of the rows that ran the last round (per row, the keys/values of every committed token
+    in the window but the last one's, which is pending)."""
+    cache, rows = prefill(model, idx)
+    limits = s.limits(model, drafts=True)  # drafts: one pass unless asked
+    max_loop, running = limits['max_loop'], list(range(idx.size(0)))
+    while running:
+        live = [rows[b] for b in running]
+        proposals = propose(live, [req.temperature(s, row.produced) for row in live], s, req)
+        tokens = round_tokens(live, proposals)
+        ends = torch.tensor([row.end for row in live], device=idx.device)
+        p_logits, future_logits = verify(model, cache, tokens, ends, max_loop, limits['tol'])
+        settled = settle_all(live, proposals, p_logits, future_logits, s, req)
+        kept = torch.tensor([committed.size(1) for committed, _ in settled], device=idx.device)
+        cache.keep_new(tokens.size(1), kept)
+        bits = [entropy_bits(p_logits[0, settled[0][1]])[0].item()] if req.stats.detail else ()  # the first running row's
+        req.stats.add(max_loop, kept.sum().item() / len(rows), bits, calls=max_loop)  # per row of the batch: they sum to a row's length
+        still = [i for i, (b, (committed, _)) in enumerate(zip(running, settled))
+                 if not ended(rows[b], b, committed, req, on_tokens)]
+        if still and len(still) < len(running):  # the others leave the batch; the last rows keep the cache
+            cache = cache.select(torch.tensor(still, dtype=torch.long, device=idx.device))
+        running = [running[i] for i in still]
+    return [torch.cat(row.out, 1) for row in rows], cache
+
+
+def ended(row, b, committed, req, on_tokens):
+    """Whether row b is done after committing `committed` (1, m): on_tokens(b, ids) hears every
+    commit and may end it; max_new_tokens ends it."""
+    stop = on_tokens is not None and bool(on_tokens(b, committed[0].tolist()))
+    return stop or row.produced >= req.max_new_tokens
+
+
+def sample_row(model, idx, s, req, on_tokens=None):
+    """One row (idx (1, P)): its new tokens (1, n) and the cache at the end, which at batch 1 has no
+    holes (keep_new drops a rejected draft's trailing entries): every committed token's keys/values
+    but the last one's, which is pending."""
+    rows, cache = sample_rows(model, idx, s, req, None if on_tokens is None else (lambda b, ids: on_tokens(ids)))
+    return rows[0], cache

@@ -3,7 +3,10 @@ causal stream writes greedily on its own (several prompts and checkpoints, acros
 sampled, the first three tokens follow the causal stream's filtered next-token distribution
 (total variation and a chi-square test at significance 0.001, for temperature 1, temperature
 0.7 with top-k and top-p), while the drafts alone do not (the check has the power to see a wrong
-rule). One stack call per round; the cache is extended and truncated, never rebuilt."""
+rule). One stack call per round; the cache is extended and truncated, never rebuilt. Batched, every
+row of a batch advances in the same stack call, accepting its own number of drafts: each row writes
+the causal stream's greedy text (and what it writes alone), and the cache entries each row keeps are
+its committed tokens' keys/values, its rejected drafts' holes never seen."""
 
 import itertools
 import math
@@ -57,7 +60,8 @@ def exact_first_tokens(model, prompt, n, s):
 
 def draws(model, prompt, n, s, rows, seed):
     idx = torch.tensor([prompt] * rows)
-    out, _ = generate(model, idx, n, s, torch.Generator().manual_seed(seed))
+    out, stats = generate(model, idx, n, s, torch.Generator().manual_seed(seed))
+    assert len(stats.steps) <= n, "the rows ran as one batch: each round is one stack call for all of them"
     counts = {}
     for row in out.tolist():
         counts[tuple(row)] = counts.get(tuple(row), 0) + 1
@@ -134,3 +138,65 @@ def test_the_cache_holds_exactly_the_committed_tokens(checkpoints, name):
     expected = torch.stack([torch.stack(kv) for kv in kvs[0]])  # (layers, 2, B, heads, n, head size)
     assert cache.length == committed.size(1)
     assert torch.allclose(cache.buf[0, :, :, :, :, :cache.length], expected, atol=1e-5)
+
+
+PROMPTS = torch.tensor([[0, 1, 2], [5, 6, 0], [3, 3, 8], [8, 2, 7]])  # same length, different rows
+
+
+@pytest.mark.parametrize('name', ['F2', 'F4', 'sandwich', 'untrained'])
+def test_batched_greedy_speculation_is_each_rows_causal_greedy_text(checkpoints, name):
+    model = checkpoints[name]
+    causal, _ = generate(model, PROMPTS, 60, Settings(temperature=0, sampler='causal'))  # 60 tokens: across the block edge
+    for extra in ({}, dict(future='auto', tau=2.0), dict(max_loop=2)):  # auto: rows draft different numbers of tokens
+        spec, stats = generate(model, PROMPTS, 60, Settings(temperature=0, sampler='speculative', **extra))
+        assert torch.equal(spec, causal), (name, extra)
+        assert any(step['emitted'] != int(step['emitted']) for step in stats.steps), "rows that accepted differently"
+
+
+@pytest.mark.parametrize('name', ['F4', 'untrained'])
+def test_a_rows_greedy_text_does_not_depend_on_its_batch(checkpoints, name):
+    model, s = checkpoints[name], Settings(temperature=0, sampler='speculative')
+    together, _ = generate(model, PROMPTS, 40, s)
+    for r in range(len(PROMPTS)):
+        alone, _ = generate(model, PROMPTS[r:r + 1], 40, s)
+        assert torch.equal(together[r:r + 1], alone), (name, r)
+
+
+def test_one_stack_call_per_round_for_the_whole_batch(checkpoints, monkeypatch):
+    model = checkpoints['F4']
+    calls, stack = [], model.stack
+    monkeypatch.setattr(model, 'stack', lambda *a, **k: (calls.append(a[0].size(0)), stack(*a, **k))[1])
+    out, stats = generate(model, PROMPTS, 50, Settings(temperature=1.0, top_k=0, sampler='speculative'),
+                          torch.Generator().manual_seed(0))
+    rounds = len(stats.steps)
+    assert len(calls) == rounds + 1, "the prompts' prefill, then one call per round for every row"
+    assert calls[:2] == [len(PROMPTS)] * 2, "the rows run together"
+    assert out.shape == (len(PROMPTS), 50) and (out >= 0).all() and rounds < 50
+
+
+@pytest.mark.parametrize('name', ['F2', 'F4', 'sandwich', 'untrained'])
+def test_each_rows_cache_entries_are_its_committed_tokens(checkpoints, name, monkeypatch):
+    """Before every round of a batched run (100 tokens: past the block edge, so the cache rolls and
+    compacts), each row's entries that are not holes hold the keys/values of the causal stream
+    recomputed from scratch over that row's text, at distinct positions before its pending token,
+    and every position of the window is there."""
+    from test_performance import recomputed_causal
+    model, seen, verify = checkpoints[name], [], speculative.verify
+    def spy(model, cache, tokens, ends, *args):
+        if cache.length and cache.pos.size(0) == len(PROMPTS):  # every row still running: rows in prompt order
+            seen.append((cache.pos[:, :cache.length].clone(), cache.buf[0, :, :, :, :, :cache.length].clone(), ends.clone()))
+        return verify(model, cache, tokens, ends, *args)
+    monkeypatch.setattr(speculative, 'verify', spy)
+    out, _ = generate(model, PROMPTS, 100, Settings(temperature=1.0, top_k=0, sampler='speculative'),
+                      torch.Generator().manual_seed(1))
+    _, kvs = recomputed_causal(model, torch.cat((PROMPTS, out), 1))
+    expected = torch.stack([torch.stack(kv) for kv in kvs[0]])  # (layers, 2, B, heads, n, head size)
+    window = model.config.block_size - 1
+    assert len(seen) > 5 and not (seen[-1][0][0] == 0).any(), "the first row's cache rolled past position 0"
+    for pos, buf, ends in seen:
+        for r in range(len(PROMPTS)):
+            live = pos[r] != engine.RowCache.HOLE
+            kept = pos[r][live]
+            assert len(set(kept.tolist())) == len(kept) and int(kept.max()) == int(ends[r]) - 1
+            assert set(range(max(0, int(ends[r]) - window), int(ends[r]))) <= set(kept.tolist())
+            assert torch.allclose(buf[:, :, r][..., live, :], expected[:, :, r][..., kept, :], atol=1e-5)
