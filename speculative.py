@@ -28,8 +28,9 @@ written on positions (layout.visibility): a query sees its row's entries at posi
 horizon and within block_size of it, which is the rolling window of the block edge with holes
 skipped. Drafting and the acceptance rule run on the rows that share a temperature together (per
 row under a constraint, which reads each row's text, or future='auto', which sizes each row's
-drafts); the stack call, the expensive part, runs once. Finished rows leave the batch. Draft length: k = F - 1, or with future='auto' the rule of
-decoding.live_slots on the drafts' entropies (the same rule that sizes the collapse sampler's window).
+drafts); the stack call, the expensive part, runs once. Finished rows leave the batch.
+Draft length: k = F - 1, or with future='auto' the rule of decoding.live_slots on the drafts'
+entropies (the same rule that sizes the collapse sampler's window).
 """
 
 import functools
