@@ -476,7 +476,7 @@ class GPT(nn.Module):
         self.update = torch.compile(self.update)
         return self
 
-    def compile_blocks(self):
+    def compile_blocks(self, backend='inductor'):
         """torch.compile each block on its own, with dynamic shapes, for sampling. The samplers' own
         Python (windows, caches, masks, draws) stays eager; a block sees a few variants (with or
         without cached keys, a mask or none, one query row or many, one batch row or several), each
@@ -488,7 +488,7 @@ class GPT(nn.Module):
         if self.rotary is not None:
             self.rotary.ensure(1 << 17)
         for i, block in enumerate(self.transformer.h):
-            self.transformer.h[i] = torch.compile(block, dynamic=True)
+            self.transformer.h[i] = torch.compile(block, dynamic=True, backend=backend)
         return self
 
     def once_through(self, x, ctx, n_loop=1, queries=None):
