@@ -63,7 +63,7 @@ dataset = 'shakespeare_char'    # batches from data/<dataset> (or a path); rando
 variants = 'gpt,wfc'            # comma-separated: 'gpt', 'wfc', 'config' (see above)
 dtypes = 'float32,auto'         # comma-separated autocast dtypes; 'auto' = bf16 where native, else skipped as a duplicate
 device = 'auto'                # 'auto', 'cpu', 'cuda', 'mps'
-compile = False                 # torch.compile the training model, and time sampling with compiled blocks too (GPT.compile_blocks)
+compile = False                 # torch.compile the training model, and time sampling with compiled blocks too (runtime.compile_blocks)
 threads = 0                     # torch threads (0 = torch's default: one per core)
 # timing
 steps = 30                      # timed training steps per row
@@ -260,7 +260,7 @@ def use_blocks(model, blocks):
 def sample_speed(model, dev, dtype, batch, slide=slide, compiled=None):
     """Median over `repeats` runs of sampling sample_tokens tokens at this batch, and the share of a
     run spent inside the block stack (stack_share). compiled: the model's blocks compiled
-    (GPT.compile_blocks), timed in runs interleaved with the eager ones (compiled_tokens_per_s),
+    (runtime.compile_blocks), timed in runs interleaved with the eager ones (compiled_tokens_per_s),
     after a warm-up past the block edge that compiles every variant."""
     s = Settings(temperature=temperature, top_k=top_k, sampler=sampler, policy=policy, tau=tau, slide=slide,
                  max_loop=sample_max_loop).check()
@@ -292,9 +292,9 @@ def sample_speed(model, dev, dtype, batch, slide=slide, compiled=None):
 
 
 def compiled_blocks(model):
-    """The model's blocks compiled for sampling (GPT.compile_blocks), the eager ones left in place."""
+    """The model's blocks compiled for sampling (runtime.compile_blocks), the eager ones left in place."""
     eager = list(model.transformer.h)
-    blocks = list(model.compile_blocks().transformer.h)
+    blocks = list(runtime.compile_blocks(model).transformer.h)
     use_blocks(model, eager)
     return blocks
 

@@ -476,21 +476,6 @@ class GPT(nn.Module):
         self.update = torch.compile(self.update)
         return self
 
-    def compile_blocks(self, backend='inductor'):
-        """torch.compile each block on its own, with dynamic shapes, for sampling. The samplers' own
-        Python (windows, caches, masks, draws) stays eager; a block sees a few variants (with or
-        without cached keys, a mask or none, one query row or many, one batch row or several), each
-        compiled the first time it comes and reused after (a warm-up past the block edge meets
-        them all). Whole-stack compiles recompiled at every new shape. The rotary tables are sized
-        for 2^17 positions up front: a table that grows is a new shape to the compiled blocks."""
-        import torch._dynamo
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        if self.rotary is not None:
-            self.rotary.ensure(1 << 17)
-        for i, block in enumerate(self.transformer.h):
-            self.transformer.h[i] = torch.compile(block, dynamic=True, backend=backend)
-        return self
-
     def once_through(self, x, ctx, n_loop=1, queries=None):
         """A stream through the whole sandwich: the prelude once (its output becomes ctx.x0, what the
         core re-injects), the core n_loop times, the coda once. Returns the core's state, the coda's

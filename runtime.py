@@ -140,3 +140,19 @@ def training_flops(c, n_params, B, T, passes=None):
     if c.attn == 'pinned':
         total += 3 * T * (causal + (decode if c.past_loss > 0 else 0))
     return B * total
+
+
+def compile_blocks(model, backend='inductor'):
+    """torch.compile each block of model on its own, with dynamic shapes, for sampling. The samplers'
+    own Python (windows, caches, masks, draws) stays eager; a block sees a few variants (with or
+    without cached keys, a mask or none, one query row or many, one batch row or several), each
+    compiled the first time it comes and reused after (a warm-up past the block edge meets them all).
+    Whole-stack compiles recompiled at every new shape. The rotary tables are sized for 2^17
+    positions up front: a table that grows is a new shape to the compiled blocks. Returns model."""
+    import torch._dynamo
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    if model.rotary is not None:
+        model.rotary.ensure(1 << 17)
+    for i, block in enumerate(model.transformer.h):
+        model.transformer.h[i] = torch.compile(block, dynamic=True, backend=backend)
+    return model

@@ -39,7 +39,7 @@ stop = ''                # stop a sample at the first occurrence of this text ('
 seed = 1337              # seeds the draws (the same seed gives the same text)
 device = 'auto'          # 'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = 'auto'           # 'auto' (bf16 where native), 'float32', 'bfloat16', 'float16'
-compile = False          # torch.compile each block (GPT.compile_blocks), after an untimed warm-up generation
+compile = False          # torch.compile each block (runtime.compile_blocks), after an untimed warm-up generation
 stats = False            # per-step table on stderr: tokens, passes, entropy of what collapsed, the window's entropy curve
 entropy_png = ''         # collapse sampler: write the window's entropy by step and slot to this PNG (needs matplotlib)
 goal = ''                # WFC: 'offset:text' puts text at generated offset (1 = the first new token), pinned as it comes into the window
@@ -196,7 +196,7 @@ def main():
     model, ckpt, codec = load(dev)
     text, ids, wanted = prompt_ids(codec, model.config.vocab_size)
     if compile:  # steering and calibration run the same blocks
-        warm_up_compiled(model.compile_blocks(), ids, settings, dev, dt)
+        warm_up_compiled(runtime.compile_blocks(model), ids, settings, dev, dt)
     if calibrate or steer:
         return steer_or_calibrate(model, ckpt, codec, ids, settings, dev, dt)
     try:

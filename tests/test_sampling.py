@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import engine
+import runtime
 from conftest import tiny, train_pattern_model
 from decoding import Settings, filtered_probs, live_slots
 from sampling import choose_slots, generate
@@ -198,7 +199,7 @@ def test_a_sandwich_runs_every_sampler_past_the_block_edge():
 
 @pytest.mark.parametrize('sampler', ['causal', 'speculative'])
 def test_compiled_blocks_write_the_same_text_and_compile_nothing_after_a_warm_up(sampler):
-    """GPT.compile_blocks (sample.py --compile): the same greedy text as eager, and once a warm-up has
+    """runtime.compile_blocks (sample.py --compile): the same greedy text as eager, and once a warm-up has
     run past the block edge, a longer generation compiles no new graph (the rotary tables do not
     grow under it). The 'eager' backend traces as inductor would, without the C++ build."""
     import torch._dynamo
@@ -206,7 +207,7 @@ def test_compiled_blocks_write_the_same_text_and_compile_nothing_after_a_warm_up
     idx, s = torch.arange(10)[None] % 7, Settings(temperature=0, sampler=sampler)
     torch._dynamo.reset()
     try:
-        model.compile_blocks(backend='eager')
+        runtime.compile_blocks(model, backend='eager')
         generate(model, idx, model.config.block_size + model.config.n_future + 8, s)  # what sample.py's warm-up runs
         graphs = torch._dynamo.utils.counters['stats']['unique_graphs']
         compiled, _ = generate(model, idx, 200, s)  # far past the warm-up's positions
