@@ -39,7 +39,6 @@ import json
 import statistics
 import sys
 import time
-from dataclasses import asdict
 
 import torch
 
@@ -47,14 +46,16 @@ import checkpoint
 import runtime
 from configurator import UserError, cli, configure, output_file, require
 from dataloader import DataError, TokenShards, data_dir, read_meta
-from model import GPT, GPTConfig
+from model import GPTConfig
+from recipe import Recipe, draw_depth
+from solver import Solver
 from decoding import Settings
 from sampling import generate
 
 # -----------------------------------------------------------------------------
 # the model and batch: nanoGPT's CPU recipe for tiny-shakespeare characters by default
-globals().update(asdict(GPTConfig()))
-slot_exit = GPTConfig.slot_exit  # read by this script (sampling a checkpoint), as every GPTConfig field is a setting
+globals().update(checkpoint.default_settings())  # every model setting (model.py, recipe.py, solver.py) is one here
+slot_exit = False               # read by this script (sampling a checkpoint): the solver's default
 block_size, vocab_size, n_layer, n_head, n_embd, bias = 64, 65, 4, 4, 128, False
 n_future = 2                   # future slots of the 'wfc' variant (the research default)
 past_loss, dist_power = 1.0, 1.0  # the WFC research default (config/train_shakespeare_char_wfc.py)
@@ -104,7 +105,7 @@ wandb_project = ''             # a train.py setting (config files only)
 wandb_run_name = ''            # a train.py setting (config files only)
 # -----------------------------------------------------------------------------
 
-MODEL_KEYS = list(GPTConfig.__dataclass_fields__)
+MODEL_KEYS = list(checkpoint.default_settings())
 TRAIN_ONLY = ('max_iters', 'lr_decay_iters', 'warmup_iters', 'min_lr', 'eval_interval', 'eval_iters', 'log_interval',
               'always_save_checkpoint', 'gradient_accumulation_steps', 'wandb_log', 'wandb_project', 'wandb_run_name')
 
@@ -158,7 +159,7 @@ def sync(dev):
 def variant_args(name, settings):
     args = {k: settings[k] for k in MODEL_KEYS}
     if name == 'run':
-        return checkpoint.model_args(checkpoint.load(out_dir))
+        return checkpoint.settings_of(checkpoint.load(out_dir))
     if name == 'gpt':
         args.update(n_future=0, pos_emb='learned')
     elif name == 'wfc':
@@ -187,7 +188,7 @@ def train_speed(args, dev, dtype, peak):
     """Median step time of training; returns a dict of the row's training numbers."""
     torch.manual_seed(0)
     with PeakMemory(dev) as memory:
-        model = GPT(GPTConfig(**args)).to(dev)
+        model = checkpoint.build(**args).to(dev)
         optimizer = model.configure_optimizer(weight_decay, learning_rate, (0.9, beta2), dev.split(':')[0])
         step_model = torch.compile(model) if compile else model
         batch, source = batches(args, dev)
@@ -197,7 +198,7 @@ def train_speed(args, dev, dtype, peak):
             sync(dev)
             t0 = time.perf_counter()
             x, y = batch(i)
-            depth = model.draw_depth(x.size(0))
+            depth = draw_depth(model.config, model.recipe, x.size(0))
             with ctx:
                 _, loss = step_model(x, y) if not args['n_future'] else step_model(x, y, depth=depth)
             loss.backward()
@@ -223,7 +224,7 @@ def sampler_model(name, args, dev, trained=True):
         model, _ = checkpoint.load_model(path, dev, slot_exit=slot_exit)
         return model, path
     torch.manual_seed(0)
-    return GPT(GPTConfig(**args)).to(dev).eval(), 'untrained'
+    return checkpoint.build(**args).to(dev).eval(), 'untrained'
 
 
 def stack_share(model, dev, run):
@@ -380,7 +381,7 @@ def print_table(rows, title):
 
 
 def main():
-    settings = configure(globals(), sources=(GPTConfig,))
+    settings = configure(globals(), sources=(GPTConfig, Recipe, Solver))
     given = [a[2:].partition('=')[0] for a in sys.argv[1:] if a.startswith('--')]
     unused = [k for k in given if k in TRAIN_ONLY]
     require(not unused, f"--{unused[0] if unused else ''} is a training setting: bench.py times fixed steps and ignores it")
@@ -402,7 +403,7 @@ def main():
                 kinds.append(d)
         rows_args = [(n, variant_args(n, settings)) for n in names]
         for _, a in rows_args:
-            GPTConfig(**a)
+            checkpoint.build(**a)
     except (ValueError, RuntimeError) as e:
         raise UserError(e) from None
     if threads:

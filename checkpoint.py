@@ -19,6 +19,7 @@ import random
 import shutil
 import tempfile
 import zipfile
+from dataclasses import asdict, fields
 
 import numpy as np
 import torch
@@ -26,8 +27,10 @@ import torch
 from configurator import UserError
 from dataloader import vocabulary_sha256
 from model import GPT, GPTConfig
+from recipe import Recipe
+from solver import Solver
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: model_args is the architecture only, with 'recipe' and 'solver' beside it
 TEMP_PREFIX = '.tmp-'  # save() writes here first; a leftover one is a save that was killed
 # fields that change parameter shapes: a checkpoint cannot be resumed into a model that differs in these
 SHAPE_FIELDS = ('n_layer', 'n_head', 'n_embd', 'vocab_size', 'block_size', 'bias', 'pos_emb', 'n_future')
@@ -193,25 +196,56 @@ def clean_state_dict(state_dict):
     return out
 
 
-def model_args(ckpt):
-    """GPTConfig keyword arguments of a checkpoint (nanoGPT's are a subset: the rest default to
-    nanoGPT's architecture)."""
-    known = GPTConfig.__dataclass_fields__
-    unknown = sorted(set(ckpt['model_args']) - set(known))
+def split_settings(settings):
+    """Flat settings (train.py's names: architecture, recipe and solver mixed) -> (GPTConfig,
+    Recipe, Solver); a name none of the three knows is a TypeError, a bad value a ValueError."""
+    parts = [{f.name: settings[f.name] for f in fields(cls) if f.name in settings} for cls in (GPTConfig, Recipe, Solver)]
+    unknown = sorted(set(settings) - {k for part in parts for k in part})
     if unknown:
-        raise CheckpointError(f"checkpoint model_args has fields this code does not know: {unknown}")
-    args = dict(ckpt['model_args'])
+        raise TypeError(f"unknown model settings {unknown}: not a GPTConfig, Recipe or Solver field")
+    return GPTConfig(**parts[0]), Recipe(**parts[1]), Solver(**parts[2])
+
+
+def default_settings():
+    """Every flat setting of a model (architecture, recipe, solver) with its default."""
+    return {f.name: f.default for cls in (GPTConfig, Recipe, Solver) for f in fields(cls)}
+
+
+def build(**settings):
+    """A GPT from flat settings (see split_settings)."""
+    config, recipe, solver = split_settings(settings)
+    return GPT(config, recipe, solver)
+
+
+def stored_settings(model):
+    """What a checkpoint stores of a model besides its weights (train.py writes these keys)."""
+    return dict(model_args=asdict(model.config), recipe=asdict(model.recipe), solver=asdict(model.solver),
+                capabilities=dict(model.capabilities))
+
+
+def settings_of(ckpt):
+    """The flat settings of a checkpoint: format 2 stores the architecture (model_args), recipe and
+    solver apart; format 1 kept all three in model_args (with step_size, which is now always 1);
+    nanoGPT's model_args are a subset (the rest default to nanoGPT's architecture)."""
+    args = {**ckpt['model_args'], **ckpt.get('recipe', {}), **ckpt.get('solver', {})}
     if isinstance(args.get('inject'), bool):  # before inject had kinds it was a switch for adding the input
         args['inject'] = 'add' if args['inject'] else 'none'
+    if args.pop('step_size', 1.0) != 1.0:
+        raise CheckpointError(f"the checkpoint was trained with step_size={ckpt['model_args']['step_size']}, an option "
+                              f"this code no longer has (every pass adds its whole delta); use an older commit to read it")
     return args
 
 
 def build_model(ckpt, **overrides):
-    """A GPT with the checkpoint's weights; overrides change inference knobs (max_loop, tol, ...)."""
+    """A GPT with the checkpoint's weights; overrides change solver settings (max_loop, tol, ...)."""
+    not_solver = sorted(set(overrides) - {f.name for f in fields(Solver)})
+    if not_solver:
+        raise CheckpointError(f"only solver settings can be changed when loading a checkpoint, not {not_solver}")
     try:
-        model = GPT(GPTConfig(**{**model_args(ckpt), **overrides}))
+        model = build(**settings_of(ckpt))
+        model.solver = model.solver.but(**overrides)
     except (TypeError, ValueError) as e:
-        raise CheckpointError(f"checkpoint model_args do not describe a model this code builds: {e}") from None
+        raise CheckpointError(f"checkpoint settings do not describe a model this code builds: {e}") from None
     state = clean_state_dict(ckpt['model'])
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
@@ -234,10 +268,11 @@ def load_model(path, device='cpu', **overrides):
 
 
 def compare_args(saved, wanted):
-    """Differences between a checkpoint's model_args and a run's: (shape fields, other fields)."""
-    fields = GPTConfig.__dataclass_fields__
+    """Differences between two flat settings (a checkpoint's, see settings_of, and a run's):
+    (shape fields, other fields). A setting one side lacks counts at its default."""
+    defaults = default_settings()
     keys = sorted(set(saved) | set(wanted))
-    diff = [k for k in keys if saved.get(k, fields[k].default if k in fields else None) != wanted.get(k)]
+    diff = [k for k in keys if saved.get(k, defaults.get(k)) != wanted.get(k, defaults.get(k))]
     return [k for k in diff if k in SHAPE_FIELDS], [k for k in diff if k not in SHAPE_FIELDS]
 
 

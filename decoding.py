@@ -68,8 +68,8 @@ class Settings:
         -1 means the model's value" is read. max_loop 0 is the model's max_loop (drafts=True, the
         speculative sampler's drafts: one pass, their exactness does not depend on it), tol < 0 the
         model's tol."""
-        c = model.config
-        return dict(max_loop=self.max_loop or (1 if drafts else c.max_loop), tol=c.tol if self.tol < 0 else self.tol)
+        solver = model.solver
+        return dict(max_loop=self.max_loop or (1 if drafts else solver.max_loop), tol=solver.tol if self.tol < 0 else self.tol)
 
 
 def filtered_probs(logits, temperature, top_k=0, top_p=1.0, min_p=0.0):

@@ -25,6 +25,7 @@ import torch
 from torch.nn import functional as F
 
 from layout import Context, visibility
+from solver import entropy_of_logits, iterate
 
 
 class KVCache:
@@ -223,7 +224,7 @@ def run_causal(model, idx, cache, queries=None):
     ensure_positions(model, cache.end + n)
     pos = torch.arange(cache.end, cache.end + n, device=idx.device)
     past = None if not cache.length else [cache.views(p, edge.keep) for p in range(model.config.n_loop)]
-    x, kvs = model.causal(model.input(idx, pos), pos, past, queries, window=edge.window)
+    x, kvs = model.causal_stream(model.token_states(idx, pos), pos, past, queries, window=edge.window)
     cache.append(kvs, keep=edge.keep)
     return x
 
@@ -269,12 +270,12 @@ def start(model, idx, n_future=None):
     B, P = idx.shape
     w = Window(past=idx, future=None, decided=torch.full((B, n_future), -1, dtype=torch.long, device=idx.device),
                fresh=torch.ones(B, n_future, dtype=torch.bool, device=idx.device))
-    w.future = model.blank(w.future_pos()).expand(B, n_future, -1).clone()
+    w.future = model.fresh_slots(w.future_pos()).expand(B, n_future, -1).clone()
     if model.config.attn == 'pinned':
         w.cache = KVCache()
         run_causal(model, idx, w.cache, queries=0)  # the future reads only the past's keys/values
     else:
-        w.past_x = model.input(idx, torch.arange(P, device=idx.device))
+        w.past_x = model.token_states(idx, torch.arange(P, device=idx.device))
     return w
 
 
@@ -303,7 +304,7 @@ def _pending_pass(model, w, x0, pos_f):
     block = torch.cat((j.new_full((n,), -1), j * 0))
     mask = visibility(horizon, block, torch.cat((j.new_zeros(n), j)), torch.arange(int(pos_n[0]) - L, int(pos_n[-1]) + 1, device=dev),
                       j * 0, j, c.spec_window, window=edge.window)[None, None]
-    x_n = model.input(w.past[:, P - n:], pos_n)
+    x_n = model.token_states(w.past[:, P - n:], pos_n)
     ctx = Context(torch.cat((x_n, x0), 1), torch.cat((pos_n, pos_f)), mask, prefixes)
     frozen = torch.cat((w.decided.new_zeros(B, n, dtype=torch.bool), w.decided >= 0), 1)
     first, kvs = model.update(torch.cat((x_n, w.future), 1), ctx, frozen, queries=n_future)
@@ -322,31 +323,31 @@ def future_context(model, w, x0=None):
 @torch.no_grad()
 def refine(model, w, max_loop=None, tol=None, min_loop=None, slot_exit=None):
     """Run passes from the window's current (warm) state until its open future slots converge or
-    max_loop (see GPT.iterate). Returns w and the passes run; w.stats holds entropy (B, F) in nats,
+    max_loop (solver.iterate; None keeps the model's solver setting). Returns w and the passes run; w.stats holds entropy (B, F) in nats,
     logits (B, F, V) of the future and the Trace."""
     c, (B, P), n_future = model.config, w.past.shape, w.future.size(1)
     decided = w.decided >= 0
     pos_f = w.future_pos()
     ensure_positions(model, int(pos_f[-1]) + 1)
-    x0 = torch.where(decided[..., None], model.input(w.decided.clamp(min=0), pos_f), model.blank(pos_f))
-    limits = dict(max_loop=max_loop, tol=tol, min_loop=min_loop, slot_exit=slot_exit)
+    x0 = torch.where(decided[..., None], model.token_states(w.decided.clamp(min=0), pos_f), model.fresh_slots(pos_f))
+    solver = model.solver.but(max_loop=max_loop, tol=tol, min_loop=min_loop, slot_exit=slot_exit)
     if c.attn == 'pinned':
         first = _pending_pass(model, w, x0, pos_f) if w.pending else None
         ctx = future_context(model, w, x0)
         if model.sandwiched():  # the core's input: the prelude's output, anew as the past grows (as in training,
             ctx.x0 = model.prelude_of(x0, ctx)  # where decided slots are pins); fresh and decided slots start there
             w.future = torch.where((decided | w.fresh)[..., None], ctx.x0.to(w.future.dtype), w.future)
-        w.future, trace = model.iterate(w.future, ctx, decided, ~decided, first=first, **limits)
+        w.future, trace = iterate(model, w.future, ctx, decided, ~decided, solver, first=first)
     else:
         none = torch.zeros(B, P, dtype=torch.bool, device=w.past.device)
         pos = torch.arange(P + n_future, device=w.past.device)
-        ctx = Context(torch.cat((model.input(w.past, pos[:P]), x0), 1), pos)
-        x, trace = model.iterate(torch.cat((w.past_x, w.future), 1), ctx, torch.cat((none, decided), 1),
-                                 torch.cat((none, ~decided), 1), **limits)
+        ctx = Context(torch.cat((model.token_states(w.past, pos[:P]), x0), 1), pos)
+        x, trace = iterate(model, torch.cat((w.past_x, w.future), 1), ctx, torch.cat((none, decided), 1),
+                           torch.cat((none, ~decided), 1), solver)
         w.past_x, w.future = x[:, :P], x[:, P:]
     logits = model.readout(w.future, ctx)  # (B, F, V), decoded once per step for the sampler
     w.fresh = torch.zeros_like(decided)
-    w.stats = dict(passes=trace.steps, entropy=model.entropy_of_logits(logits), logits=logits, trace=trace)
+    w.stats = dict(passes=trace.steps, entropy=entropy_of_logits(logits), logits=logits, trace=trace)
     return w, trace.steps
 
 
@@ -355,10 +356,10 @@ def forget(model, w):
     """A cold start, the state training's refinement starts from (for models not trained to
     warm-start): open future slots back to e_max and, bidirectional, the past back to its token
     embeddings (refine moves the past's states too; carried over steps they drift)."""
-    w.future = torch.where((w.decided < 0)[..., None], model.blank(w.future_pos()).to(w.future.dtype), w.future)
+    w.future = torch.where((w.decided < 0)[..., None], model.fresh_slots(w.future_pos()).to(w.future.dtype), w.future)
     w.fresh = w.fresh | (w.decided < 0)
     if w.past_x is not None:
-        w.past_x = model.input(w.past, torch.arange(w.past.size(1), device=w.past.device)).to(w.past_x.dtype)
+        w.past_x = model.token_states(w.past, torch.arange(w.past.size(1), device=w.past.device)).to(w.past_x.dtype)
     return w
 
 
@@ -377,7 +378,7 @@ def collapse(model, w, slots, tokens, mode='token', eps=0.1, lam=0.5, decide=Tru
     if model.sandwiched() and mode != 'token':
         raise ValueError(f"collapse mode {mode!r} moves a slot's state toward a token's embedding row, and a sandwich "
                          "model's looped core does not work in embedding space: use --mode=token and a policy other than median")
-    rows = model.input(tokens.clamp(min=0), w.future_pos())
+    rows = model.token_states(tokens.clamp(min=0), w.future_pos())
     if mode == 'token':
         new = rows
     elif mode == 'partial':
@@ -446,7 +447,7 @@ def _refill_future(model, w, carried, n, length):
     w.fresh = torch.cat((w.fresh[:, n:][:, :keep], w.fresh.new_ones(B, fresh)), 1)
     first_fresh = w.start + w.past.size(1) + keep
     fresh_pos = torch.arange(first_fresh, first_fresh + fresh, device=w.past.device)
-    w.future = torch.cat((carried[:, :keep], model.blank(fresh_pos).expand(B, fresh, -1)), 1)
+    w.future = torch.cat((carried[:, :keep], model.fresh_slots(fresh_pos).expand(B, fresh, -1)), 1)
     return w
 
 

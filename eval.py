@@ -35,6 +35,7 @@ import runtime
 from configurator import UserError, cli, configure, output_file, require
 from dataloader import TokenShards, data_dir, read_meta
 from decoding import Settings, live_slots
+from solver import entropy_of_logits
 from sampling import generate
 
 # -----------------------------------------------------------------------------
@@ -78,7 +79,7 @@ def layouts(model):
 
 
 def by_distance(model, out, ce, by):
-    """Write the per-slot losses ce (B, S) of one layout run (a Scored) into by (D, N, T), each
+    """Write the per-slot losses ce (B, S) of one layout run (a WFCOutput) into by (D, N, T), each
     (distance, target) pair once."""
     pinned = model.config.attn == 'pinned'
     dist = out.dist.expand_as(ce)
@@ -103,12 +104,12 @@ def token_losses(model, x, y, record=(), init=None):
     passes, entropy, slot_loss, norms = [], [], [], Counter()
     for name, r in layouts(model):
         kw = {name: torch.full((x.size(0),), r, device=x.device), 'init': init}
-        out = model.score(x, y, **(dict(depth=max(record), record=record) if record else dict(depth='converge')), **kw)
+        out = model.wfc_forward(x, y, **(dict(depth=max(record), record=record) if record else dict(depth='converge')), **kw)
         by_distance(model, out, out.ce, by)
         for k, ce in out.ce_at.items():
             by_distance(model, out, ce, at[k])
         passes.append(out.trace.passes[out.scored])
-        entropy.append(model.entropy_of_logits(out.logits)[out.scored])
+        entropy.append(entropy_of_logits(out.logits)[out.scored])
         slot_loss.append(out.ce[out.scored])
         for k, v in out.trace.norms:
             norms[k] += v / len(layouts(model))
@@ -125,7 +126,7 @@ def past_stream_loss(model, x, y, batch):
     losses = []
     for lo in range(0, len(x), batch):
         pos = torch.arange(x.size(1), device=x.device)
-        states, _ = model.causal(model.input(x[lo:lo + batch], pos), pos)
+        states, _ = model.causal_stream(model.token_states(x[lo:lo + batch], pos), pos)
         losses.append(F.cross_entropy(model.logits(states).float().transpose(1, 2), y[lo:lo + batch], reduction='none'))
     return torch.cat(losses).mean().item()
 

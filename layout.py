@@ -155,13 +155,13 @@ def training_layout(model, idx, targets, n_future, past_kv=None, phase=None, spl
         mask = visibility(start, start, j, torch.arange(T, device=dev), torch.where(real, start, -2), j,
                           model.config.spec_window)[:, None]  # padding slots are nobody's keys
         tg, dist = targets.gather(1, j).masked_fill(~real, -1), j - start + 1
-        ctx = Context(model.blank(j + 1), j[0] + 1 if slots is None else j + 1, mask, past_kv)
+        ctx = Context(model.fresh_slots(j + 1), j[0] + 1 if slots is None else j + 1, mask, past_kv)
         return Layout(ctx, tg, dist, dist == n_future, real & (tg >= 0), torch.zeros_like(real))
     i, s = torch.arange(T + n_future, device=dev), split[:, None]
     past, future = i <= s, (i > s) & (i <= s + n_future)
     mask = visibility((s + n_future).expand(B, T + n_future), None, None, i)[:, None]  # everything valid sees everything valid
     tokens = torch.cat((idx, idx.new_zeros(B, n_future)), 1)
     tg = torch.cat((targets.new_full((B, 1), -1), targets, targets.new_full((B, n_future - 1), -1)), 1).masked_fill(~future, -1)
-    ctx = Context(torch.where(past[..., None], model.input(tokens, i), model.blank(i)), i, mask)
+    ctx = Context(torch.where(past[..., None], model.token_states(tokens, i), model.fresh_slots(i)), i, mask)
     return Layout(ctx, tg, (i - s).clamp(min=1), (i == s) | (i == s + n_future) | ~(past | future), future & (tg >= 0),
                   past & False, tokens.masked_fill(~past, -1))

@@ -112,12 +112,13 @@ def peak_flops(device, dtype):
     return float('nan')  # mps: no reliable number
 
 
-def training_flops(c, n_params, B, T, passes=None):
+def training_flops(c, r, n_params, B, T, passes=None):
     """Matmul FLOPs of one training forward + backward on B rows of T tokens (PaLM appendix B, as
     nanoGPT counts them), counting what WFC really computes: every pass, both streams of the pinned
     layout, dense attention over all keys, decodes of supervised passes (through the coda of a
     sandwich, whose passes run only its core), warm-start passes (expected). Passes without
-    gradient count forward only. passes: the future's depth (default: its mean under loop_law)."""
+    gradient count forward only. c: the GPTConfig, r: the Recipe. passes: the future's depth
+    (default: its mean under loop_law)."""
     V, C, L = c.vocab_size, c.n_embd, c.n_layer
     stack = 2 * (n_params - V * C)        # forward FLOPs per token per pass (dense part)
     attn = lambda keys: 4 * L * C * keys  # QK^T and AV, forward, per query token
@@ -127,18 +128,19 @@ def training_flops(c, n_params, B, T, passes=None):
     causal = (L + (c.n_loop - 1) * n_core) * (stack + attn(T)) / L
     if c.n_future == 0:
         return 3 * B * T * (causal + decode)
-    passes = passes or (c.depth if c.loop_law != 'uniform' else (c.depth + 1) / 2)
-    bptt = passes if c.bptt <= 0 else min(c.bptt, passes)
-    S, keys = (T * c.future_frac, T * (1 + c.future_frac)) if c.attn == 'pinned' else (T + c.n_future, T + c.n_future)
+    depth = r.depth(c)
+    passes = passes or (depth if r.loop_law != 'uniform' else (depth + 1) / 2)
+    bptt = passes if r.bptt <= 0 else min(r.bptt, passes)
+    S, keys = (T * r.future_frac, T * (1 + r.future_frac)) if c.attn == 'pinned' else (T + c.n_future, T + c.n_future)
     block = (stack + attn(keys)) / L      # one block, forward, per future slot
     core = n_core * block                  # a pass loops only the core; the prelude runs once per slot
     readout = c.n_coda * block + decode    # and the coda decodes every state that gets a loss
-    decoded = bptt if c.consistency > 0 else min(c.supervise, bptt)
+    decoded = bptt if r.consistency > 0 else min(r.supervise, bptt)
     future = 3 * bptt * core + (passes - bptt) * core + 3 * c.n_prelude * block + 3 * decoded * readout
-    future += c.warm_prob * (c.depth + 1) / 2 * core
+    future += r.warm_prob * (depth + 1) / 2 * core
     total = S * future
     if c.attn == 'pinned':
-        total += 3 * T * (causal + (decode if c.past_loss > 0 else 0))
+        total += 3 * T * (causal + (decode if r.past_loss > 0 else 0))
     return B * total
 
 
@@ -155,4 +157,13 @@ def compile_blocks(model, backend='inductor'):
         model.rotary.ensure(1 << 17)
     for i, block in enumerate(model.transformer.h):
         model.transformer.h[i] = torch.compile(block, dynamic=True, backend=backend)
+    return model
+
+
+def compile_passes(model):
+    """torch.compile one pass of the recurrence (model.update) for training, instead of the whole
+    forward: a WFC step draws its depth at random and switches gradients off for the passes before
+    the truncation, which a whole-forward graph would re-trace for every depth (dynamo refused it).
+    One pass is the same few graphs at every depth. Returns model."""
+    model.update = torch.compile(model.update)
     return model

@@ -26,6 +26,7 @@ from torch.nn import functional as F
 
 import engine
 from decoding import LN2, Request, Settings, Stats, entropy_bits, filtered_probs, live_slots, sample_tokens
+from solver import entropy_of_logits
 from speculative import generate_speculative
 
 
@@ -108,7 +109,7 @@ def _generate_causal(model, idx, s, req, emit):
         token = sample_tokens(logits, s, req.generator, req.temperature(s, step), req.constraint, texts, step == n - 1)[:, None]
         out.append(token)
         texts = texts if req.constraint is None else req.constraint.extend(texts, token)
-        req.stats.add(model.config.n_loop, 1, [(model.entropy_of_logits(logits[0]) / LN2).item()] if req.stats.detail else ())
+        req.stats.add(model.config.n_loop, 1, [(entropy_of_logits(logits[0]) / LN2).item()] if req.stats.detail else ())
         if emit(token) or step == n - 1:
             break
         window = torch.cat((window, token), 1)[:, -bs:]

@@ -40,6 +40,7 @@ import torch
 
 import engine
 from layout import Context, visibility
+from solver import iterate
 from decoding import draw, entropy_bits, filtered_probs, live_slots, token_probs
 
 
@@ -88,7 +89,7 @@ def verify(model, cache, tokens, ends, max_loop=1, tol=None):
     prefixes, cache_pos = cache.views() if cache.length else (None, None)
     layout = round_layout(n, n_future, str(dev))
     pos_c, pos_f = ends[:, None] + torch.arange(n, device=dev), ends[:, None] + layout[0]
-    x0 = torch.cat((model.input(tokens, pos_c), model.blank(pos_f)), 1)
+    x0 = torch.cat((model.token_states(tokens, pos_c), model.fresh_slots(pos_f)), 1)
     ctx = Context(x0, torch.cat((pos_c, pos_f), 1), round_mask(layout, ends, cache_pos, c.spec_window, edge.window), prefixes)
     core, out, kvs = model.once_through(x0, ctx)  # a sandwich: prelude, one core pass, coda
     cache.append([(k[:, :, :n], v[:, :, :n]) for k, v in kvs], pos_c, keep=edge.keep)
@@ -109,7 +110,7 @@ def more_draft_passes(model, cache, x0, first, pos_c, pos_f, layout, max_loop, t
                       window=engine.block_edge(model).window)[:, None]
     ctx = Context(x0, pos_f, mask, views)
     none = torch.zeros(B, x0.size(1), dtype=torch.bool, device=x0.device)
-    future, _ = model.iterate(x0, ctx, none, ~none, max_loop=max_loop, tol=tol, first=first)
+    future, _ = iterate(model, x0, ctx, none, ~none, model.solver.but(max_loop=max_loop, tol=tol), first=first)
     return model.readout(future, ctx)
 
 

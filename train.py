@@ -25,7 +25,7 @@ import signal
 import sys
 import textwrap
 import time
-from dataclasses import asdict
+from dataclasses import fields
 from datetime import timedelta
 
 import torch
@@ -36,7 +36,9 @@ import checkpoint
 import runtime
 from configurator import ConfigError, UserError, configure, fail, require
 from dataloader import TokenShards, data_dir, read_meta, step_seed
-from model import GPT, GPTConfig
+from model import GPTConfig
+from recipe import Recipe, draw_depth
+from solver import Solver
 
 # -----------------------------------------------------------------------------
 # settings
@@ -61,10 +63,46 @@ dataset = 'openwebtext'         # a folder under data/, or a path to one
 gradient_accumulation_steps = 40  # micro-steps per iteration, summed over all DDP ranks
 batch_size = 12                 # rows per micro-step
 future_warmup_iters = 0         # WFC curriculum: the training future grows from 1 slot to n_future over these iterations
-# model: every GPTConfig field (model.py documents each) is a setting, with GPTConfig's default
-globals().update(asdict(GPTConfig()))
-block_size, n_future, n_loop = GPTConfig.block_size, GPTConfig.n_future, GPTConfig.n_loop  # the ones this script reads
-bias = False                    # nanoGPT's training default: a little better and faster than GPT-2's biases
+# model architecture (model.GPTConfig; its comments say more)
+block_size = 256                # training context length, tokens
+vocab_size = 50304              # tokens (a dataset's meta.pkl sets it)
+n_layer = 12                    # blocks: n_prelude + looped core + n_coda
+n_prelude = 0                   # sandwich blocks run once before the looped core
+n_coda = 0                      # sandwich blocks run once after it, to decode
+n_head = 12                     # attention heads
+n_embd = 768                    # state width
+dropout = 0.0                   # dropout probability
+bias = False                    # biases in Linear and LayerNorm (nanoGPT trains without: a little better and faster)
+pos_emb = 'learned'             # 'learned' or 'rope'
+rope_base = 10000.0             # rotary frequency base
+attn_fn = 'softmax'             # 'softmax', 'entmax' or 'adaptive' attention weights
+entmax_alpha = 1.5              # alpha of attn_fn='entmax'
+n_future = 0                    # WFC future slots (0 = a GPT)
+attn = 'pinned'                 # WFC: 'pinned' or 'bidirectional'
+spec_window = -1                # WFC: future slots a slot sees ahead (-1 = all)
+n_loop = 1                      # passes of the causal stream's core (> 1 without a future: a looped GPT)
+inject = 'none'                 # input re-injection per pass: 'none', 'add', 'adapter' or 'contract'
+decay = 0.0                     # learned state decay per pass (0 = off)
+bound = 'none'                  # state bound after a pass: 'none', 'rms' or 'norm'
+# WFC training recipe (recipe.Recipe)
+future_frac = 1.0               # fraction of the future blocks a step runs
+train_depth = 0                 # future passes per step (0 = n_loop); the max or mean under loop_law
+loop_law = 'fixed'              # 'fixed', 'uniform' or 'poisson' depth
+depth_per = 'step'              # a depth per 'step' or per 'row'
+bptt = 0                        # passes with gradient (0 = all)
+supervise = 1                   # last passes with a loss
+consistency = 0.0               # weight of the pull of earlier passes toward the last
+dist_power = 0.0                # future loss weight d ** -dist_power
+past_loss = 0.0                 # weight of the past stream's own loss (> 0 lets it verify drafts)
+past_target = 'next'            # the past stream predicts the 'next' token or its own ('self')
+pin_prob = 0.0                  # probability a future slot starts pinned to its token
+warm_prob = 0.0                 # probability a row starts warm (one sampler step earlier)
+# WFC inference solver, stored in the checkpoint (solver.Solver)
+max_loop = 1                    # cap on refinement passes
+min_loop = 1                    # floor on refinement passes
+tol = 1e-3                      # exit when the exit_rule measure falls below it (< 0: never)
+exit_rule = 'kl'                # 'kl', 'entropy', 'delta' or 'accel'
+slot_exit = False               # converged slots stop while others go on
 # AdamW
 learning_rate = 6e-4            # peak learning rate
 max_iters = 600000              # total training iterations
@@ -90,9 +128,9 @@ seed = 1337                     # seeds the initial weights and every batch and 
 
 
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
-WFC_KEYS = ('attn', 'spec_window', 'future_frac', 'train_depth', 'loop_law', 'bptt', 'supervise', 'dist_power', 'past_loss',
-            'past_target', 'pin_prob', 'warm_prob', 'max_loop', 'min_loop', 'tol', 'exit_rule', 'slot_exit', 'future_warmup_iters')
-model_keys = list(GPTConfig.__dataclass_fields__)
+RECIPE_KEYS, SOLVER_KEYS = ([f.name for f in fields(cls)] for cls in (Recipe, Solver))
+WFC_KEYS = ('attn', 'spec_window', *RECIPE_KEYS, *SOLVER_KEYS, 'future_warmup_iters')
+model_keys = [f.name for f in fields(GPTConfig)] + RECIPE_KEYS + SOLVER_KEYS  # every setting the model is built from
 
 
 def check_settings(c, ddp):
@@ -114,7 +152,7 @@ def check_settings(c, ddp):
     require(not (c['overwrite'] and c['init_from'] == 'resume'), "--overwrite replaces a run when training from scratch; "
             "--init_from=resume continues the run instead")
     try:
-        GPTConfig(**{k: c[k] for k in model_keys})
+        checkpoint.build(**{k: c[k] for k in model_keys})
     except ValueError as e:
         raise ConfigError(e) from None
     if c['n_future'] == 0:
@@ -166,14 +204,14 @@ def trim_logs(out_dir, iter_num):
 # settings of the machine and of this invocation: a resumed run takes every other setting from its checkpoint
 NOT_RESUMED = ('out_dir', 'init_from', 'overwrite', 'dry_run', 'eval_only', 'device', 'compile', 'backend', 'ddp_timeout')
 try:
-    config = configure(globals(), sources=(GPTConfig,))
+    config = configure(globals())
     check_out_dir(out_dir, init_from, overwrite)
     if init_from == 'resume':  # the run's own settings (dataset, architecture, recipe), then config files and --key=value
         _ckpt = checkpoint.load(os.path.join(out_dir, 'ckpt.pt'))
         _mtime = os.stat(os.path.join(out_dir, 'ckpt.pt')).st_mtime_ns
         globals().update(DEFAULTS)
         globals().update({k: v for k, v in _ckpt.get('config', {}).items() if k in DEFAULTS and k not in NOT_RESUMED})
-        config = configure(globals(), sources=(GPTConfig,))
+        config = configure(globals())
     # assigned after configure, which takes every lower-case global of a plain type for a setting
     resumed, resumed_mtime = (_ckpt, _mtime) if init_from == 'resume' else (None, None)  # claim_out_dir checks the mtime
     ddp_ranks = runtime.ddp_env()  # (rank, local_rank, world) when started by torchrun
@@ -222,7 +260,7 @@ except UserError as e:
 
 # -----------------------------------------------------------------------------
 # model and optimizer
-model_args = {k: config[k] for k in model_keys}
+model_settings = {k: config[k] for k in model_keys}
 iter_num, best_val_loss, train_time = 0, float('inf'), 0.0
 loss_ema, resumed_rng = None, None  # the spike detector's running mean of the train loss; RNG states to restore
 ckpt_path, best_path = os.path.join(out_dir, 'ckpt.pt'), os.path.join(out_dir, 'best.pt')
@@ -231,10 +269,11 @@ if resumed is not None:
         fail(f"cannot resume {out_dir}/ckpt.pt on {folder}: the checkpoint was trained with another vocabulary "
              f"({checkpoint.vocabulary(resumed['meta'], resumed['model_args'].get('vocab_size'))}) than {folder}/meta.pkl "
              f"({checkpoint.vocabulary(meta, vocab_size)}); point --dataset at the data it was trained on")
-    shape, other = checkpoint.compare_args(resumed['model_args'], model_args)
+    saved_args = checkpoint.settings_of(resumed)
+    shape, other = checkpoint.compare_args(saved_args, model_settings)
     if shape:
         fail(f"cannot resume {out_dir}/ckpt.pt: its architecture differs in {shape} "
-             f"(checkpoint: {[resumed['model_args'].get(k) for k in shape]}, now: {[model_args[k] for k in shape]})")
+             f"(checkpoint: {[saved_args.get(k) for k in shape]}, now: {[model_settings[k] for k in shape]})")
     changed = other + [k for k in ('batch_size', 'gradient_accumulation_steps', 'learning_rate', 'max_iters',
                                    'lr_decay_iters', 'warmup_iters', 'min_lr', 'weight_decay', 'dataset', 'seed')
                        if resumed.get('config', {}).get(k, config[k]) != config[k]]
@@ -244,7 +283,7 @@ if resumed is not None:
     train_time, loss_ema, resumed_rng = resumed.get('train_time', 0.0), resumed.get('loss_ema'), resumed.get('rng')
 torch.manual_seed(seed)  # the initial weights: the same run after run, and on every DDP rank
 try:
-    model = GPT(GPTConfig(**model_args))
+    model = checkpoint.build(**model_settings)
 except ValueError as e:
     fail(e)
 if resumed is not None:
@@ -261,7 +300,7 @@ if resumed is not None:
 resumed = None  # free the loaded tensors
 raw_model = model
 if compile:  # a WFC step's depth is drawn per step: compile one pass, not the whole forward
-    model = raw_model.compile_passes() if raw_model.config.n_future else torch.compile(model)
+    model = runtime.compile_passes(raw_model) if n_future else torch.compile(model)
 if ddp:
     model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
 if master:
@@ -324,7 +363,7 @@ def evaluate():
                     sums[0] += loss.item() * y.numel()
                     counts[0] += y.numel()
                     continue
-                out = raw_model.score(x, y, depth='converge')
+                out = raw_model.wfc_forward(x, y, depth='converge')
             at = out.dist.expand_as(out.scored)[out.scored].cpu()  # the distance of every scored slot
             sums.index_add_(0, at, out.ce[out.scored].double().cpu())
             counts.index_add_(0, at, torch.ones(len(at), dtype=torch.float64))
@@ -356,14 +395,14 @@ def save_checkpoint(path):
     RNG states are rank 0's; training reseeds every micro-step, so they matter only to new code."""
     write_or_fail(checkpoint.save, dict(
         model=raw_model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
-        model_args=model_args, capabilities=raw_model.capabilities, config=config, iter_num=iter_num, best_val_loss=best_val_loss,
+        **checkpoint.stored_settings(raw_model), config=config, iter_num=iter_num, best_val_loss=best_val_loss,
         train_time=train_time, meta=meta, format_version=checkpoint.FORMAT_VERSION, loss_ema=loss_ema,
         rng=checkpoint.rng_state(), data=dict(iter=iter_num, seed=seed)), path)
 
 
 def save_best(path, val):
-    """best.pt: what sampling needs (weights, model_args, meta), no optimizer."""
-    write_or_fail(checkpoint.save, dict(model=raw_model.state_dict(), model_args=model_args, capabilities=raw_model.capabilities, config=config,
+    """best.pt: what sampling needs (weights, settings, meta), no optimizer."""
+    write_or_fail(checkpoint.save, dict(model=raw_model.state_dict(), **checkpoint.stored_settings(raw_model), config=config,
                                         iter_num=iter_num, val_loss=val, meta=meta,
                                         format_version=checkpoint.FORMAT_VERSION), path)
 
@@ -490,7 +529,7 @@ while True:
         x, y = train_data.batch(batch_size, step, device)
         if ddp:
             model.require_backward_grad_sync = micro == accum - 1
-        depth = raw_model.draw_depth(batch_size)  # future passes of this micro-step (loop_law, depth_per), seeded RNG
+        depth = draw_depth(raw_model.config, raw_model.recipe, batch_size)  # future passes of this micro-step, seeded RNG
         with ctx:
             _, loss = model(x, y) if n_future == 0 else model(x, y, depth=depth, n_future=F_now)
             loss = loss / accum

@@ -37,9 +37,9 @@ import time
 import numpy as np
 import torch
 
+import checkpoint
 import engine
 from configurator import ArgumentParser, UserError, fail, output_file
-from model import GPT, GPTConfig
 
 
 def plt_module():
@@ -71,9 +71,9 @@ def train_toy(steps=400, seed=0):
     something to show. Converged val loss by distance about 0.39 0.62 0.95 nats after 400 steps;
     the pattern's own entropy is 0.28 0.55 0.83."""
     torch.manual_seed(seed)
-    config = GPTConfig(vocab_size=3, n_embd=4, n_head=2, n_layer=2, block_size=16, n_future=3, pos_emb='rope',
-                       n_loop=3, loop_law='uniform', supervise=3, warm_prob=0.3, bias=True, max_loop=3)
-    model = GPT(config)
+    model = checkpoint.build(vocab_size=3, n_embd=4, n_head=2, n_layer=2, block_size=16, n_future=3, pos_emb='rope',
+                             n_loop=3, loop_law='uniform', supervise=3, warm_prob=0.3, bias=True, max_loop=3)
+    config = model.config
     data = toy_tokens(20000, np.random.default_rng(seed))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
     T = config.block_size
@@ -98,7 +98,7 @@ def generate_paths(model, prompt, steps=2):
     record = []
     for _ in range(steps):
         path = [w.future[0].clone()]
-        for _ in range(model.config.max_loop):
+        for _ in range(model.solver.max_loop):
             w, _ = engine.refine(model, w, max_loop=1, min_loop=1)
             path.append(w.future[0].clone())
         token = int(model.decode(w.future[0, 0]).argmax())

@@ -16,7 +16,7 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from model import GPT, GPTConfig  # noqa: E402
+import checkpoint  # noqa: E402
 
 # One thread per process: the models here are tiny, and on a busy 2-core machine two OpenMP
 # threads per process spin against each other (first iterations 100x slower).
@@ -29,7 +29,7 @@ def tiny(**overrides):
     args = dict(block_size=16, vocab_size=13, n_layer=2, n_head=2, n_embd=32, bias=False, dropout=0.0)
     args.update(overrides)
     torch.manual_seed(0)
-    return GPT(GPTConfig(**args))
+    return checkpoint.build(**args)
 
 
 def write_dataset(folder, tokens_train, tokens_val, vocab_size):
@@ -129,7 +129,6 @@ def run_inprocess(script, *args):
     import runpy
     import signal
     from contextlib import redirect_stderr, redirect_stdout
-    import checkpoint
     import runtime
     saved = sys.argv, checkpoint.rng_state(), torch.get_num_threads(), runtime.peak_flops
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}

@@ -8,7 +8,7 @@ import torch
 
 import engine
 from conftest import tiny
-from model import attention_weights
+from attention import sparse_attention_weights as attention_weights
 from decoding import Settings
 from sampling import generate
 

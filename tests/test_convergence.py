@@ -10,6 +10,7 @@ import torch
 import engine
 from conftest import tiny, train_pattern_model
 from layout import Context
+from solver import iterate
 
 
 def norms_over_passes(model, passes=256):
@@ -18,7 +19,7 @@ def norms_over_passes(model, passes=256):
     w = engine.start(model, idx)
     ctx = Context(w.future.clone(), w.future_pos(), None, w.cache.views(0))
     none = torch.zeros(2, model.config.n_future, dtype=torch.bool)
-    _, trace = model.iterate(w.future, ctx, none, ~none, max_loop=passes, tol=-1.0, record=(1, 16, 64, passes))
+    _, trace = iterate(model, w.future, ctx, none, ~none, model.solver.but(max_loop=passes, tol=-1.0), record=(1, 16, 64, passes))
     return dict(trace.norms)
 
 
@@ -49,10 +50,10 @@ def test_slot_exit_freezes_only_slots_whose_own_step_converged(converging):
     model, tol = converging, 1e-4
     idx = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 0], [3, 8, 5, 6, 1, 1, 2, 3]])
     w = engine.start(model, idx)
-    ctx = Context(model.blank(w.future_pos()).expand_as(w.future), w.future_pos(), None, w.cache.views(0))
+    ctx = Context(model.fresh_slots(w.future_pos()).expand_as(w.future), w.future_pos(), None, w.cache.views(0))
     none = torch.zeros(w.decided.shape, dtype=torch.bool)
     x0 = w.future.clone()
-    _, trace = model.iterate(x0, ctx, none, ~none, max_loop=40, tol=tol, slot_exit=True, record=tuple(range(1, 41)))
+    _, trace = iterate(model, x0, ctx, none, ~none, model.solver.but(max_loop=40, tol=tol, slot_exit=True), record=tuple(range(1, 41)))
     states = {0: x0, **trace.states}
     logp = {k: torch.log_softmax(model.logits(v).float(), -1) for k, v in states.items()}
     for b in range(2):
@@ -64,7 +65,7 @@ def test_slot_exit_freezes_only_slots_whose_own_step_converged(converging):
                 assert all(torch.equal(states[k][b, j], states[p][b, j]) for k in range(p, trace.steps + 1))
             for k in range(1, p):  # while it moved, it was not converged yet (else it would have stopped)
                 kl = (logp[k][b, j].exp() * (logp[k][b, j] - logp[k - 1][b, j])).sum()
-                assert kl >= tol or k < model.config.min_loop, (b, j, k, kl)
+                assert kl >= tol or k < model.solver.min_loop, (b, j, k, kl)
     assert (trace.passes < trace.steps).any(), "some slots exit early"
 
 
@@ -82,5 +83,5 @@ def test_warm_and_cold_starts_reach_the_same_fixed_point(converging):
     assert (p.exp() * (p - q)).sum(-1).max() < 1e-3, "the fixed point does not depend on the start"
     # How many passes each start takes depends on the CPU's float kernels (a warm start took 41 passes
     # against a cold one's 21 with AVX-512 kernels, fewer with AVX2): assert only that both converged.
-    cap = model.config.max_loop
+    cap = model.solver.max_loop
     assert warm_passes < cap and cold_passes < cap, (warm_passes, cold_passes)

@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoint
 from conftest import REPO, run_script
 from configurator import _includer
 from dataloader import DataError, TokenShards, step_seed
-from model import GPT, GPTConfig
 from tokenizer import codec_for, gpt2_encoding
 
 pytestmark = pytest.mark.slow  # prepare scripts and training runs in subprocesses
@@ -259,11 +259,11 @@ def test_gpu_config_trains_a_few_cpu_steps_with_tiny_overrides(name, byte_data, 
 
 def test_gpu_configs_spend_matched_compute_and_shard_under_ddp():
     gpt, wfc = load_config('train_gpt2.py'), load_config('train_gpt2_wfc.py')
-    fields = GPTConfig.__dataclass_fields__
+    fields = checkpoint.default_settings()
     flops = {}
     for name, cfg in (('gpt', gpt), ('wfc', wfc)):
         with torch.device('meta'):  # full size, no memory
-            model = GPT(GPTConfig(**{k: v for k, v in cfg.items() if k in fields}))
+            model = checkpoint.build(**{k: v for k, v in cfg.items() if k in fields})
         assert 123e6 < model.get_num_params() < 125e6  # GPT-2 small
         per_iter = model.flops_per_iter(cfg['batch_size'], cfg['block_size']) * cfg['gradient_accumulation_steps']
         flops[name] = per_iter * cfg['max_iters']

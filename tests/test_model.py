@@ -12,6 +12,7 @@ from conftest import tiny
 import checkpoint
 import engine
 from layout import visibility
+from solver import entropy_of_logits
 
 
 def block_calls(model, run):
@@ -145,7 +146,7 @@ def test_speculation_window_hides_slots_further_ahead():
 
 def causal_states(model, idx):
     pos = torch.arange(idx.size(1))
-    return model.causal(model.input(idx, pos), pos)[0]
+    return model.causal_stream(model.token_states(idx, pos), pos)[0]
 
 
 def test_pinned_past_never_depends_on_later_tokens_or_the_future():
@@ -170,7 +171,7 @@ def test_the_fused_causal_kernel_is_the_visibility_rule():
     model = tiny(pos_emb='rope').eval()
     idx = torch.randint(0, 13, (2, 16))
     pos = torch.arange(16)
-    x = model.input(idx, pos)
+    x = model.token_states(idx, pos)
     fused, _ = model.stack(x, pos, 'causal')
     explicit, _ = model.stack(x, pos, visibility(pos, None, None, pos))
     assert torch.allclose(fused, explicit, atol=1e-6)
@@ -218,12 +219,12 @@ def test_e_max_is_uniform_at_init_and_tracks_the_embedding():
     model = tiny(n_future=4, vocab_size=65)
     V = model.config.vocab_size
     uniform = torch.full((V,), 1.0 / V)
-    assert torch.allclose(model.embed(uniform), model.e_max(), atol=1e-6)
-    assert model.entropy(model.e_max()).item() > 0.98 * math.log(V)
+    assert torch.allclose(uniform @ model.transformer.wte.weight, model.e_max(), atol=1e-6)
+    assert entropy_of_logits(model.logits(model.e_max())).item() > 0.98 * math.log(V)
     with torch.no_grad():  # a random direction (a constant shift is what LayerNorm removes)
         model.transformer.wte.weight[3] += 5.0 * torch.randn(model.config.n_embd)
     assert torch.allclose(model.e_max(), model.transformer.wte.weight.mean(0))
-    assert model.entropy(model.e_max()).item() < 0.9 * math.log(V)  # decodes toward token 3 now
+    assert entropy_of_logits(model.logits(model.e_max())).item() < 0.9 * math.log(V)  # decodes toward token 3 now
     assert model.decode(model.e_max()).argmax().item() == 3
 
 
@@ -250,6 +251,6 @@ def test_the_future_loss_weights_distance_d_by_d_to_the_minus_dist_power(power):
     model = tiny(n_future=4, pos_emb='rope', dist_power=power).eval()
     idx, tgt = torch.randint(0, 13, (3, 16)), torch.randint(0, 13, (3, 16))
     with torch.no_grad():
-        out = model.score(idx, tgt, depth=1, phase=torch.tensor([0, 1, 3]))
+        out = model.wfc_forward(idx, tgt, depth=1, phase=torch.tensor([0, 1, 3]))
     weight = out.dist.float() ** -power * out.scored
     assert torch.allclose(out.loss, (out.ce * weight).sum() / weight.sum(), atol=1e-6)

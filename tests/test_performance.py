@@ -17,6 +17,7 @@ import torch
 import engine
 from conftest import REPO, run_script, tiny, train_pattern_model
 from layout import Context, visibility
+from solver import entropy_of_logits
 from decoding import Settings, sample_tokens
 from sampling import choose_slots, generate
 
@@ -44,7 +45,7 @@ def recomputed_causal(model, history):
     history = history if engine.block_edge(model).rolls else history[:, -bs:]
     pos = torch.arange(history.size(1))
     engine.ensure_positions(model, history.size(1) + model.config.n_future + 1)
-    x = model.input(history, pos)
+    x = model.token_states(history, pos)
     ctx, kvs = Context(x, pos, visibility(pos, None, None, pos, window=bs)), []
     if model.sandwiched():  # prelude, core, coda: one entry of every layer
         _, x, layers = model.once_through(x, ctx, model.config.n_loop)
@@ -67,7 +68,7 @@ def uncached_collapse(model, idx, n, s, generator):
         w.pending = 0
         w, _ = engine.refine(model, w if s.warm == 'on' else engine.forget(model, w))
         logits = w.stats['logits']
-        slots = choose_slots(s.policy, model.entropy_of_logits(logits) / math.log(2), w.decided < 0, s.tau)
+        slots = choose_slots(s.policy, entropy_of_logits(logits) / math.log(2), w.decided < 0, s.tau)
         w = engine.collapse(model, w, slots, sample_tokens(logits, s, generator))
         w, moved = engine.shift(model, w, slide=s.slide)
         out.append(moved)
@@ -97,7 +98,7 @@ def test_cached_collapse_sampler_draws_the_same_tokens_as_recomputing_the_past(p
 
 
 @pytest.mark.parametrize('overrides', [dict(), dict(n_loop=2), dict(pos_emb='rope'),
-                                       dict(pos_emb='rope', n_loop=2, inject='add', step_size=0.5)])
+                                       dict(pos_emb='rope', n_loop=2, inject='add', decay=0.5)])
 @pytest.mark.parametrize('slide', [0, 5])
 def test_gpt_kv_cache_draws_the_same_tokens_as_recomputing(overrides, slide):
     model = tiny(**overrides).eval()
@@ -120,7 +121,7 @@ def test_gpt_kv_cache_draws_the_same_tokens_as_recomputing(overrides, slide):
     assert torch.equal(cached, seq[:, 4:])
 
 
-@pytest.mark.parametrize('overrides', [dict(), dict(pos_emb='rope', n_loop=2, inject='add', step_size=0.5)])
+@pytest.mark.parametrize('overrides', [dict(), dict(pos_emb='rope', n_loop=2, inject='add', decay=0.5)])
 def test_run_causal_last_positions_match_the_full_run(overrides):
     model = tiny(**overrides).eval()
     idx = torch.randint(0, 13, (2, 12))
@@ -189,8 +190,8 @@ def test_refinement_decodes_only_where_the_convergence_test_needs_it():
 
 @pytest.fixture(scope='module')
 def slow_converger():
-    """Trained with a small step size: its future slots converge over several passes, not all at once."""
-    return train_pattern_model(steps=60, n_future=6, pos_emb='rope', n_loop=3, step_size=0.25, max_loop=60)
+    """A re-injected, bounded recurrence: its rows converge after different numbers of passes."""
+    return train_pattern_model(steps=60, n_future=6, pos_emb='rope', n_loop=3, inject='add', bound='rms', max_loop=60)
 
 
 def test_converged_rows_stop_being_computed_and_the_others_do_not_change(slow_converger):

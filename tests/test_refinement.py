@@ -11,17 +11,20 @@ layout does; the samplers refuse what they cannot run."""
 import pytest
 import torch
 
+import checkpoint
 import engine
 import layout
 from layout import training_layout
-from model import GPT, GPTConfig
+from model import GPTConfig
+from recipe import draw_depth, training_loss
+from solver import iterate
 
 TINY = dict(block_size=16, vocab_size=11, n_layer=4, n_head=2, n_embd=16, n_future=2, pos_emb='rope', past_loss=1.0)
 
 
 def tiny(**kw):
     torch.manual_seed(0)
-    return GPT(GPTConfig(**{**TINY, **kw}))
+    return checkpoint.build(**{**TINY, **kw})
 
 
 def batch(B=3, T=16):
@@ -46,7 +49,7 @@ def test_the_sandwich_loops_only_its_core():
     idx, targets = batch()
     model.eval()
     with torch.no_grad():
-        model.score(idx, targets, depth=5, phase=torch.zeros(3, dtype=torch.long))
+        model.wfc_forward(idx, targets, depth=5, phase=torch.zeros(3, dtype=torch.long))
     # causal stream: every block once; future: prelude once, core 5 times, coda once (the final readout)
     assert calls == [2, 6, 6, 2]
     assert model.get_num_params() == tiny().get_num_params()  # same blocks, only the schedule differs
@@ -63,17 +66,16 @@ def test_a_looped_sandwich_gpt_trains():
 
 def test_config_refuses_a_sandwich_without_a_core():
     with pytest.raises(ValueError, match='no looped core'):
-        GPTConfig(**{**TINY, 'n_prelude': 2, 'n_coda': 2})
+        checkpoint.build(**{**TINY, "n_prelude": 2, "n_coda": 2})
 
 
 def scored_from(model, states_requiring_grad):
-    """model._scored on given future states (the layout of one fixed-phase step)."""
+    """recipe.training_loss on given future states (the layout of one fixed-phase step)."""
     idx, targets = batch()
     pos = torch.arange(16)
-    x_c, kvs = model.causal(model.input(idx, pos), pos)
+    x_c, kvs = model.causal_stream(model.token_states(idx, pos), pos)
     lay = training_layout(model, idx, targets, 2, kvs[-1], torch.zeros(3, dtype=torch.long), None, None)
-    trace = model.score(idx, targets, depth=1, phase=torch.zeros(3, dtype=torch.long)).trace
-    return model._scored(states_requiring_grad, lay, x_c.detach(), targets, trace).loss
+    return training_loss(model, states_requiring_grad, lay, model.logits(x_c.detach()), targets, model.recipe)[0]
 
 
 def test_consistency_moves_the_earlier_passes_only():
@@ -95,14 +97,14 @@ def test_every_exit_rule_stops_and_never_moves_an_exited_slot(rule):
     model = tiny(bound='rms', exit_rule=rule, max_loop=40, tol=1e-3).eval()
     idx, targets = batch()
     with torch.no_grad():
-        out = model.score(idx, targets, depth='converge', phase=torch.zeros(3, dtype=torch.long))
-        never = model.score(idx, targets, depth=7, phase=torch.zeros(3, dtype=torch.long))  # tol < 0: exactly 7 passes
+        out = model.wfc_forward(idx, targets, depth='converge', phase=torch.zeros(3, dtype=torch.long))
+        never = model.wfc_forward(idx, targets, depth=7, phase=torch.zeros(3, dtype=torch.long))  # tol < 0: exactly 7 passes
     assert 1 <= out.trace.steps <= 40 and never.trace.steps == 7
     x0 = torch.randn(2, 6, 16)
     ctx = layout.Context(x0, torch.arange(6))
     none = torch.zeros(2, 6, dtype=torch.bool)
     with torch.no_grad():
-        _, trace = model.iterate(x0, ctx, none, ~none, max_loop=30, tol=1e-3, slot_exit=True, record=tuple(range(1, 31)))
+        _, trace = iterate(model, x0, ctx, none, ~none, model.solver.but(max_loop=30, tol=1e-3, slot_exit=True), record=tuple(range(1, 31)))
     for row in range(2):
         for slot in range(6):
             stop = int(trace.passes[row, slot])
@@ -115,10 +117,10 @@ def test_leaving_exited_slots_out_changes_nothing(monkeypatch):
     idx, targets = batch(4)
     phase = torch.zeros(4, dtype=torch.long)
     with torch.no_grad():
-        compact = model.score(idx, targets, depth='converge', phase=phase)
+        compact = model.wfc_forward(idx, targets, depth='converge', phase=phase)
         narrow = layout.Active.narrow
         monkeypatch.setattr(layout.Active, 'narrow', lambda self, keep, open_slots=None, mask=None: narrow(self, keep))
-        full = model.score(idx, targets, depth='converge', phase=phase)
+        full = model.wfc_forward(idx, targets, depth='converge', phase=phase)
     torch.testing.assert_close(compact.logits, full.logits, atol=1e-5, rtol=1e-5)
     assert torch.equal(compact.trace.passes, full.trace.passes)
 
@@ -127,7 +129,7 @@ def parallel_block(model, idx, past, depth, pins=None):
     """score's logits (B, F, V) of the training layout's future block whose past is idx[:, :past]."""
     n_future = model.config.n_future
     phase = torch.full((idx.size(0),), (past - 1) % n_future)  # a block starts at slot past - 1
-    out = model.score(idx, idx.roll(-1, 1), depth=depth, phase=phase, pins=pins)
+    out = model.wfc_forward(idx, idx.roll(-1, 1), depth=depth, phase=phase, pins=pins)
     assert bool((out.dist[:, past - 1] == 1).all())
     return out.logits[:, past - 1:past - 1 + n_future]
 
@@ -169,13 +171,13 @@ def test_what_the_samplers_refuse_of_a_sandwich():
 
 def test_a_depth_per_row_is_each_row_run_at_its_own_depth():
     model = tiny(bound='rms', train_depth=6, loop_law='uniform', depth_per='row', bptt=2, supervise=2).eval()
-    depth = model.draw_depth(3)
+    depth = draw_depth(model.config, model.recipe, 3)
     assert depth.shape == (3,) and 1 <= int(depth.min()) and int(depth.max()) <= 6
     idx, targets = batch()
     phase = torch.zeros(3, dtype=torch.long)
-    rows = model.score(idx, targets, depth=torch.tensor([2, 5, 3]), phase=phase)
+    rows = model.wfc_forward(idx, targets, depth=torch.tensor([2, 5, 3]), phase=phase)
     for r, k in enumerate([2, 5, 3]):
-        alone = model.score(idx, targets, depth=k, phase=phase)
+        alone = model.wfc_forward(idx, targets, depth=k, phase=phase)
         torch.testing.assert_close(rows.logits[r], alone.logits[r])
         assert int(rows.trace.passes[r].max()) == k
 

@@ -52,7 +52,7 @@ def exact_first_tokens(model, prompt, n, s):
         for seq in itertools.product(range(V), repeat=n):
             ids = torch.tensor([prompt + list(seq)])
             pos = torch.arange(ids.size(1))
-            logits = model.logits(model.causal(model.input(ids, pos), pos)[0])[0]
+            logits = model.logits(model.causal_stream(model.token_states(ids, pos), pos)[0])[0]
             probs = filtered_probs(logits[len(prompt) - 1:-1], s.temperature, s.top_k, s.top_p, s.min_p)
             table[seq] = math.prod(probs[t, x].item() for t, x in enumerate(seq))
     return table

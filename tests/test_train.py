@@ -2,6 +2,7 @@
 train (loss falls), write a checkpoint and resume from its step; the pinned vectorised layout
 makes every token a future target exactly once, with the visibility of the model's one rule."""
 
+import dataclasses
 import json
 import os
 
@@ -46,7 +47,7 @@ def test_pinned_layout_targets_every_token_once_with_the_defined_visibility(F_, 
     T = 13
     model = tiny(n_future=F_, pos_emb='rope')
     idx, tgt = torch.randint(0, 13, (2, T)), torch.randint(0, 13, (2, T))
-    out = model.score(idx, tgt, phase=torch.tensor([phase, (phase + 1) % F_]))
+    out = model.wfc_forward(idx, tgt, phase=torch.tensor([phase, (phase + 1) % F_]))
     assert out.scored.all() and torch.equal(out.targets, tgt)  # each target once
     layout = training_layout(model, idx[:1], tgt[:1], F_, phase=torch.tensor([phase]))
     mask, dist = layout.ctx.mask[0, 0], layout.dist[0]
@@ -70,7 +71,7 @@ def test_future_frac_runs_whole_blocks_that_match_the_full_layout(frac):
     phase = torch.tensor([0, 1, 3])
     torch.manual_seed(0)
     part, _ = model(idx, tgt, phase=phase)
-    model.config.future_frac = 1.0
+    model.recipe = dataclasses.replace(model.recipe, future_frac=1.0)
     full, _ = model(idx, tgt, phase=phase)
     torch.manual_seed(0)  # the same draw of blocks as inside the first forward
     order, real = keep_blocks(phase, T, F_, frac)

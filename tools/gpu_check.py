@@ -14,7 +14,7 @@ Checks (groups), each a row of the report with pass / fail / skip and the number
   the largest |logit difference| and |loss difference| must be <= tolerance. On the CPU dry run the
   reference is the same model in float64 (a CUDA-vs-CPU comparison is impossible there).
 - train: train_steps steps of each tiny model with bf16 autocast and torch.compile (GPT:
-  torch.compile(model); WFC: model.compile_passes(), the random depth of train.py), fused AdamW on
+  torch.compile(model); WFC: runtime.compile_passes(model), the random depth of train.py), fused AdamW on
   CUDA: every loss and gradient finite, the last loss below the first, and the compiled model's
   first fp32 loss equal to the eager one within tolerance.
 - sample: every sampler (causal GPT, causal WFC past stream, speculative, collapse with policies
@@ -56,7 +56,7 @@ import runtime  # noqa: E402
 import steering  # noqa: E402
 from configurator import UserError, cli, configure, fail, require  # noqa: E402
 from layout import block_starts, visibility  # noqa: E402
-from model import GPT, GPTConfig  # noqa: E402
+from recipe import draw_depth  # noqa: E402
 from sampling import Settings, generate  # noqa: E402
 from tools.vs_nanogpt import EVAL_LINE, ITER_LINE  # noqa: E402  (the log lines of train.py)
 
@@ -128,7 +128,7 @@ class Plan:
 
 def tiny_model(kind, dev='cpu', dtype=torch.float32):
     torch.manual_seed(0)
-    return GPT(GPTConfig(**TINY, **(WFC if kind == 'wfc' else {}))).to(dev, dtype)
+    return checkpoint.build(**TINY, **(WFC if kind == 'wfc' else {})).to(dev, dtype)
 
 
 def pattern_batch(step, dev, B=8, T=TINY['block_size']):
@@ -177,7 +177,7 @@ TRAINED = {}  # kind -> the tiny model the train group trained (the sample group
 def compiled(model, kind, plan):
     """What train.py runs with --compile=True: one pass compiled for WFC, the whole forward for GPT."""
     if kind == 'wfc':
-        model.update = torch.compile(model.update, backend=plan.backend)  # = model.compile_passes(), with the backend
+        model.update = torch.compile(model.update, backend=plan.backend)  # = runtime.compile_passes(model), with the backend
         return model
     return torch.compile(model, backend=plan.backend)
 
@@ -201,7 +201,7 @@ def train_tiny(kind, plan):
         x, y = pattern_batch(100 + step, plan.dev)
         torch.manual_seed(step)
         with runtime.autocast(plan.dev, 'bfloat16'):
-            _, loss = step_model(x, y, depth=model.draw_depth(x.size(0))) if kind == 'wfc' else step_model(x, y)
+            _, loss = step_model(x, y, depth=draw_depth(model.config, model.recipe, x.size(0))) if kind == 'wfc' else step_model(x, y)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
