@@ -14,7 +14,7 @@ Rows: each variant x each dtype of `dtypes` ('auto' = bf16 where the hardware ha
 
 - train: one step as train.py takes it (a batch from the shards, forward under autocast, backward,
   gradient clipping, AdamW, the loss read back), median of `steps` timed steps after `warmup`.
-  tokens/s = batch_size x block_size / step time. MFU = model.flops_per_iter (every pass, both
+  tokens/s = batch_size x block_size / step time. MFU = runtime.training_flops (every pass, both
   streams of the pinned layout, attention, decodes) / step time / peak, where the peak is the
   measured matmul rate of the dtype in use on CPU (2048 x 2048 products, printed above the table)
   and the datasheet peak on CUDA (runtime.peak_flops).
@@ -211,7 +211,7 @@ def train_speed(args, dev, dtype, peak):
                 times.append(time.perf_counter() - t0)
                 passes.append(depth)
     dt = statistics.median(times)
-    flops = model.flops_per_iter(batch_size, args['block_size'], statistics.mean(passes))
+    flops = runtime.training_flops(model, batch_size, args['block_size'], statistics.mean(passes))
     return dict(train_tokens_per_s=batch_size * args['block_size'] / dt, step_ms=dt * 1000, mfu=flops / dt / peak,
                 train_peak_mb=None if memory.peak is None else memory.peak / 2 ** 20, data=source,
                 params_m=model.get_num_params() / 1e6)

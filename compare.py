@@ -10,7 +10,7 @@ Fair and reproducible budgets: the seconds per iteration of every variant are me
 (short interleaved runs, medians), then each trains for budget / (s/iter) iterations with its
 learning-rate schedule ending there. The losses then depend on iteration counts, not on what else
 the machine did during the runs. The FLOPs table gives every variant the training FLOPs
-(model.flops_per_iter) of the GPT run instead. Results: <out_dir>/results.json and .md, plots.
+(runtime.training_flops) of the GPT run instead. Results: <out_dir>/results.json and .md, plots.
 """
 
 import json
@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 import checkpoint
+import runtime
 from configurator import UserError, cli, configure, require
 from dataloader import TokenShards, data_dir
 
@@ -113,7 +114,7 @@ def threads_per_run():
 
 def calibrate(names):
     """Median seconds per iteration of each variant, measured in interleaved rounds with the threads
-    a real run gets, and its training FLOPs per iteration (model.flops_per_iter of the model the run built)."""
+    a real run gets, and its training FLOPs per iteration (runtime.training_flops of the model the run built)."""
     samples, flops = {n: [] for n in names}, {}
     for _ in range(calibration_rounds):
         for n in names:
@@ -121,7 +122,7 @@ def calibrate(names):
             log = train(n, VARIANTS[n] + ['--eval_iters=1'], calibration_iters, run_dir, 1, threads_per_run(), fresh=True)
             samples[n] += seconds_per_iter(log)
             model, info = checkpoint.load_model(run_dir)
-            flops[n] = model.flops_per_iter(info['config']['batch_size'] * info['config']['gradient_accumulation_steps'],
+            flops[n] = runtime.training_flops(model, info['config']['batch_size'] * info['config']['gradient_accumulation_steps'],
                                             model.config.block_size)
     return {n: statistics.median(v) / 1000 for n, v in samples.items()}, flops
 

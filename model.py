@@ -1,8 +1,7 @@
 """
 WFC-GPT: a "Wave Function Collapse" language model and its GPT baseline, in one file.
 
-With n_future = 0 this is nanoGPT's causal decoder (learned positions, LayerNorm, GELU MLP, tied
-lm_head, GPT-2 init); nanoGPT checkpoints load into it unchanged.
+With n_future = 0 this is nanoGPT's GPT (its checkpoints load into it unchanged).
 
 - Weight-tied refinement: one core of blocks runs pass after pass (`GPT.update`, the rule of every
   stream), with the input re-injected, a decay and a bound on the state when asked: what a
@@ -10,8 +9,7 @@ lm_head, GPT-2 init); nanoGPT checkpoints load into it unchanged.
 - Past and future: decided past tokens, and n_future future slots that start at e_max (the
   embedding of the uniform distribution). 'pinned': the past is a causal stream that never sees the
   future; 'bidirectional': every slot sees every slot (the rule: layout.visibility).
-- The architecture is GPTConfig; how it is trained is recipe.Recipe, how it is solved at
-  inference is solver.Solver, and the samplers' windows and caches are engine.py's.
+- The architecture is GPTConfig; training is recipe.Recipe, inference solving solver.Solver.
 """
 
 import math
@@ -22,9 +20,10 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from attention import Rotary, sparse_attention
-from layout import Context, keep_blocks, training_layout, visibility
-from recipe import Recipe, capabilities, check_fits, cross_entropy, draw_depth, start_state, training_loss, unroll
-from solver import Solver, Trace, iterate
+from layout import Context, training_layout, visibility
+from recipe import (Recipe, capabilities, check_fits, cross_entropy, draw_depth, kept_blocks, run_passes, start_state,
+                    training_loss, warm_rows)
+from solver import Solver, Trace
 
 CHOICES = dict(pos_emb=('learned', 'rope'), attn=('pinned', 'bidirectional'), attn_fn=('softmax', 'entmax', 'adaptive'),
                inject=('none', 'add', 'adapter', 'contract'), bound=('none', 'rms', 'norm'))
@@ -73,16 +72,13 @@ class GPTConfig:
         if problems:
             raise ValueError("invalid GPTConfig: " + "; ".join(problems))
 
-    @property
-    def n_positions(self):  # future slots sit after the past: positions run up to block_size + n_future - 1
-        return self.block_size + self.n_future
+    n_positions = property(lambda self: self.block_size + self.n_future)  # the past's positions, then the future's
 
 
 @dataclass
 class WFCOutput:
-    """The WFC forward's whole result (GPT.wfc_forward): final logits (B, S, V) and loss, per-slot
-    cross-entropy ce (B, S) of the final state (and ce_at {passes: (B, S)} for recorded depths),
-    the layout's dist and targets, the `scored` (B, S) slots that carry a loss, and the trace."""
+    """GPT.wfc_forward's result: logits (B, S, V), loss, per-slot cross-entropy ce (B, S) (ce_at: after
+    the recorded passes), the layout's dist and targets, the `scored` slots (B, S) and the trace."""
     logits: torch.Tensor
     loss: torch.Tensor
     ce: torch.Tensor
@@ -172,8 +168,7 @@ class GPT(nn.Module):
       of j's block of n_future slots, blocks at a random phase per row) and its block's slots;
       distance d = j - s(j) + 1. Every target is predicted once, at some distance.
     - WFC bidirectional: one split per row; (B, T + F, V) window logits, targets aligned.
-    `wfc_forward` is the WFC forward with its options and its whole result (per-slot losses, passes).
-    recipe and solver: how the model is trained and solved by default (a checkpoint stores both)."""
+    `wfc_forward`: the WFC forward's options and whole result. recipe, solver: defaults (stored in checkpoints)."""
 
     def __init__(self, config, recipe=None, solver=None):
         super().__init__()
@@ -184,7 +179,7 @@ class GPT(nn.Module):
         modules = dict(wte=nn.Embedding(config.vocab_size, C), drop=nn.Dropout(config.dropout),
                        h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]), ln_f=nn.LayerNorm(C, bias=config.bias))
         if config.pos_emb == 'learned':
-            modules['wpe'] = nn.Embedding(config.block_size if config.n_future == 0 else config.n_positions, C)
+            modules['wpe'] = nn.Embedding(config.n_positions, C)  # the past's positions, then the future's
         if config.inject == 'adapter':
             modules['adapter'] = nn.Linear(2 * C, C, bias=config.bias)
         if config.bound == 'norm':
@@ -219,8 +214,7 @@ class GPT(nn.Module):
             torch.nn.init.zeros_(module.bias)
 
     def get_num_params(self, non_embedding=True):
-        """Parameters; the position table is excluded by default (as nanoGPT does). The token table
-        counts: it is also the output layer."""
+        """Parameters, without the position table by default (nanoGPT); the tied token table counts."""
         n = sum(p.numel() for p in self.parameters())
         return n - self.transformer.wpe.weight.numel() if non_embedding and 'wpe' in self.transformer else n
 
@@ -230,10 +224,6 @@ class GPT(nn.Module):
         groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
                   {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == 'cuda')
-
-    def flops_per_iter(self, B, T, passes=None, recipe=None):
-        from runtime import training_flops  # FLOPs accounting lives with the MFU arithmetic
-        return training_flops(self.config, recipe or self.recipe, self.get_num_params(), B, T, passes)
 
     # ---- the maps between spaces ----
 
@@ -299,9 +289,8 @@ class GPT(nn.Module):
 
     def update(self, x, ctx, frozen=None, queries=None):
         """One pass of the recurrence, the rule of every stream: inp = x, x + x0, adapter([x, x0]) or
-        a x + (1 - a) x0; out = core(inp); x <- out, or a_decay x + (out - inp) with a re-injection or a
-        decay; then the bound. frozen (B, S) slots keep their state. Returns the new state (its last
-        `queries` slots when given) and the core layers' (k, v)."""
+        a x + (1 - a) x0; x <- core(inp), or a_decay x + (core(inp) - inp) with an injection or decay;
+        then the bound. frozen (B, S) slots keep theirs. Returns the new state and the core's (k, v)."""
         c = self.config
         if c.inject == 'contract':
             a = torch.sigmoid(self.inject_logit)
@@ -368,6 +357,7 @@ class GPT(nn.Module):
         """GPT: (logits, loss) as nanoGPT's (the last position's logits only without targets). WFC:
         the training/evaluation layout (wfc_forward's options in wfc, e.g. recipe=, depth=)."""
         c = self.config
+        assert idx.size(1) <= c.block_size, f"sequence of {idx.size(1)} tokens > block_size {c.block_size}"
         if c.n_future:
             if targets is None:
                 raise ValueError("the WFC forward is the training/evaluation layout and needs targets; "
@@ -376,7 +366,6 @@ class GPT(nn.Module):
             return out.logits, out.loss
         if wfc:
             raise TypeError(f"GPT mode (n_future=0) takes no WFC options, got {sorted(wfc)}")
-        assert idx.size(1) <= c.block_size, f"sequence of {idx.size(1)} tokens > block_size {c.block_size}"
         pos = torch.arange(idx.size(1), device=idx.device)
         x, _ = self.causal_stream(self.transformer.drop(self.token_states(idx, pos)), pos)
         if targets is None:  # inference: only the last position's logits are needed
@@ -386,38 +375,26 @@ class GPT(nn.Module):
 
     def wfc_forward(self, idx, targets, recipe=None, depth=None, record=(), n_future=None, phase=None, split=None,
                     pins=None, warm=None, init=None):
-        """The WFC forward. recipe: the training recipe (default self.recipe). depth: training passes (None:
-        drawn per the recipe), an int, a (B,) tensor (a depth per row), or 'converge' (self.solver's passes). record: pass counts whose per-slot
-        loss to keep (ce_at). phase (B,) block phase, split (B,) past end, pins (B, S) slots pinned to their
-        target, warm (B,) rows started from a detached state of one step earlier: drawn per the recipe when
-        None (and training). init='random': open slots start at a random state of the embeddings' scale
-        instead of e_max (path independence). Returns a WFCOutput."""
+        """The WFC forward on (B, T <= block_size) windows. recipe: default self.recipe. depth: training
+        passes (None: drawn per the recipe), an int, a (B,) tensor (a depth per row), or 'converge'
+        (self.solver's passes). record: pass counts whose per-slot loss to keep (ce_at). phase (B,) block
+        phase, split (B,) past end, pins (B, S) slots pinned to their target, warm (B,) rows started one
+        sampler step earlier: drawn per the recipe when None (and training). init='random': open slots
+        start at a random state (path independence). Returns a WFCOutput."""
         c, r, (B, T), dev = self.config, recipe or self.recipe, idx.shape, idx.device
-        assert T <= c.block_size, f"sequence of {T} tokens > block_size {c.block_size}"
         F_, depth = n_future or c.n_future, draw_depth(c, r) if depth is None else depth
-        if warm is None and self.training and r.warm_prob > 0:
-            warm = torch.rand(B, device=dev) < r.warm_prob
+        warm = warm_rows(r, B, self.training, dev) if warm is None else warm
         x_c = past_kv = slots = None
         if c.attn == 'pinned':
             pos = torch.arange(T, device=dev)
             x_c, kvs = self.causal_stream(self.transformer.drop(self.token_states(idx, pos)), pos)
             past_kv, phase = kvs[-1], torch.randint(0, F_, (B,), device=dev) if phase is None else phase
-            if self.training and r.future_frac < 1:  # a random subset of the future blocks: a cheaper step
-                slots = keep_blocks(phase, T, F_, r.future_frac)
+            slots = kept_blocks(r, phase, T, F_, self.training)
         else:
             split = torch.randint(0, T, (B,), device=dev) if split is None else split
         lay = training_layout(self, idx, targets, F_, past_kv, phase, split, slots)
         x = start_state(self, lay, (idx, targets, F_, past_kv, phase, split, slots), r, pins, warm, init)
-        per_row = torch.is_tensor(depth)
-        if not per_row and (depth == 'converge' or record or not torch.is_grad_enabled()):
-            solver = self.solver if depth == 'converge' else self.solver.but(max_loop=depth, tol=-1.0)
-            x, trace = iterate(self, x, lay.ctx, lay.frozen, lay.watch, solver, record=record)
-            states = [x]
-        else:
-            states = unroll(self, x, lay.ctx, lay.frozen, depth, r)
-            steps = int(depth.max()) if per_row else depth  # every row is computed on every pass
-            trace = Trace(passes=lay.watch.long() * (depth.to(dev)[:, None] if per_row else depth), calls=B * steps, steps=steps)
-        past_targets = targets if r.past_target == 'next' else idx
-        loss, logits, ce = training_loss(self, states, lay, None if x_c is None else self.logits(x_c), past_targets, r)
+        states, trace = run_passes(self, x, lay, depth, record, r)
+        loss, logits, ce = training_loss(self, states, lay, None if x_c is None else self.logits(x_c), idx, targets, r)
         ce_at = {k: cross_entropy(self.readout(v, lay.ctx), lay.targets) for k, v in trace.states.items()}
         return WFCOutput(logits, loss, ce.detach(), lay.dist, lay.targets, lay.watch, trace, ce_at)

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from layout import training_layout
-from solver import iterate
+from layout import keep_blocks, training_layout
+from solver import Trace, iterate
 
 RECIPE_CHOICES = dict(loop_law=('fixed', 'uniform', 'poisson'), past_target=('next', 'self'), depth_per=('step', 'row'))
 
@@ -85,6 +85,32 @@ def draw_depth(config, recipe, rows=1):
     return depth if recipe.depth_per == 'row' else int(depth)
 
 
+def warm_rows(recipe, B, training, device):
+    """(B,) rows that start warm this step, drawn with warm_prob while training (else None)."""
+    return torch.rand(B, device=device) < recipe.warm_prob if training and recipe.warm_prob > 0 else None
+
+
+def kept_blocks(recipe, phase, T, n_future, training):
+    """Pinned training with future_frac < 1: the random subset of future blocks that runs (a cheaper
+    step; see layout.keep_blocks); None = all of them."""
+    return keep_blocks(phase, T, n_future, recipe.future_frac) if training and recipe.future_frac < 1 else None
+
+
+def run_passes(model, x, lay, depth, record, recipe):
+    """The future's passes from x on layout lay: the recipe's training passes (unroll: truncated
+    backprop, a depth per step or per row), or without gradient, with `record` or depth='converge'
+    the solver (an int depth: exactly that many passes). Returns the states to score and a Trace."""
+    per_row = torch.is_tensor(depth)
+    if not per_row and (depth == 'converge' or record or not torch.is_grad_enabled()):
+        solver = model.solver if depth == 'converge' else model.solver.but(max_loop=depth, tol=-1.0)
+        x, trace = iterate(model, x, lay.ctx, lay.frozen, lay.watch, solver, record=record)
+        return [x], trace
+    states = unroll(model, x, lay.ctx, lay.frozen, depth, recipe)
+    steps = int(depth.max()) if per_row else depth  # every row is computed on every pass
+    passes = lay.watch.long() * (depth.to(x.device)[:, None] if per_row else depth)
+    return states, Trace(passes=passes, calls=x.size(0) * steps, steps=steps)
+
+
 def unroll(model, x, ctx, frozen, depth, recipe):
     """Training passes: gradient through the last bptt only (truncated backprop). depth: an int, or
     (B,) passes per row (a row of depth d waits out the first max - d passes, so every row's last
@@ -147,12 +173,12 @@ def cross_entropy(logits, targets):
     return F.cross_entropy(logits.transpose(1, 2).float(), targets.clamp(min=0), reduction='none')
 
 
-def training_loss(model, states, lay, past_logits, past_targets, recipe):
+def training_loss(model, states, lay, past_logits, idx, targets, recipe):
     """The loss of the trained states: the mean over the last `supervise` of the distance-weighted
     future cross-entropy; plus consistency x the mean over the earlier states of KL(last || earlier)
     (the last pass detached: only the earlier passes move, toward where the refinement ends, so an
-    early exit loses little; CLLM, Kou et al. 2024); plus past_loss x the past stream's own loss.
-    Returns (loss, the last state's logits, its per-slot cross-entropy)."""
+    early exit loses little; CLLM, Kou et al. 2024); plus past_loss x the past stream's own loss
+    (past_logits: the pinned causal stream's; its targets are the next tokens or idx itself). Returns (loss, the last state's logits, its per-slot cross-entropy)."""
     weight = lay.dist.float().pow(-recipe.dist_power) * lay.watch
     per_slot_mean = lambda v: (v * weight).sum() / weight.sum().clamp(min=1e-8)  # noqa: E731
     all_logits = [model.readout(x, lay.ctx) for x in states]
@@ -164,6 +190,7 @@ def training_loss(model, states, lay, past_logits, past_targets, recipe):
         kls = [(goal.exp() * (goal - F.log_softmax(v.float(), -1))).sum(-1) for v in all_logits[:-1]]
         loss = loss + recipe.consistency * torch.stack([per_slot_mean(v) for v in kls]).mean()
     if recipe.past_loss > 0:  # pinned: the causal stream's own next-token (or own-token) loss; bidirectional: past slots
-        past_logits, past_targets = (past_logits, past_targets) if past_logits is not None else (logits, lay.self_targets)
+        past_targets = (targets if recipe.past_target == 'next' else idx) if past_logits is not None else lay.self_targets
+        past_logits = logits if past_logits is None else past_logits
         loss = loss + recipe.past_loss * F.cross_entropy(past_logits.flatten(0, 1), past_targets.flatten(), ignore_index=-1)
     return loss, logits, ce

@@ -112,13 +112,14 @@ def peak_flops(device, dtype):
     return float('nan')  # mps: no reliable number
 
 
-def training_flops(c, r, n_params, B, T, passes=None):
+def training_flops(model, B, T, passes=None, recipe=None):
     """Matmul FLOPs of one training forward + backward on B rows of T tokens (PaLM appendix B, as
     nanoGPT counts them), counting what WFC really computes: every pass, both streams of the pinned
     layout, dense attention over all keys, decodes of supervised passes (through the coda of a
     sandwich, whose passes run only its core), warm-start passes (expected). Passes without
-    gradient count forward only. c: the GPTConfig, r: the Recipe. passes: the future's depth
-    (default: its mean under loop_law)."""
+    gradient count forward only. passes: the future's depth (default: its mean under loop_law);
+    recipe: default the model's."""
+    c, r, n_params = model.config, recipe or model.recipe, model.get_num_params()
     V, C, L = c.vocab_size, c.n_embd, c.n_layer
     stack = 2 * (n_params - V * C)        # forward FLOPs per token per pass (dense part)
     attn = lambda keys: 4 * L * C * keys  # QK^T and AV, forward, per query token

@@ -574,7 +574,7 @@ while True:
     if master and iter_num % log_interval == 0:
         append_log('train_log.jsonl', dict(iter=iter_num, loss=train_loss, lr=lr))  # exact values, for plots and the tests
         passes = passes_sum / accum
-        flops = raw_model.flops_per_iter(batch_size, block_size, passes) * gradient_accumulation_steps
+        flops = runtime.training_flops(raw_model, batch_size, block_size, passes) * gradient_accumulation_steps
         mfu = flops / dt / peak
         running_mfu = mfu if running_mfu < 0 else 0.9 * running_mfu + 0.1 * mfu
         extra = f", passes {passes:.1f}, F {F_now}" if n_future else ''

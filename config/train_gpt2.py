@@ -3,7 +3,7 @@
 #   python data/openwebtext/prepare.py
 #   torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2.py
 # Each iteration is 12 rows x 1024 tokens x 40 micro-steps = 491,520 tokens (5 micro-steps per GPU);
-# 600,000 iterations = 295B tokens = 2.5e20 FLOPs (model.flops_per_iter, attention included).
+# 600,000 iterations = 295B tokens = 2.5e20 FLOPs (runtime.training_flops, attention included).
 # Expected cost: nanoGPT reports about 4 days on 8 x A100 40GB (about 30% MFU at these FLOPs);
 # 8 x H100 should be roughly twice as fast (an estimate from their bf16 peaks, not measured).
 # Expected val loss: about 2.85 (nanoGPT's run; GPT-2's own checkpoint scores about 3.12 on

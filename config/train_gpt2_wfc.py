@@ -3,7 +3,7 @@
 # slots and rotary positions (the shakespeare_char screen preferred F = 2 at 64 tokens of
 # context, see RESULTS.md; with 1024 tokens F is an open question, and F barely changes the cost).
 #   torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2_wfc.py
-# Cost: model.flops_per_iter counts what a pinned WFC step computes (a clean stream and a future
+# Cost: runtime.training_flops counts what a pinned WFC step computes (a clean stream and a future
 # stream over the same tokens, attention over 2T keys, past_loss decodes): 22.40 TFLOPs per
 # 12 x 1024 micro-batch against GPT's 10.50, a ratio of 2.13. So max_iters = 600,000 / 2.13 =
 # 281,000 iterations spend GPT's 2.5e20 FLOPs: about the same 4 days on 8 x A100 at equal MFU,

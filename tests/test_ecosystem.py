@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import checkpoint
+import runtime
 from conftest import REPO, run_script
 from configurator import _includer
 from dataloader import DataError, TokenShards, step_seed
@@ -265,7 +266,7 @@ def test_gpu_configs_spend_matched_compute_and_shard_under_ddp():
         with torch.device('meta'):  # full size, no memory
             model = checkpoint.build(**{k: v for k, v in cfg.items() if k in fields})
         assert 123e6 < model.get_num_params() < 125e6  # GPT-2 small
-        per_iter = model.flops_per_iter(cfg['batch_size'], cfg['block_size']) * cfg['gradient_accumulation_steps']
+        per_iter = runtime.training_flops(model, cfg['batch_size'], cfg['block_size']) * cfg['gradient_accumulation_steps']
         flops[name] = per_iter * cfg['max_iters']
         assert cfg['gradient_accumulation_steps'] % 8 == 0 and cfg['lr_decay_iters'] == cfg['max_iters']
     assert wfc['batch_size'] * wfc['gradient_accumulation_steps'] == gpt['batch_size'] * gpt['gradient_accumulation_steps']

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 import checkpoint
+import runtime
 import engine
 import layout
 from layout import training_layout
-from model import GPTConfig
 from recipe import draw_depth, training_loss
 from solver import iterate
 
@@ -66,7 +66,7 @@ def test_a_looped_sandwich_gpt_trains():
 
 def test_config_refuses_a_sandwich_without_a_core():
     with pytest.raises(ValueError, match='no looped core'):
-        checkpoint.build(**{**TINY, "n_prelude": 2, "n_coda": 2})
+        checkpoint.build(**{**TINY, 'n_prelude': 2, 'n_coda': 2})
 
 
 def scored_from(model, states_requiring_grad):
@@ -75,7 +75,7 @@ def scored_from(model, states_requiring_grad):
     pos = torch.arange(16)
     x_c, kvs = model.causal_stream(model.token_states(idx, pos), pos)
     lay = training_layout(model, idx, targets, 2, kvs[-1], torch.zeros(3, dtype=torch.long), None, None)
-    return training_loss(model, states_requiring_grad, lay, model.logits(x_c.detach()), targets, model.recipe)[0]
+    return training_loss(model, states_requiring_grad, lay, model.logits(x_c.detach()), idx, targets, model.recipe)[0]
 
 
 def test_consistency_moves_the_earlier_passes_only():
@@ -186,8 +186,8 @@ def test_a_sandwich_pass_costs_only_its_core_in_the_flops_count():
     """train.py's MFU counts what runs: an extra pass without gradient costs the core's share of the
     blocks (here 2 of 4), and a looped sandwich GPT loops only its core."""
     plain, sandwich = tiny(bptt=2), tiny(bptt=2, n_prelude=1, n_coda=1)
-    extra = lambda m: m.flops_per_iter(4, 16, passes=6) - m.flops_per_iter(4, 16, passes=5)  # noqa: E731
+    extra = lambda m: runtime.training_flops(m, 4, 16, passes=6) - runtime.training_flops(m, 4, 16, passes=5)  # noqa: E731
     assert extra(sandwich) == pytest.approx(extra(plain) / 2)
-    gpt = lambda **kw: tiny(n_future=0, past_loss=0.0, **kw).flops_per_iter(4, 16)  # noqa: E731
+    gpt = lambda **kw: runtime.training_flops(tiny(n_future=0, past_loss=0.0, **kw), 4, 16)  # noqa: E731
     once, looped = gpt(n_prelude=1, n_coda=1), gpt(n_prelude=1, n_coda=1, n_loop=3)
     assert looped - once == pytest.approx(gpt(n_loop=2) - gpt())  # two more passes of a 2-block core = one of 4 blocks
