@@ -42,15 +42,15 @@ import time
 
 import torch
 
-import checkpoint
-import runtime
+from plumbing import checkpoint
+from plumbing import runtime
 from configurator import UserError, cli, configure, output_file, require
-from dataloader import DataError, TokenShards, data_dir, read_meta
+from plumbing.dataloader import DataError, TokenShards, data_dir, read_meta
 from model import GPTConfig
-from recipe import Recipe, draw_depth
-from solver import Solver
-from decoding import Settings
-from sampling import generate
+from modeling.recipe import Recipe, draw_depth
+from modeling.solver import Solver
+from generation.decoding import Settings
+from generation.sampling import generate
 
 # -----------------------------------------------------------------------------
 # the model and batch: nanoGPT's CPU recipe for tiny-shakespeare characters by default

@@ -24,10 +24,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-import checkpoint
-import runtime
+from plumbing import checkpoint
+from plumbing import runtime
 from configurator import UserError, cli, configure, require
-from dataloader import TokenShards, data_dir
+from plumbing.dataloader import TokenShards, data_dir
 
 # -----------------------------------------------------------------------------
 budget = 180.0           # seconds of training per variant (time table)
@@ -135,7 +135,7 @@ def read_curve(run_dir):
 def evaluate_run(run_dir):
     """eval.py's numbers for the run's final checkpoint, on the same windows for every run."""
     import eval as evaluation
-    from decoding import Settings
+    from generation.decoding import Settings
     overrides = ({'max_loop': eval_max_loop} if eval_max_loop else {}) | \
         ({} if eval_slot_exit == 'model' else {'slot_exit': eval_slot_exit == 'on'})
     model, info = checkpoint.load_model(run_dir, 'cpu', **overrides)

@@ -29,14 +29,14 @@ from collections import Counter
 import torch
 import torch.nn.functional as F
 
-import checkpoint
-import engine
-import runtime
+from plumbing import checkpoint
+from generation import engine
+from plumbing import runtime
 from configurator import UserError, cli, configure, output_file, require
-from dataloader import TokenShards, data_dir, read_meta
-from decoding import Settings, live_slots
-from solver import entropy_of_logits
-from sampling import generate
+from plumbing.dataloader import TokenShards, data_dir, read_meta
+from generation.decoding import Settings, live_slots
+from modeling.solver import entropy_of_logits
+from generation.sampling import generate
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'          # run folder (holding ckpt.pt) or a checkpoint file

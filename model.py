@@ -19,11 +19,11 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from attention import Rotary, sparse_attention
-from layout import Context, training_layout, visibility
-from recipe import (Recipe, capabilities, check_fits, cross_entropy, draw_depth, kept_blocks, run_passes, start_state,
+from modeling.attention import Rotary, sparse_attention
+from modeling.layout import Context, training_layout, visibility
+from modeling.recipe import (Recipe, capabilities, check_fits, cross_entropy, draw_depth, kept_blocks, run_passes, start_state,
                     training_loss, warm_rows)
-from solver import Solver, Trace
+from modeling.solver import Solver, Trace
 
 CHOICES = dict(pos_emb=('learned', 'rope'), attn=('pinned', 'bidirectional'), attn_fn=('softmax', 'entmax', 'adaptive'),
                inject=('none', 'add', 'adapter', 'contract'), bound=('none', 'rms', 'norm'))

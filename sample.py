@@ -20,14 +20,14 @@ import time
 
 import torch
 
-import checkpoint
-import runtime
-import steering
+from plumbing import checkpoint
+from plumbing import runtime
+from generation import steering
 from configurator import UserError, cli, configure, require
-from dataloader import data_dir, read_meta
-from decoding import Settings
-from sampling import generate, inapplicable, parse_goal, pick_sampler
-from tokenizer import codec_for
+from plumbing.dataloader import data_dir, read_meta
+from generation.decoding import Settings
+from generation.sampling import generate, inapplicable, parse_goal, pick_sampler
+from plumbing.tokenizer import codec_for
 
 # -----------------------------------------------------------------------------
 init_from = 'resume'     # 'resume' (out_dir/ckpt.pt) or a checkpoint file (ours or nanoGPT's)

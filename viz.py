@@ -37,8 +37,8 @@ import time
 import numpy as np
 import torch
 
-import checkpoint
-import engine
+from plumbing import checkpoint
+from generation import engine
 from configurator import ArgumentParser, UserError, fail, output_file
 
 
@@ -250,9 +250,9 @@ def draw_convergence(runs, out, labels=None, windows=16, depths=(1, 2, 4, 8, 16,
     """Per WFC run, on the same val windows: the next-token loss and the open slots' state norm after
     exactly K passes (K = depths), and each slot's passes to exit (its KL below the model's tol, at
     most max(depths) passes; slot_exit: each slot on its own) against its entropy, with Spearman's rho."""
-    import checkpoint
+    from plumbing import checkpoint
     import eval as evaluation
-    from dataloader import TokenShards, data_dir
+    from plumbing.dataloader import TokenShards, data_dir
     plt = plt_module()
     fig, (ax_loss, ax_norm, ax_pass) = plt.subplots(1, 3, figsize=(15, 4.2))
     for k, run in enumerate(runs):

@@ -36,8 +36,8 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 from configurator import ArgumentParser, fail  # noqa: E402
-from dataloader import MANIFEST, vocabulary_sha256  # noqa: E402
-from tokenizer import ByteCodec, codec_for  # noqa: E402
+from plumbing.dataloader import MANIFEST, vocabulary_sha256  # noqa: E402
+from plumbing.tokenizer import ByteCodec, codec_for  # noqa: E402
 
 
 BUILDERS = {'.txt': 'text', '.jsonl': 'json', '.json': 'json', '.parquet': 'parquet'}  # --input kinds -> datasets builders
@@ -109,6 +109,17 @@ def encode_array(codec, text, end=True, encoding='utf-8'):
     else:
         ids = np.asarray(codec.encode_ordinary(text), dtype=np.uint16)
     return np.append(ids, np.uint16(codec.eos)) if end and codec.eos is not None else ids
+
+
+def one_text_file(args, here):
+    """The one text file a single-text corpus reads: --input, or input.txt beside its prepare.py
+    (downloaded there when missing, see read_or_download)."""
+    if args.input and len(args.input) > 1:
+        fail("--input takes one text file here (data/openwebtext/prepare.py takes many)")
+    path = args.input[0] if args.input else os.path.join(here, 'input.txt')
+    if args.input and not os.path.exists(path):
+        fail(f"--input {path}: no such file")
+    return path
 
 
 def read_or_download(path, url, binary=False):

@@ -13,10 +13,10 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import checkpoint  # noqa: E402
+from plumbing import checkpoint  # noqa: E402
 import model as model_module  # noqa: E402
 from configurator import ArgumentParser, fail  # noqa: E402
-from dataloader import TokenShards, data_dir  # noqa: E402
+from plumbing.dataloader import TokenShards, data_dir  # noqa: E402
 
 
 def record(model, x, y):

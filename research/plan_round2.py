@@ -10,7 +10,7 @@ VARIANTS = {
     'wfc_F2_frac50': [WFC, '--n_future=2', '--future_frac=0.5'],
     'wfc_F16': [WFC, '--n_future=16'],
     'wfc_loop3': [WFC, '--n_loop=3', '--loop_law=uniform', '--supervise=2', '--max_loop=6'],
-    'wfc_loop2_inject': [WFC, '--n_loop=2', '--loop_law=uniform', '--supervise=2', '--max_loop=4', '--inject=True'],
+    'wfc_loop2_inject': [WFC, '--n_loop=2', '--loop_law=uniform', '--supervise=2', '--max_loop=4', '--inject=add'],
 }
 # round 3: train as you sample on the F = 2 recipe. With two slots, warm-start training's one
 # earlier step is exactly all the refinement a slot gets in sampling; pins teach goal pinning.

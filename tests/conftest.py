@@ -16,7 +16,7 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-import checkpoint  # noqa: E402
+from plumbing import checkpoint  # noqa: E402
 
 # One thread per process: the models here are tiny, and on a busy 2-core machine two OpenMP
 # threads per process spin against each other (first iterations 100x slower).
@@ -106,10 +106,11 @@ def _fit_pattern(steps, overrides):
 
 
 def _source_digest():
-    """What a trained test model depends on: the repo's modules, this file, torch's version and CPU kernels."""
+    """What a trained test model depends on: the repo's modules (top level and one folder down), this
+    file, torch's version and CPU kernels."""
     # the kernel set too: the same code trains different weights with AVX2 and AVX-512 kernels
     digest = hashlib.sha256((torch.__version__ + torch.backends.cpu.get_cpu_capability()).encode())
-    for path in sorted(glob.glob(os.path.join(REPO, '*.py'))) + [os.path.abspath(__file__)]:
+    for path in sorted(glob.glob(os.path.join(REPO, '*.py')) + glob.glob(os.path.join(REPO, '*', '*.py'))) + [os.path.abspath(__file__)]:
         with open(path, 'rb') as f:
             digest.update(f.read())
     return digest.hexdigest()
@@ -129,7 +130,7 @@ def run_inprocess(script, *args):
     import runpy
     import signal
     from contextlib import redirect_stderr, redirect_stdout
-    import runtime
+    from plumbing import runtime
     saved = sys.argv, checkpoint.rng_state(), torch.get_num_threads(), runtime.peak_flops
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     out, err, code = io.StringIO(), io.StringIO(), 0

@@ -6,11 +6,11 @@ train, evaluate and sample in GPT and WFC modes."""
 import pytest
 import torch
 
-import engine
+from generation import engine
 from conftest import tiny
-from attention import sparse_attention_weights as attention_weights
-from decoding import Settings
-from sampling import generate
+from modeling.attention import sparse_attention_weights as attention_weights
+from generation.decoding import Settings
+from generation.sampling import generate
 
 
 def test_entmax_with_alpha_one_is_softmax():

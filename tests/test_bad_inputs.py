@@ -296,7 +296,7 @@ def test_a_held_lock_refuses_and_a_dead_holders_lock_does_not(paths, tmp_path):
     import subprocess
     import sys
     run = tmp_path / 'locked'
-    holder = subprocess.Popen([sys.executable, '-c', f"import sys, time; sys.path.insert(0, {REPO!r}); import checkpoint; "
+    holder = subprocess.Popen([sys.executable, '-c', f"import sys, time; sys.path.insert(0, {REPO!r}); from plumbing import checkpoint; "
                                f"lock = checkpoint.lock_run({str(run)!r}); print('held', flush=True); time.sleep(600)"],
                               stdout=subprocess.PIPE, text=True)
     try:

@@ -7,10 +7,10 @@ cold one a tiny trained converging model reaches the same fixed point."""
 import pytest
 import torch
 
-import engine
+from generation import engine
 from conftest import tiny, train_pattern_model
-from layout import Context
-from solver import iterate
+from modeling.layout import Context
+from modeling.solver import iterate
 
 
 def norms_over_passes(model, passes=256):

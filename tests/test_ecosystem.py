@@ -20,12 +20,12 @@ import numpy as np
 import pytest
 import torch
 
-import checkpoint
-import runtime
+from plumbing import checkpoint
+from plumbing import runtime
 from conftest import REPO, run_script
 from configurator import _includer
-from dataloader import DataError, TokenShards, step_seed
-from tokenizer import codec_for, gpt2_encoding
+from plumbing.dataloader import DataError, TokenShards, step_seed
+from plumbing.tokenizer import codec_for, gpt2_encoding
 
 pytestmark = pytest.mark.slow  # prepare scripts and training runs in subprocesses
 

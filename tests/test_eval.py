@@ -9,11 +9,11 @@ import os
 import pytest
 import torch
 
-import checkpoint
+from plumbing import checkpoint
 import eval as evaluation
 from conftest import run_script, train_pattern_model
-from dataloader import TokenShards, step_seed
-from decoding import Settings
+from plumbing.dataloader import TokenShards, step_seed
+from generation.decoding import Settings
 
 SEED = 1337  # train.py's default seed: its evaluation batches derive from it
 

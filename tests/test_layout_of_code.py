@@ -1,4 +1,4 @@
-"""The code's layout holds: the top-level modules import one another without a cycle (imports inside
+"""The code's layout holds: the repo's modules import one another without a cycle (imports inside
 functions count), and every script answers --help with exit code 0."""
 
 import ast
@@ -15,10 +15,15 @@ from conftest import ONE_THREAD, REPO
 SCRIPTS = ['train.py', 'sample.py', 'eval.py', 'viz.py', 'compare.py', 'bench.py']
 
 
+PACKAGES = ('modeling', 'generation', 'plumbing')  # the folders of modules the top-level scripts use
+
+
 def import_graph(root):
-    """{module: the top-level modules it imports} for the *.py files in root, read with ast: every
-    import statement counts, at module level or inside a function."""
-    modules = {os.path.basename(path)[:-3]: path for path in glob.glob(os.path.join(root, '*.py'))}
+    """{module: the repo modules it imports} for the *.py files in root and in its PACKAGES folders
+    (named 'folder.module'), read with ast: every import statement counts, at module level or inside
+    a function; `from folder import module` imports folder.module."""
+    paths = glob.glob(os.path.join(root, '*.py')) + [p for d in PACKAGES for p in glob.glob(os.path.join(root, d, '*.py'))]
+    modules = {os.path.relpath(p, root)[:-3].replace(os.sep, '.'): p for p in paths if not p.endswith('__init__.py')}
     graph = {}
     for name, path in modules.items():
         with open(path) as f:
@@ -26,9 +31,10 @@ def import_graph(root):
         imported = set()
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
-                imported.update(alias.name.split('.')[0] for alias in node.names)
+                imported.update(alias.name for alias in node.names)
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                imported.add(node.module.split('.')[0])
+                imported.add(node.module)
+                imported.update(f'{node.module}.{alias.name}' for alias in node.names)
         graph[name] = sorted(imported & modules.keys() - {name})
     return graph
 
@@ -63,15 +69,21 @@ def test_the_cycle_finder_finds_a_cycle_and_no_false_one():
 
 def test_the_import_graph_counts_imports_inside_functions(tmp_path):
     (tmp_path / 'first.py').write_text('import second\n')
-    (tmp_path / 'second.py').write_text('def late():\n    from first import x\n    import os\n')
+    (tmp_path / 'second.py').write_text('def late():\n    from first import x\n    import os\n    from plumbing import third\n')
+    (tmp_path / 'plumbing').mkdir()
+    (tmp_path / 'plumbing' / 'third.py').write_text('from plumbing.fourth import y\n')
+    (tmp_path / 'plumbing' / 'fourth.py').write_text('')
     graph = import_graph(str(tmp_path))
-    assert graph == {'first': ['second'], 'second': ['first']}
+    assert graph == {'first': ['second'], 'second': ['first', 'plumbing.third'], 'plumbing.third': ['plumbing.fourth'],
+                     'plumbing.fourth': []}
     assert find_cycle(graph) == ['first', 'second', 'first']
 
 
-def test_the_top_level_modules_have_no_import_cycle():
+def test_the_repo_modules_have_no_import_cycle():
     graph = import_graph(REPO)
-    assert 'decoding' in graph and graph['decoding'] == [], "decoding.py is the samplers' leaf: it imports no repo module"
+    assert graph['generation.decoding'] == [], "decoding.py is the samplers' leaf: it imports no repo module"
+    for part in ('modeling.attention', 'modeling.layout', 'modeling.recipe', 'modeling.solver'):
+        assert 'model' not in graph[part], f"{part} is a part model.py is built from: it must not import model"
     assert find_cycle(graph) is None, f"import cycle: {' -> '.join(find_cycle(graph))}"
 
 

@@ -28,7 +28,7 @@ import torch
 
 from conftest import REPO, run_inprocess, run_script, write_dataset
 
-import checkpoint  # noqa: E402 (conftest put the repo on the path)
+from plumbing import checkpoint  # noqa: E402 (conftest put the repo on the path)
 
 ENV = {'OMP_NUM_THREADS': '1'}  # one thread: identical float sums run to run, and no spinning on a shared CPU
 DEBUG = os.path.join(REPO, 'config', 'train_debug.py')
@@ -162,7 +162,7 @@ SAVE_THEN_HANG = '''
 import io, sys, time
 import torch
 sys.path.insert(0, {repo!r})
-import checkpoint
+from plumbing import checkpoint
 checkpoint.save({{'model': {{'w': torch.ones(1 << 18)}}, 'model_args': {{}}, 'version': 1}}, {path!r})
 real_save = torch.save
 def write_half_then_hang(payload, f):

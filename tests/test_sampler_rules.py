@@ -5,10 +5,10 @@ reading training knobs: a stored capability decides, whatever the config says.""
 
 import torch
 
-import engine
+from generation import engine
 from conftest import tiny
-from decoding import Settings
-from sampling import generate, pick_sampler, warm_start
+from generation.decoding import Settings
+from generation.sampling import generate, pick_sampler, warm_start
 
 
 def test_block_edge_rolls_only_a_rotary_causal_stream():

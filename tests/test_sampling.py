@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 
-import engine
-import runtime
+from generation import engine
+from plumbing import runtime
 from conftest import tiny, train_pattern_model
-from decoding import Settings, filtered_probs, live_slots
-from sampling import choose_slots, generate
+from generation.decoding import Settings, filtered_probs, live_slots
+from generation.sampling import choose_slots, generate
 
 COLLAPSE = dict(sampler='collapse')
 
@@ -170,7 +170,7 @@ def test_filters_keep_what_they_should():
 
 
 def test_warm_auto_warm_starts_only_models_trained_to():
-    from sampling import warm_start
+    from generation.sampling import warm_start
     s = Settings()
     assert not warm_start(tiny(n_future=2), s), "a one-pass model never saw a carried state"
     assert warm_start(tiny(n_future=2, warm_prob=0.5), s) and warm_start(tiny(n_future=2, bound='rms'), s)

@@ -14,11 +14,11 @@ import math
 import pytest
 import torch
 
-import engine
-import speculative
+from generation import engine
+from generation import speculative
 from conftest import tiny, train_pattern_model
-from decoding import Settings, filtered_probs
-from sampling import generate
+from generation.decoding import Settings, filtered_probs
+from generation.sampling import generate
 
 
 @pytest.fixture(scope='module')
@@ -126,7 +126,7 @@ def test_one_stack_call_per_round_and_the_cache_is_never_rebuilt(checkpoints, mo
 def test_the_cache_holds_exactly_the_committed_tokens(checkpoints, name):
     """After any mix of accepted and rejected drafts the cache equals the causal stream recomputed from
     scratch over the committed tokens (the last one is still pending): truncation keeps the accepted."""
-    from decoding import Request, Stats
+    from generation.decoding import Request, Stats
     from test_performance import recomputed_causal
     model, idx = checkpoints[name], torch.tensor([[0, 1, 2]])
     s = Settings(temperature=1.0, top_k=0, sampler='speculative')

@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 import torch
 
-import engine
-import steering
+from generation import engine
+from generation import steering
 from conftest import run_script, tiny
-from decoding import Settings
-from sampling import generate
+from generation.decoding import Settings
+from generation.sampling import generate
 
 V = 13
 decode = lambda ids: ''.join(' ' if i < 3 else chr(ord('a') + i) for i in ids)  # noqa: E731  (0, 1, 2 are spaces)
@@ -213,8 +213,8 @@ def test_entropy_policy_reduces_to_first_and_to_greedy_and_pays_for_branches(wfc
 
 def test_branching_keeps_the_candidate_that_leaves_the_future_most_certain(wfc):
     """The lookahead recomputed by hand: each candidate collapsed, refined, its open slots' entropy."""
-    from decoding import entropy_bits
-    from sampling import branch_tokens
+    from generation.decoding import entropy_bits
+    from generation.sampling import branch_tokens
     s = Settings(temperature=0, branch=4)
     w, _ = engine.refine(wfc, engine.start(wfc, PROMPT[None].expand(2, -1).contiguous()))
     logits = w.stats['logits']

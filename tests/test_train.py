@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import run_script, tiny
-from layout import block_starts, keep_blocks, training_layout
+from modeling.layout import block_starts, keep_blocks, training_layout
 
 VARIANTS = {
     'gpt': [],

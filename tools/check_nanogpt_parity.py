@@ -13,7 +13,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import checkpoint  # noqa: E402
+from plumbing import checkpoint  # noqa: E402
 from configurator import ArgumentParser  # noqa: E402
 
 

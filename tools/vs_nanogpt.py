@@ -155,9 +155,9 @@ def sample_command(job, ckpt_dir, args, batch):
 def same_windows_loss(path, data_dir, windows=512):
     """eval.py's next-token val loss (nats) of a checkpoint (ours or nanoGPT's) on the same windows."""
     sys.path.insert(0, REPO)
-    import checkpoint
+    from plumbing import checkpoint
     import eval as evaluation
-    from dataloader import TokenShards
+    from plumbing.dataloader import TokenShards
     model, _ = checkpoint.load_model(path)
     data = TokenShards(data_dir, 'val', model.config.block_size, model.config.vocab_size)
     return evaluation.evaluate(model, data, windows, 64, 1234, 'cpu')['loss']
@@ -265,7 +265,7 @@ def main():
                           flush=True)
         import torch
         sys.path.insert(0, REPO)
-        import checkpoint
+        from plumbing import checkpoint
         try:
             judge_path = args.judge
             judge, _ = checkpoint.load_model(judge_path)

@@ -16,18 +16,13 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 import prepare_lib  # noqa: E402
-from configurator import fail  # noqa: E402
 
 URL = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'
 
 
 def main():
     args = prepare_lib.common_args(__doc__).parse_args()
-    if args.input and len(args.input) > 1:
-        fail("--input takes one text file here (data/openwebtext/prepare.py takes many)")
-    path = args.input[0] if args.input else os.path.join(HERE, 'input.txt')
-    if args.input and not os.path.exists(path):
-        fail(f"--input {path}: no such file")
+    path = prepare_lib.one_text_file(args, HERE)
     text = prepare_lib.read_or_download(path, URL, binary=args.tokenizer == 'bytes')
     codec, meta = prepare_lib.make_codec(args.tokenizer, args.tiktoken)
     out_dir = args.out_dir or prepare_lib.default_out_dir(HERE, 'shakespeare', args.tokenizer, 'gpt2')

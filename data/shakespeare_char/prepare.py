@@ -14,7 +14,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 import prepare_lib  # noqa: E402
 from configurator import fail  # noqa: E402
-from tokenizer import CharCodec  # noqa: E402
+from plumbing.tokenizer import CharCodec  # noqa: E402
 
 URL = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'
 
@@ -22,11 +22,7 @@ URL = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshake
 def main():
     parser = prepare_lib.common_args(__doc__, tokenizers=('char', 'bytes'))
     args = parser.parse_args()
-    if args.input and len(args.input) > 1:
-        fail("--input takes one text file here")
-    path = args.input[0] if args.input else os.path.join(HERE, 'input.txt')
-    if args.input and not os.path.exists(path):
-        fail(f"--input {path}: no such file")
+    path = prepare_lib.one_text_file(args, HERE)
     text = prepare_lib.read_or_download(path, URL, binary=args.tokenizer == 'bytes')
     if args.tokenizer == 'char':
         chars = sorted(set(text))

@@ -24,10 +24,10 @@ Pins put given tokens at future offsets before the first step (goal-directed inf
 import torch
 from torch.nn import functional as F
 
-import engine
-from decoding import LN2, Request, Settings, Stats, entropy_bits, filtered_probs, live_slots, sample_tokens
-from solver import entropy_of_logits
-from speculative import generate_speculative
+from generation import engine
+from generation.decoding import LN2, Request, Settings, Stats, entropy_bits, filtered_probs, live_slots, sample_tokens
+from modeling.solver import entropy_of_logits
+from generation.speculative import generate_speculative
 
 
 def pick_sampler(model, s, goal=None):

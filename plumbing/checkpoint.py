@@ -25,10 +25,10 @@ import numpy as np
 import torch
 
 from configurator import UserError
-from dataloader import vocabulary_sha256
+from plumbing.dataloader import vocabulary_sha256
 from model import GPT, GPTConfig
-from recipe import Recipe
-from solver import Solver
+from modeling.recipe import Recipe
+from modeling.solver import Solver
 
 FORMAT_VERSION = 2  # 2: model_args is the architecture only, with 'recipe' and 'solver' beside it
 TEMP_PREFIX = '.tmp-'  # save() writes here first; a leftover one is a save that was killed

@@ -31,7 +31,7 @@ class DataError(UserError, ValueError):
     pass
 
 
-REPO = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repo root, above plumbing/
 
 
 def data_dir(dataset):

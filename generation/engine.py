@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 import torch
 from torch.nn import functional as F
 
-from layout import Context, visibility
-from solver import entropy_of_logits, iterate
+from modeling.layout import Context, visibility
+from modeling.solver import entropy_of_logits, iterate
 
 
 class KVCache:

@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 import torch
 
 from eval import distinct_n, sequence_nll
-import engine
-from decoding import Constraint, Settings, draw, entropy_bits, sample_tokens, token_probs
-from sampling import choose_slots, generate, parse_goal, pin_goal, warm_start
+from generation import engine
+from generation.decoding import Constraint, Settings, draw, entropy_bits, sample_tokens, token_probs
+from generation.sampling import choose_slots, generate, parse_goal, pin_goal, warm_start
 
 NEG_INF = float('-inf')
 
@@ -532,7 +532,7 @@ def summary(steer, records, nll_ref=0.0):
 
 def calibrate_command(model, data_dir, s, rows=8, positions=64, seed=1234):
     """sample.py --calibrate=True: the percentile table on the validation split."""
-    from dataloader import TokenShards
+    from plumbing.dataloader import TokenShards
     data = TokenShards(data_dir, 'val', model.config.block_size, model.config.vocab_size)
     x = data.batch(rows, seed)[0][:, :positions + 1].to(model.e_max().device)
     cal = calibrate(model, x, s=s)

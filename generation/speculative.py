@@ -38,10 +38,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-import engine
-from layout import Context, visibility
-from solver import iterate
-from decoding import draw, entropy_bits, filtered_probs, live_slots, token_probs
+from generation import engine
+from modeling.layout import Context, visibility
+from modeling.solver import iterate
+from generation.decoding import draw, entropy_bits, filtered_probs, live_slots, token_probs
 
 
 @torch.no_grad()

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from layout import keep_blocks, training_layout
-from solver import Trace, iterate
+from modeling.layout import keep_blocks, training_layout
+from modeling.solver import Trace, iterate
 
 RECIPE_CHOICES = dict(loop_law=('fixed', 'uniform', 'poisson'), past_target=('next', 'self'), depth_per=('step', 'row'))
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.nn import functional as F
 
-from layout import Active
+from modeling.layout import Active
 
 EXIT_RULES = ('kl', 'delta', 'entropy', 'accel')
 
