@@ -12,6 +12,7 @@ sampler's and every other script's bad inputs are in test_bad_inputs.py). The DD
 default run includes them; -m "not slow" skips them).
 """
 
+import dataclasses
 import io
 import json
 import os
@@ -28,7 +29,8 @@ import torch
 
 from conftest import REPO, run_inprocess, run_script, write_dataset
 
-from plumbing import checkpoint  # noqa: E402 (conftest put the repo on the path)
+from model import GPTConfig  # noqa: E402 (conftest put the repo on the path)
+from plumbing import checkpoint  # noqa: E402
 
 ENV = {'OMP_NUM_THREADS': '1'}  # one thread: identical float sums run to run, and no spinning on a shared CPU
 DEBUG = os.path.join(REPO, 'config', 'train_debug.py')
@@ -96,7 +98,8 @@ def assert_clean_error(code, err, phrase):
 def test_a_checkpoint_holds_everything_a_resume_needs_and_loads_weights_only(straight):
     ckpt = load(straight[0] / 'ckpt.pt')
     assert {'model', 'optimizer', 'scaler', 'iter_num', 'best_val_loss', 'rng', 'data', 'config', 'model_args',
-            'meta', 'format_version', 'loss_ema', 'capabilities'} <= set(ckpt)
+            'meta', 'format_version', 'loss_ema', 'capabilities', 'recipe', 'solver'} <= set(ckpt)
+    assert set(ckpt['model_args']) == {f.name for f in dataclasses.fields(GPTConfig)}  # the architecture alone
     assert ckpt['iter_num'] == N and ckpt['data'] == {'iter': N, 'seed': 1337}  # the data loader's position
     assert ckpt['config']['dropout'] == 0.1 and ckpt['config']['max_iters'] == N  # the resolved config
     assert {'python', 'numpy', 'torch'} <= set(ckpt['rng']) and ckpt['optimizer']['state']
