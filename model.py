@@ -382,19 +382,19 @@ class GPT(nn.Module):
         sampler step earlier: drawn per the recipe when None (and training). init='random': open slots
         start at a random state (path independence). Returns a WFCOutput."""
         c, r, (B, T), dev = self.config, recipe or self.recipe, idx.shape, idx.device
-        F_, depth = n_future or c.n_future, draw_depth(c, r) if depth is None else depth
+        n_future, depth = n_future or c.n_future, draw_depth(c, r) if depth is None else depth
         warm = warm_rows(r, B, self.training, dev) if warm is None else warm
-        x_c = past_kv = slots = None
+        x_past = past_kv = slots = None
         if c.attn == 'pinned':
             pos = torch.arange(T, device=dev)
-            x_c, kvs = self.causal_stream(self.transformer.drop(self.token_states(idx, pos)), pos)
-            past_kv, phase = kvs[-1], torch.randint(0, F_, (B,), device=dev) if phase is None else phase
-            slots = kept_blocks(r, phase, T, F_, self.training)
+            x_past, kvs = self.causal_stream(self.transformer.drop(self.token_states(idx, pos)), pos)
+            past_kv, phase = kvs[-1], torch.randint(0, n_future, (B,), device=dev) if phase is None else phase
+            slots = kept_blocks(r, phase, T, n_future, self.training)
         else:
             split = torch.randint(0, T, (B,), device=dev) if split is None else split
-        lay = training_layout(self, idx, targets, F_, past_kv, phase, split, slots)
-        x = start_state(self, lay, (idx, targets, F_, past_kv, phase, split, slots), r, pins, warm, init)
-        states, trace = run_passes(self, x, lay, depth, record, r)
-        loss, logits, ce = training_loss(self, states, lay, None if x_c is None else self.logits(x_c), idx, targets, r)
-        ce_at = {k: cross_entropy(self.readout(v, lay.ctx), lay.targets) for k, v in trace.states.items()}
-        return WFCOutput(logits, loss, ce.detach(), lay.dist, lay.targets, lay.watch, trace, ce_at)
+        layout = training_layout(self, idx, targets, n_future, past_kv, phase, split, slots)
+        x = start_state(self, layout, (idx, targets, n_future, past_kv, phase, split, slots), r, pins, warm, init)
+        states, trace = run_passes(self, x, layout, depth, record, r)
+        loss, logits, ce = training_loss(self, states, layout, None if x_past is None else self.logits(x_past), idx, targets, r)
+        ce_at = {k: cross_entropy(self.readout(v, layout.ctx), layout.targets) for k, v in trace.states.items()}
+        return WFCOutput(logits, loss, ce.detach(), layout.dist, layout.targets, layout.watch, trace, ce_at)

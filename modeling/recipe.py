@@ -96,18 +96,18 @@ def kept_blocks(recipe, phase, T, n_future, training):
     return keep_blocks(phase, T, n_future, recipe.future_frac) if training and recipe.future_frac < 1 else None
 
 
-def run_passes(model, x, lay, depth, record, recipe):
-    """The future's passes from x on layout lay: the recipe's training passes (unroll: truncated
+def run_passes(model, x, layout, depth, record, recipe):
+    """The future's passes from x on layout layout: the recipe's training passes (unroll: truncated
     backprop, a depth per step or per row), or without gradient, with `record` or depth='converge'
     the solver (an int depth: exactly that many passes). Returns the states to score and a Trace."""
     per_row = torch.is_tensor(depth)
     if not per_row and (depth == 'converge' or record or not torch.is_grad_enabled()):
         solver = model.solver if depth == 'converge' else model.solver.but(max_loop=depth, tol=-1.0)
-        x, trace = iterate(model, x, lay.ctx, lay.frozen, lay.watch, solver, record=record)
+        x, trace = iterate(model, x, layout.ctx, layout.frozen, layout.watch, solver, record=record)
         return [x], trace
-    states = unroll(model, x, lay.ctx, lay.frozen, depth, recipe)
+    states = unroll(model, x, layout.ctx, layout.frozen, depth, recipe)
     steps = int(depth.max()) if per_row else depth  # every row is computed on every pass
-    passes = lay.watch.long() * (depth.to(x.device)[:, None] if per_row else depth)
+    passes = layout.watch.long() * (depth.to(x.device)[:, None] if per_row else depth)
     return states, Trace(passes=passes, calls=x.size(0) * steps, steps=steps)
 
 
@@ -129,14 +129,14 @@ def unroll(model, x, ctx, frozen, depth, recipe):
     return states
 
 
-def pin_slots(model, lay, pins):
+def pin_slots(model, layout, pins):
     """Start the (B, S) slots `pins` at their true token's state: they are frozen and not scored."""
-    pins = pins & lay.watch
-    lay.ctx.x0 = torch.where(pins[..., None], model.token_states(lay.targets.clamp(min=0), lay.ctx.pos), lay.ctx.x0)
-    lay.frozen, lay.watch = lay.frozen | pins, lay.watch & ~pins
+    pins = pins & layout.watch
+    layout.ctx.x0 = torch.where(pins[..., None], model.token_states(layout.targets.clamp(min=0), layout.ctx.pos), layout.ctx.x0)
+    layout.frozen, layout.watch = layout.frozen | pins, layout.watch & ~pins
 
 
-def warm_state(model, lay, warm, x, draws, recipe):
+def warm_state(model, layout, warm, x, draws, recipe):
     """Rows `warm` (B,) start from the detached state of one sampler step earlier: every block one
     token less advanced (the layout of draws shifted back one), refined 1..depth passes."""
     idx, targets, n_future, past_kv, phase, split, slots = draws
@@ -146,25 +146,25 @@ def warm_state(model, lay, warm, x, draws, recipe):
         prev.ctx.x0 = model.prelude_of(prev.ctx.x0, prev.ctx)
         depth = int(torch.randint(1, recipe.depth(model.config) + 1, ()))
         x_prev, _ = iterate(model, prev.ctx.x0, prev.ctx, prev.frozen, prev.watch, model.solver.but(max_loop=depth, tol=-1.0))
-    return torch.where((warm[:, None] & ~lay.fresh & ~lay.frozen)[..., None], x_prev, x)
+    return torch.where((warm[:, None] & ~layout.fresh & ~layout.frozen)[..., None], x_prev, x)
 
 
-def start_state(model, lay, draws, recipe, pins=None, warm=None, init=None):
+def start_state(model, layout, draws, recipe, pins=None, warm=None, init=None):
     """The state the future starts from: e_max through the prelude, pinned slots at their token's
     state, warm rows at the detached state of one sampler step earlier (train as you sample), or a
     random state. draws: the layout's (idx, targets, n_future, past_kv, phase, split, slots)."""
-    dev, split = lay.watch.device, draws[5]
+    dev, split = layout.watch.device, draws[5]
     if pins is None and model.training and recipe.pin_prob > 0:
-        pins = torch.rand(lay.watch.shape, device=dev) < recipe.pin_prob
+        pins = torch.rand(layout.watch.shape, device=dev) < recipe.pin_prob
     if pins is not None:
-        pin_slots(model, lay, pins)
-    x = lay.ctx.x0 = model.prelude_of(lay.ctx.x0, lay.ctx)
+        pin_slots(model, layout, pins)
+    x = layout.ctx.x0 = model.prelude_of(layout.ctx.x0, layout.ctx)
     if warm is not None and split is not None:
         warm = warm & (split > 0)  # no earlier step at split 0
     if warm is not None and warm.any():
-        x = warm_state(model, lay, warm, x, draws, recipe)
+        x = warm_state(model, layout, warm, x, draws, recipe)
     if init == 'random':
-        x = torch.where(lay.watch[..., None], torch.randn_like(x) * model.embedding_rms(), x)
+        x = torch.where(layout.watch[..., None], torch.randn_like(x) * model.embedding_rms(), x)
     return x
 
 
@@ -173,16 +173,17 @@ def cross_entropy(logits, targets):
     return F.cross_entropy(logits.transpose(1, 2).float(), targets.clamp(min=0), reduction='none')
 
 
-def training_loss(model, states, lay, past_logits, idx, targets, recipe):
+def training_loss(model, states, layout, past_logits, idx, targets, recipe):
     """The loss of the trained states: the mean over the last `supervise` of the distance-weighted
     future cross-entropy; plus consistency x the mean over the earlier states of KL(last || earlier)
     (the last pass detached: only the earlier passes move, toward where the refinement ends, so an
     early exit loses little; CLLM, Kou et al. 2024); plus past_loss x the past stream's own loss
-    (past_logits: the pinned causal stream's; its targets are the next tokens or idx itself). Returns (loss, the last state's logits, its per-slot cross-entropy)."""
-    weight = lay.dist.float().pow(-recipe.dist_power) * lay.watch
+    (past_logits: the pinned causal stream's; its targets are the next tokens or idx itself).
+    Returns (loss, the last state's logits, its per-slot cross-entropy)."""
+    weight = layout.dist.float().pow(-recipe.dist_power) * layout.watch
     per_slot_mean = lambda v: (v * weight).sum() / weight.sum().clamp(min=1e-8)  # noqa: E731
-    all_logits = [model.readout(x, lay.ctx) for x in states]
-    ces = [cross_entropy(logits, lay.targets) for logits in all_logits[-min(recipe.supervise, len(states)):]]
+    all_logits = [model.readout(x, layout.ctx) for x in states]
+    ces = [cross_entropy(logits, layout.targets) for logits in all_logits[-min(recipe.supervise, len(states)):]]
     logits, ce = all_logits[-1], ces[-1]
     loss = torch.stack([per_slot_mean(v) for v in ces]).mean()
     if recipe.consistency > 0 and len(states) > 1:
@@ -190,7 +191,7 @@ def training_loss(model, states, lay, past_logits, idx, targets, recipe):
         kls = [(goal.exp() * (goal - F.log_softmax(v.float(), -1))).sum(-1) for v in all_logits[:-1]]
         loss = loss + recipe.consistency * torch.stack([per_slot_mean(v) for v in kls]).mean()
     if recipe.past_loss > 0:  # pinned: the causal stream's own next-token (or own-token) loss; bidirectional: past slots
-        past_targets = (targets if recipe.past_target == 'next' else idx) if past_logits is not None else lay.self_targets
+        past_targets = (targets if recipe.past_target == 'next' else idx) if past_logits is not None else layout.self_targets
         past_logits = logits if past_logits is None else past_logits
         loss = loss + recipe.past_loss * F.cross_entropy(past_logits.flatten(0, 1), past_targets.flatten(), ignore_index=-1)
     return loss, logits, ce
