@@ -104,7 +104,7 @@ def token_losses(model, x, y, record=(), init=None):
     passes, entropy, slot_loss, norms = [], [], [], Counter()
     for name, r in layouts(model):
         kw = {name: torch.full((x.size(0),), r, device=x.device), 'init': init}
-        out = model.wfc_forward(x, y, **(dict(depth=max(record), record=record) if record else dict(depth='converge')), **kw)
+        out = model.wfc_forward(x, y, **(dict(depth=max(record), record=record) if record else dict(converge=True)), **kw)
         by_distance(model, out, out.ce, by)
         for k, ce in out.ce_at.items():
             by_distance(model, out, ce, at[k])

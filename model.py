@@ -373,14 +373,14 @@ class GPT(nn.Module):
         logits = self.logits(x)
         return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
 
-    def wfc_forward(self, idx, targets, recipe=None, depth=None, record=(), n_future=None, phase=None, split=None,
-                    pins=None, warm=None, init=None):
+    def wfc_forward(self, idx, targets, recipe=None, depth=None, converge=False, record=(), n_future=None, phase=None,
+                    split=None, pins=None, warm=None, init=None):
         """The WFC forward on (B, T <= block_size) windows. recipe: default self.recipe. depth: training
-        passes (None: drawn per the recipe), an int, a (B,) tensor (a depth per row), or 'converge'
-        (self.solver's passes). record: pass counts whose per-slot loss to keep (ce_at). phase (B,) block
-        phase, split (B,) past end, pins (B, S) slots pinned to their target, warm (B,) rows started one
-        sampler step earlier: drawn per the recipe when None (and training). init='random': open slots
-        start at a random state (path independence). Returns a WFCOutput."""
+        passes (None: drawn per the recipe), an int or a (B,) tensor (a depth per row). converge: run
+        self.solver instead (evaluation). record: pass counts whose per-slot loss to keep (ce_at). phase
+        (B,) block phase, split (B,) past end, pins (B, S) slots pinned to their target, warm (B,) rows
+        started one sampler step earlier: drawn per the recipe when None (and training). init='random':
+        open slots start at a random state (path independence). Returns a WFCOutput."""
         c, r, (B, T), dev = self.config, recipe or self.recipe, idx.shape, idx.device
         n_future, depth = n_future or c.n_future, draw_depth(c, r) if depth is None else depth
         warm = warm_rows(r, B, self.training, dev) if warm is None else warm
@@ -394,7 +394,7 @@ class GPT(nn.Module):
             split = torch.randint(0, T, (B,), device=dev) if split is None else split
         layout = training_layout(self, idx, targets, n_future, past_kv, phase, split, slots)
         x = start_state(self, layout, (idx, targets, n_future, past_kv, phase, split, slots), r, pins, warm, init)
-        states, trace = run_passes(self, x, layout, depth, record, r)
+        states, trace = run_passes(self, x, layout, depth, record, r, converge)
         loss, logits, ce = training_loss(self, states, layout, None if x_past is None else self.logits(x_past), idx, targets, r)
         ce_at = {k: cross_entropy(self.readout(v, layout.ctx), layout.targets) for k, v in trace.states.items()}
         return WFCOutput(logits, loss, ce.detach(), layout.dist, layout.targets, layout.watch, trace, ce_at)

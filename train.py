@@ -363,7 +363,7 @@ def evaluate():
                     sums[0] += loss.item() * y.numel()
                     counts[0] += y.numel()
                     continue
-                out = raw_model.wfc_forward(x, y, depth='converge')
+                out = raw_model.wfc_forward(x, y, converge=True)
             at = out.dist.expand_as(out.scored)[out.scored].cpu()  # the distance of every scored slot
             sums.index_add_(0, at, out.ce[out.scored].double().cpu())
             counts.index_add_(0, at, torch.ones(len(at), dtype=torch.float64))

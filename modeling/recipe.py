@@ -96,13 +96,13 @@ def kept_blocks(recipe, phase, T, n_future, training):
     return keep_blocks(phase, T, n_future, recipe.future_frac) if training and recipe.future_frac < 1 else None
 
 
-def run_passes(model, x, layout, depth, record, recipe):
+def run_passes(model, x, layout, depth, record, recipe, converge=False):
     """The future's passes from x on layout layout: the recipe's training passes (unroll: truncated
-    backprop, a depth per step or per row), or without gradient, with `record` or depth='converge'
-    the solver (an int depth: exactly that many passes). Returns the states to score and a Trace."""
+    backprop, a depth per step or per row), or without gradient, with `record` or converge the
+    solver (converge: the model's solver; else exactly `depth` passes). Returns the states to score and a Trace."""
     per_row = torch.is_tensor(depth)
-    if not per_row and (depth == 'converge' or record or not torch.is_grad_enabled()):
-        solver = model.solver if depth == 'converge' else model.solver.but(max_loop=depth, tol=-1.0)
+    if converge or (not per_row and (record or not torch.is_grad_enabled())):
+        solver = model.solver if converge else model.solver.but(max_loop=depth, tol=-1.0)
         x, trace = iterate(model, x, layout.ctx, layout.frozen, layout.watch, solver, record=record)
         return [x], trace
     states = unroll(model, x, layout.ctx, layout.frozen, depth, recipe)

@@ -46,7 +46,7 @@ def test_wfc_table_agrees_with_the_training_eval_slot_for_slot(pattern_data, tmp
     data = TokenShards(pattern_data, 'val', model.config.block_size)
     for k, (x, y) in enumerate(training_eval_batches(data, info)):
         torch.manual_seed(step_seed(SEED, -1, k))  # the training eval's layout draws
-        trained = model.wfc_forward(x, y, depth='converge')
+        trained = model.wfc_forward(x, y, converge=True)
         table, _, _ = evaluation.token_losses(model, x, y)
         # a row's first block is cut short by its phase (fewer speculative slots than sampling ever
         # has); the exhaustive table runs full blocks, so compare every slot after that first block

@@ -97,7 +97,7 @@ def test_every_exit_rule_stops_and_never_moves_an_exited_slot(rule):
     model = tiny(bound='rms', exit_rule=rule, max_loop=40, tol=1e-3).eval()
     idx, targets = batch()
     with torch.no_grad():
-        out = model.wfc_forward(idx, targets, depth='converge', phase=torch.zeros(3, dtype=torch.long))
+        out = model.wfc_forward(idx, targets, converge=True, phase=torch.zeros(3, dtype=torch.long))
         never = model.wfc_forward(idx, targets, depth=7, phase=torch.zeros(3, dtype=torch.long))  # tol < 0: exactly 7 passes
     assert 1 <= out.trace.steps <= 40 and never.trace.steps == 7
     x0 = torch.randn(2, 6, 16)
@@ -117,10 +117,10 @@ def test_leaving_exited_slots_out_changes_nothing(monkeypatch):
     idx, targets = batch(4)
     phase = torch.zeros(4, dtype=torch.long)
     with torch.no_grad():
-        compact = model.wfc_forward(idx, targets, depth='converge', phase=phase)
+        compact = model.wfc_forward(idx, targets, converge=True, phase=phase)
         narrow = layout.Active.narrow
         monkeypatch.setattr(layout.Active, 'narrow', lambda self, keep, open_slots=None, mask=None: narrow(self, keep))
-        full = model.wfc_forward(idx, targets, depth='converge', phase=phase)
+        full = model.wfc_forward(idx, targets, converge=True, phase=phase)
     torch.testing.assert_close(compact.logits, full.logits, atol=1e-5, rtol=1e-5)
     assert torch.equal(compact.trace.passes, full.trace.passes)
 

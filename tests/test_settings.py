@@ -66,8 +66,8 @@ def test_an_older_checkpoint_loads_into_the_same_model_as_a_new_one():
         assert (loaded.config, loaded.recipe, loaded.solver, loaded.capabilities) == \
             (model.config, model.recipe, model.solver, model.capabilities)
         idx = torch.randint(0, 13, (2, 16), generator=torch.Generator().manual_seed(0))
-        torch.testing.assert_close(loaded(idx, idx, depth='converge', phase=torch.zeros(2, dtype=torch.long))[0],
-                                   model(idx, idx, depth='converge', phase=torch.zeros(2, dtype=torch.long))[0])
+        torch.testing.assert_close(loaded(idx, idx, converge=True, phase=torch.zeros(2, dtype=torch.long))[0],
+                                   model(idx, idx, converge=True, phase=torch.zeros(2, dtype=torch.long))[0])
 
 
 def test_a_checkpoint_of_a_removed_option_and_a_non_solver_override_are_refused():
