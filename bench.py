@@ -42,15 +42,15 @@ import time
 
 import torch
 
-from plumbing import checkpoint
-from plumbing import runtime
 from configurator import UserError, cli, configure, output_file, require
-from plumbing.dataloader import DataError, TokenShards, data_dir, read_meta
+from generation.decoding import Settings
+from generation.sampling import generate
 from model import GPTConfig
 from modeling.recipe import Recipe, draw_depth
 from modeling.solver import Solver
-from generation.decoding import Settings
-from generation.sampling import generate
+from plumbing import checkpoint
+from plumbing import runtime
+from plumbing.dataloader import DataError, TokenShards, data_dir, read_meta
 
 # -----------------------------------------------------------------------------
 # the model and batch: nanoGPT's CPU recipe for tiny-shakespeare characters by default

@@ -24,9 +24,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from configurator import UserError, cli, configure, require
 from plumbing import checkpoint
 from plumbing import runtime
-from configurator import UserError, cli, configure, require
 from plumbing.dataloader import TokenShards, data_dir
 
 # -----------------------------------------------------------------------------

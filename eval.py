@@ -29,14 +29,15 @@ from collections import Counter
 import torch
 import torch.nn.functional as F
 
-from plumbing import checkpoint
-from generation import engine
-from plumbing import runtime
 from configurator import UserError, cli, configure, output_file, require
-from plumbing.dataloader import TokenShards, data_dir, read_meta
+from generation import engine
 from generation.decoding import Settings, live_slots
-from modeling.solver import entropy_of_logits
 from generation.sampling import generate
+from modeling.recipe import cross_entropy
+from modeling.solver import entropy_of_logits
+from plumbing import checkpoint
+from plumbing import runtime
+from plumbing.dataloader import TokenShards, data_dir, read_meta
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'          # run folder (holding ckpt.pt) or a checkpoint file
@@ -73,7 +74,7 @@ def windows(data, n, seed, device):
 
 
 def layouts(model):
-    """Every block phase (pinned) or split (bidirectional) of a window: keyword options of score."""
+    """Every block phase (pinned) or split (bidirectional) of a window: keyword options of wfc_forward."""
     c = model.config
     return [('phase', r) for r in range(c.n_future)] if c.attn == 'pinned' else [('split', r) for r in range(c.block_size)]
 
@@ -106,8 +107,8 @@ def token_losses(model, x, y, record=(), init=None):
         kw = {name: torch.full((x.size(0),), r, device=x.device), 'init': init}
         out = model.wfc_forward(x, y, **(dict(depth=max(record), record=record) if record else dict(converge=True)), **kw)
         by_distance(model, out, out.ce, by)
-        for k, ce in out.ce_at.items():
-            by_distance(model, out, ce, at[k])
+        for k, logits in out.logits_at.items():
+            by_distance(model, out, cross_entropy(logits, out.targets), at[k])
         passes.append(out.trace.passes[out.scored])
         entropy.append(entropy_of_logits(out.logits)[out.scored])
         slot_loss.append(out.ce[out.scored])

@@ -21,8 +21,8 @@ from torch.nn import functional as F
 
 from modeling.attention import Rotary, sparse_attention
 from modeling.layout import Context, training_layout, visibility
-from modeling.recipe import (Recipe, capabilities, check_fits, cross_entropy, draw_depth, kept_blocks, run_passes, start_state,
-                    training_loss, warm_rows)
+from modeling.recipe import (Recipe, capabilities, check_fits, draw_depth, kept_blocks, run_passes, start_state,
+                             training_loss, warm_rows)
 from modeling.solver import Solver, Trace
 
 CHOICES = dict(pos_emb=('learned', 'rope'), attn=('pinned', 'bidirectional'), attn_fn=('softmax', 'entmax', 'adaptive'),
@@ -77,8 +77,8 @@ class GPTConfig:
 
 @dataclass
 class WFCOutput:
-    """GPT.wfc_forward's result: logits (B, S, V), loss, per-slot cross-entropy ce (B, S) (ce_at: after
-    the recorded passes), the layout's dist and targets, the `scored` slots (B, S) and the trace."""
+    """GPT.wfc_forward's result: logits (B, S, V), loss, per-slot cross-entropy ce (B, S) (logits_at: the
+    logits after the recorded passes), the layout's dist and targets, the `scored` slots (B, S), the trace."""
     logits: torch.Tensor
     loss: torch.Tensor
     ce: torch.Tensor
@@ -86,7 +86,7 @@ class WFCOutput:
     targets: torch.Tensor
     scored: torch.Tensor
     trace: Trace
-    ce_at: dict
+    logits_at: dict
 
 
 class SelfAttention(nn.Module):
@@ -377,7 +377,7 @@ class GPT(nn.Module):
                     split=None, pins=None, warm=None, init=None):
         """The WFC forward on (B, T <= block_size) windows. recipe: default self.recipe. depth: training
         passes (None: drawn per the recipe), an int or a (B,) tensor (a depth per row). converge: run
-        self.solver instead (evaluation). record: pass counts whose per-slot loss to keep (ce_at). phase
+        self.solver instead (evaluation). record: pass counts whose logits to keep (logits_at). phase
         (B,) block phase, split (B,) past end, pins (B, S) slots pinned to their target, warm (B,) rows
         started one sampler step earlier: drawn per the recipe when None (and training). init='random':
         open slots start at a random state (path independence). Returns a WFCOutput."""
@@ -396,5 +396,5 @@ class GPT(nn.Module):
         x = start_state(self, layout, (idx, targets, n_future, past_kv, phase, split, slots), r, pins, warm, init)
         states, trace = run_passes(self, x, layout, depth, record, r, converge)
         loss, logits, ce = training_loss(self, states, layout, None if x_past is None else self.logits(x_past), idx, targets, r)
-        ce_at = {k: cross_entropy(self.readout(v, layout.ctx), layout.targets) for k, v in trace.states.items()}
-        return WFCOutput(logits, loss, ce.detach(), layout.dist, layout.targets, layout.watch, trace, ce_at)
+        logits_at = {k: self.readout(v, layout.ctx) for k, v in trace.states.items()}
+        return WFCOutput(logits, loss, ce.detach(), layout.dist, layout.targets, layout.watch, trace, logits_at)

@@ -20,13 +20,13 @@ import time
 
 import torch
 
-from plumbing import checkpoint
-from plumbing import runtime
-from generation import steering
 from configurator import UserError, cli, configure, require
-from plumbing.dataloader import data_dir, read_meta
+from generation import steering
 from generation.decoding import Settings
 from generation.sampling import generate, inapplicable, parse_goal, pick_sampler
+from plumbing import checkpoint
+from plumbing import runtime
+from plumbing.dataloader import data_dir, read_meta
 from plumbing.tokenizer import codec_for
 
 # -----------------------------------------------------------------------------

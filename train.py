@@ -32,13 +32,13 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from plumbing import checkpoint
-from plumbing import runtime
 from configurator import ConfigError, UserError, configure, fail, require
-from plumbing.dataloader import TokenShards, data_dir, read_meta, step_seed
 from model import GPTConfig
 from modeling.recipe import Recipe, draw_depth
 from modeling.solver import Solver
+from plumbing import checkpoint
+from plumbing import runtime
+from plumbing.dataloader import TokenShards, data_dir, read_meta, step_seed
 
 # -----------------------------------------------------------------------------
 # settings

@@ -37,9 +37,9 @@ import time
 import numpy as np
 import torch
 
-from plumbing import checkpoint
-from generation import engine
 from configurator import ArgumentParser, UserError, fail, output_file
+from generation import engine
+from plumbing import checkpoint
 
 
 def plt_module():

@@ -26,8 +26,8 @@ from torch.nn import functional as F
 
 from generation import engine
 from generation.decoding import LN2, Request, Settings, Stats, entropy_bits, filtered_probs, live_slots, sample_tokens
-from modeling.solver import entropy_of_logits
 from generation.speculative import generate_speculative
+from modeling.solver import entropy_of_logits
 
 
 def pick_sampler(model, s, goal=None):

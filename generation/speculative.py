@@ -39,9 +39,9 @@ from dataclasses import dataclass, field
 import torch
 
 from generation import engine
+from generation.decoding import draw, entropy_bits, filtered_probs, live_slots, token_probs
 from modeling.layout import Context, visibility
 from modeling.solver import iterate
-from generation.decoding import draw, entropy_bits, filtered_probs, live_slots, token_probs
 
 
 @torch.no_grad()

@@ -25,10 +25,10 @@ import numpy as np
 import torch
 
 from configurator import UserError
-from plumbing.dataloader import vocabulary_sha256
 from model import GPT, GPTConfig
 from modeling.recipe import Recipe
 from modeling.solver import Solver
+from plumbing.dataloader import vocabulary_sha256
 
 FORMAT_VERSION = 2  # 2: model_args is the architecture only, with 'recipe' and 'solver' beside it
 TEMP_PREFIX = '.tmp-'  # save() writes here first; a leftover one is a save that was killed

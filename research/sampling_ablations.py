@@ -20,11 +20,11 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from plumbing import checkpoint  # noqa: E402
 from configurator import cli, configure  # noqa: E402
-from plumbing.dataloader import TokenShards, data_dir  # noqa: E402
 from eval import sample_quality  # noqa: E402
 from generation.decoding import Settings  # noqa: E402
+from plumbing import checkpoint  # noqa: E402
+from plumbing.dataloader import TokenShards, data_dir  # noqa: E402
 
 # -----------------------------------------------------------------------------
 wfc_ckpt = 'out-shakespeare-char-wfc'   # the WFC run folder (or checkpoint) to sample

@@ -6,11 +6,11 @@ train, evaluate and sample in GPT and WFC modes."""
 import pytest
 import torch
 
-from generation import engine
 from conftest import tiny
-from modeling.attention import sparse_attention_weights as attention_weights
+from generation import engine
 from generation.decoding import Settings
 from generation.sampling import generate
+from modeling.attention import sparse_attention_weights as attention_weights
 
 
 def test_entmax_with_alpha_one_is_softmax():

@@ -7,8 +7,8 @@ cold one a tiny trained converging model reaches the same fixed point."""
 import pytest
 import torch
 
-from generation import engine
 from conftest import tiny, train_pattern_model
+from generation import engine
 from modeling.layout import Context
 from modeling.solver import iterate
 

@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 import torch
 
+from configurator import _includer
+from conftest import REPO, run_script
 from plumbing import checkpoint
 from plumbing import runtime
-from conftest import REPO, run_script
-from configurator import _includer
 from plumbing.dataloader import DataError, TokenShards, step_seed
 from plumbing.tokenizer import codec_for, gpt2_encoding
 

@@ -12,8 +12,8 @@ import torch
 from plumbing import checkpoint
 import eval as evaluation
 from conftest import run_script, train_pattern_model
-from plumbing.dataloader import TokenShards, step_seed
 from generation.decoding import Settings
+from plumbing.dataloader import TokenShards, step_seed
 
 SEED = 1337  # train.py's default seed: its evaluation batches derive from it
 

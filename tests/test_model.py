@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from conftest import tiny
-from plumbing import checkpoint
 from generation import engine
 from modeling.layout import visibility
 from modeling.solver import entropy_of_logits
+from plumbing import checkpoint
 
 
 def block_calls(model, run):

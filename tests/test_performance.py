@@ -14,12 +14,12 @@ import sys
 import pytest
 import torch
 
-from generation import engine
 from conftest import REPO, run_script, tiny, train_pattern_model
-from modeling.layout import Context, visibility
-from modeling.solver import entropy_of_logits
+from generation import engine
 from generation.decoding import Settings, sample_tokens
 from generation.sampling import choose_slots, generate
+from modeling.layout import Context, visibility
+from modeling.solver import entropy_of_logits
 
 sys.path.insert(0, os.path.join(REPO, 'tools'))
 import vs_nanogpt  # noqa: E402

@@ -11,13 +11,13 @@ layout does; the samplers refuse what they cannot run."""
 import pytest
 import torch
 
-from plumbing import checkpoint
-from plumbing import runtime
 from generation import engine
 from modeling import layout
 from modeling.layout import training_layout
 from modeling.recipe import draw_depth, training_loss
 from modeling.solver import iterate
+from plumbing import checkpoint
+from plumbing import runtime
 
 TINY = dict(block_size=16, vocab_size=11, n_layer=4, n_head=2, n_embd=16, n_future=2, pos_emb='rope', past_loss=1.0)
 

@@ -5,8 +5,8 @@ reading training knobs: a stored capability decides, whatever the config says.""
 
 import torch
 
-from generation import engine
 from conftest import tiny
+from generation import engine
 from generation.decoding import Settings
 from generation.sampling import generate, pick_sampler, warm_start
 

@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 
-from generation import engine
-from plumbing import runtime
 from conftest import tiny, train_pattern_model
+from generation import engine
 from generation.decoding import Settings, filtered_probs, live_slots
 from generation.sampling import choose_slots, generate
+from plumbing import runtime
 
 COLLAPSE = dict(sampler='collapse')
 

@@ -14,9 +14,9 @@ import math
 import pytest
 import torch
 
+from conftest import tiny, train_pattern_model
 from generation import engine
 from generation import speculative
-from conftest import tiny, train_pattern_model
 from generation.decoding import Settings, filtered_probs
 from generation.sampling import generate
 

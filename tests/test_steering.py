@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import run_script, tiny
 from generation import engine
 from generation import steering
-from conftest import run_script, tiny
 from generation.decoding import Settings
 from generation.sampling import generate
 

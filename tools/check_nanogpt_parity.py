@@ -13,8 +13,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from plumbing import checkpoint  # noqa: E402
 from configurator import ArgumentParser  # noqa: E402
+from plumbing import checkpoint  # noqa: E402
 
 
 def main():

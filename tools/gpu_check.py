@@ -51,13 +51,13 @@ sys.path.insert(0, REPO)
 import torch  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
-from plumbing import checkpoint  # noqa: E402
-from plumbing import runtime  # noqa: E402
-from generation import steering  # noqa: E402
 from configurator import UserError, cli, configure, fail, require  # noqa: E402
+from generation import steering  # noqa: E402
+from generation.sampling import Settings, generate  # noqa: E402
 from modeling.layout import block_starts, visibility  # noqa: E402
 from modeling.recipe import draw_depth  # noqa: E402
-from generation.sampling import Settings, generate  # noqa: E402
+from plumbing import checkpoint  # noqa: E402
+from plumbing import runtime  # noqa: E402
 from tools.vs_nanogpt import EVAL_LINE, ITER_LINE  # noqa: E402  (the log lines of train.py)
 
 # -----------------------------------------------------------------------------
