@@ -276,10 +276,9 @@ def report(result, name, split, unit):
               f" ({result['seconds']:.2f} s)")
     if 'past_stream_loss' in result:
         print(f"past stream read out directly (the GPT inside): next-token loss {result['past_stream_loss']:.4f} nats")
-    if 'warm_sequential' in result:
-        print(f"warm-start sequential loss {result['warm_sequential']:.4f} nats ({result['warm_passes']:.2f} passes/token)")
-        print(f"cold-start sequential loss {result['cold_sequential']:.4f} nats ({result['cold_passes']:.2f} passes/token)"
-              f", {result['live_slots']:.2f} live future slots")
+    for start in ('warm', 'cold') if 'warm_sequential' in result else ():
+        print(f"{start}-start sequential loss {result[f'{start}_sequential']:.4f} nats ({result[f'{start}_passes']:.2f} "
+              f"passes/token)" + (f", {result['live_slots']:.2f} live future slots" if start == 'cold' else ''))
     if 'depth_loss' in result:
         print("loss by depth (passes: next-token loss): " + '  '.join(f"{k}: {v:.4f}" for k, v in result['depth_loss'].items()))
         print("state norm by pass (watched slots): " + '  '.join(f"{k}: {v:.3f}" for k, v in result['norm_by_pass'].items()))
