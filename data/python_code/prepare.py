@@ -16,8 +16,8 @@ import sysconfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+import prepare_lib  # noqa: E402  (first: it puts the repo root on the path)
 from configurator import fail  # noqa: E402
-import prepare_lib  # noqa: E402
 
 SKIP = {'site-packages', 'test', 'tests', 'idlelib', 'lib2to3', '__pycache__'}  # installed packages and test suites
 

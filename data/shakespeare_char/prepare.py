@@ -12,9 +12,9 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+import prepare_lib  # noqa: E402  (first: it puts the repo root on the path)
 from configurator import fail  # noqa: E402
 from plumbing.tokenizer import CharCodec  # noqa: E402
-import prepare_lib  # noqa: E402
 
 URL = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'
 
