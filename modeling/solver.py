@@ -37,8 +37,10 @@ class Solver:
                              f"(got {self.max_loop}, {self.min_loop}, {self.tol}, {self.exit_rule!r})")
 
     def but(self, **changes):
-        """This solver with the given settings changed; a value of None keeps the setting."""
-        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+        """This solver with the given settings changed; a value of None keeps the setting (and with
+        nothing changed it is this solver: refine calls it every step)."""
+        changes = {k: v for k, v in changes.items() if v is not None and v != getattr(self, k)}
+        return dataclasses.replace(self, **changes) if changes else self
 
 
 @dataclass
