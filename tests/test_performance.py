@@ -5,7 +5,7 @@ over a rolling window recomputed from scratch (rotary: the cache rolls past the 
 never rebuilt); the last positions only (`queries`) equal the full run's; refinement decodes only
 where a test needs it; rows that have converged stop being computed without changing the others;
 batched rows are the single runs; bench.py prints its table; tools/vs_nanogpt.py reads both
-programs' logs. Never timing."""
+programs' logs; tools/step_profile.py splits a step. Never timing."""
 
 import math
 import os
@@ -244,3 +244,10 @@ def test_vs_nanogpt_reads_both_programs_logs():
     assert vs_nanogpt.final_val_loss(nano) == 2.2 and vs_nanogpt.final_val_loss(ours) == 2.15
     stderr = 'noise\n@@generate {"seconds": 0.5, "ids": [[1, 2, 3]]}\n@@generate {"seconds": 1.5, "ids": [[4, 5]]}\n'
     assert vs_nanogpt.generations(stderr) == [(0.5, [[1, 2, 3]]), (1.5, [[4, 5]])]
+
+
+def test_step_profile_splits_a_step_and_refuses_a_folder_without_nanogpt(tmp_path):
+    result = run_script('tools/step_profile.py', '--steps=2', timeout=120)
+    assert '| ours |' in result.stdout and '% of its time in matrix products' in result.stdout, result.stdout
+    result = run_script('tools/step_profile.py', f'--nanogpt={tmp_path}', check=False)
+    assert result.returncode == 2 and 'holds no model.py' in result.stderr
