@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, run_script, tiny, train_pattern_model
+from conftest import ONE_THREAD, REPO, run_inprocess, run_script, tiny, train_pattern_model
 from generation import engine
 from generation.decoding import Settings, sample_tokens
 from generation.sampling import choose_slots, generate
@@ -251,3 +251,21 @@ def test_step_profile_splits_a_step_and_refuses_a_folder_without_nanogpt(tmp_pat
     assert '| ours |' in result.stdout and '% of its time in matrix products' in result.stdout, result.stdout
     result = run_script('tools/step_profile.py', f'--nanogpt={tmp_path}', check=False)
     assert result.returncode == 2 and 'holds no model.py' in result.stderr
+
+
+def test_vs_nanogpt_times_our_sampler_through_its_wrapper(pattern_data, tmp_path):
+    """The wrapper patches generation.sampling.generate in a real sample.py run and reads its record
+    (it imported a module that had moved, and every sampling comparison failed)."""
+    import argparse
+    import pickle
+    import subprocess
+    chars = '\nabcdefgh'  # sample.py starts from a newline
+    with open(os.path.join(pattern_data, 'meta.pkl'), 'wb') as f:
+        pickle.dump({'vocab_size': 9, 'itos': dict(enumerate(chars)), 'stoi': {c: i for i, c in enumerate(chars)}}, f)
+    run = tmp_path / 'gpt'
+    assert run_inprocess('train.py', 'config/train_debug.py', f'--dataset={pattern_data}', f'--out_dir={run}')[0] == 0
+    cmd, cwd = vs_nanogpt.sample_command('gpt', str(run), argparse.Namespace(tokens=5, slide=0, sampler='auto'), 2)
+    result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=120, env={**os.environ, **ONE_THREAD})
+    assert result.returncode == 0, result.stderr
+    [(seconds, ids)] = vs_nanogpt.generations(result.stderr)
+    assert seconds > 0 and [len(row) for row in ids] == [5, 5]

@@ -59,11 +59,11 @@ EVAL_LINE = re.compile(r'^step (\d+): train loss ([\d.]+), val loss ([\d.]+)', r
 # wraps a program's generation function in a timer; argv: program folder, module, 'method' (GPT.generate,
 # returns prompt + new ids) or 'function' (generate(model, idx, ...) -> (new ids, stats)), script, its args
 TIMER = r'''
-import json, runpy, sys, time
+import importlib, json, runpy, sys, time
 folder, module, kind, script = sys.argv[1:5]
 sys.argv = [script] + sys.argv[5:]
 sys.path.insert(0, folder)
-mod = __import__(module)
+mod = importlib.import_module(module)
 owner = mod.GPT if kind == 'method' else mod
 original = owner.generate
 def timed(*args, **kwargs):
@@ -138,7 +138,7 @@ def train_command(job, args, out_dir, data_dir):
 
 
 def sample_command(job, ckpt_dir, args, batch):
-    """A sampler run wrapped by TIMER: nanoGPT's sample.py (GPT.generate) or ours (sampling.generate)."""
+    """A sampler run wrapped by TIMER: nanoGPT's sample.py (GPT.generate) or ours (generation.sampling.generate)."""
     common = [f'--num_samples={batch}', f'--max_new_tokens={args.tokens}', '--device=cpu', '--seed=1337',
               '--compile=False', f'--out_dir={ckpt_dir}']
     if job == 'nano':
@@ -148,7 +148,7 @@ def sample_command(job, ckpt_dir, args, batch):
     rolls = job.startswith('wfc') or job == 'gpt_rope'  # rotary models: the cache rolls, slide does not apply
     extra = ([f'--slide={args.slide}'] if args.slide and not rolls else []) + \
         ([f'--sampler={args.sampler}'] if job.startswith('wfc') and args.sampler != 'auto' else [])
-    return [sys.executable, '-c', TIMER, REPO, 'sampling', 'function', 'sample.py', *common,
+    return [sys.executable, '-c', TIMER, REPO, 'generation.sampling', 'function', 'sample.py', *common,
             f'--dtype={dtype}', '--temperature=0.8', '--top_k=200', *extra], REPO
 
 
