@@ -5,7 +5,8 @@ over a rolling window recomputed from scratch (rotary: the cache rolls past the 
 never rebuilt); the last positions only (`queries`) equal the full run's; refinement decodes only
 where a test needs it; rows that have converged stop being computed without changing the others;
 batched rows are the single runs; bench.py prints its table; tools/vs_nanogpt.py reads both
-programs' logs; tools/step_profile.py splits a step. Never timing."""
+programs' logs; tools/step_profile.py splits a step; tools/sample_profile.py lists a sampler's ops.
+Never timing."""
 
 import math
 import os
@@ -269,3 +270,13 @@ def test_vs_nanogpt_times_our_sampler_through_its_wrapper(pattern_data, tmp_path
     assert result.returncode == 0, result.stderr
     [(seconds, ids)] = vs_nanogpt.generations(result.stderr)
     assert seconds > 0 and [len(row) for row in ids] == [5, 5]
+
+
+def test_sample_profile_prints_the_ops_table(pattern_data, tmp_path):
+    run = tmp_path / 'gpt'
+    assert run_inprocess('train.py', 'config/train_debug.py', f'--dataset={pattern_data}', f'--out_dir={run}')[0] == 0
+    result = run_script('tools/sample_profile.py', f'--out_dir={run}', '--tokens=8', '--rows=3', timeout=120)
+    assert 'tokens/s unprofiled' in result.stdout and 'steps/s' in result.stdout
+    assert sum(line.startswith('| aten::') for line in result.stdout.splitlines()) == 3, result.stdout
+    result = run_script('tools/sample_profile.py', f'--out_dir={run}', '--sampler=speculative', check=False)
+    assert result.returncode == 2 and 'needs a WFC model' in result.stderr
