@@ -1,10 +1,10 @@
 """
 How long should a WFC draft be, and should it be refined before it is drafted? The speculative
-sampler drafts the n_future slots of each round and keeps the drafts its own next-token
-distributions accept, so a round commits 1 .. n_future + 1 tokens for one stack call. Longer drafts
+sampler drafts from future slots 2..n_future of each round and keeps the drafts its own next-token
+distributions accept, so a round commits 1 .. n_future tokens for one stack call. Longer drafts
 (larger F) can commit more per call, but a slot further out is a worse guess and every call runs
-(1 + F) slots per committed position; extra refinement passes (max_loop 2, 3: the future's passes
-2.. against the past just written) make a draft better at the cost of a core pass each.
+F future slots per fed token; extra refinement passes (max_loop 2, 3: the future's passes 2..
+against the past just written) make a draft better at the cost of a core pass each.
 
 For each checkpoint (trained with a different n_future) and each max_loop, the speculative sampler
 draws `tokens` new tokens after `start` (a newline) at batch 1 and batch `batch` (T `temperature`,
