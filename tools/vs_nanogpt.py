@@ -285,12 +285,15 @@ def main():
                                   runs=speed[s, 1], batch_runs=speed[s, sizes[-1]]))
         print(f"\nsampling, {args.tokens} new tokens, medians of {args.repeats} (judge: {judge_path}; "
               f"ours: slide {args.slide}, WFC sampler {args.sampler})")
+        batched = len(sizes) > 1  # --batch=1: no second column pair repeating the first
         print(f"| sampler | tokens/s batch 1 | x nanoGPT | tokens per stack call | acceptance by distance | "
-              f"tokens/s batch {sizes[-1]} | x nanoGPT | judge NLL |\n|---|---|---|---|---|---|---|---|")
+              + (f"tokens/s batch {sizes[-1]} | x nanoGPT | " if batched else '') + "judge NLL |\n|"
+              + "---|" * (8 if batched else 6))
         for x in srows:
             accept = ' '.join(f'{a:.2f}' for a in x['acceptance']) if x['acceptance'] else '-'
             print(f"| {x['sampler']} | {x['tokens_per_s']:.0f} | {x['ratio']:.2f} | {x['tokens_per_call']:.2f} | {accept} | "
-                  f"{x['batch_tokens_per_s']:.0f} | {x['batch_ratio']:.2f} | {x['judge_nll']:.3f} |")
+                  + (f"{x['batch_tokens_per_s']:.0f} | {x['batch_ratio']:.2f} | " if batched else '')
+                  + f"{x['judge_nll']:.3f} |")
         result['sample'] = srows
     if args.out:
         with open(args.out, 'w') as f:
