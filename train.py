@@ -92,6 +92,7 @@ depth_per = 'step'              # a depth per 'step' or per 'row'
 bptt = 0                        # passes with gradient (0 = all)
 supervise = 1                   # last passes with a loss
 consistency = 0.0               # weight of the pull of earlier passes toward the last
+agree = 0.0                     # weight of the pull of the future toward the causal stream's next-token head
 dist_power = 0.0                # future loss weight d ** -dist_power
 past_loss = 0.0                 # weight of the past stream's own loss (> 0 lets it verify drafts)
 past_target = 'next'            # the past stream predicts the 'next' token or its own ('self')

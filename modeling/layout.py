@@ -139,6 +139,7 @@ class Layout:
     watch: torch.Tensor    # (B, S) open future slots
     frozen: torch.Tensor   # (B, S) slots that keep their state (pins; the pinned past is not in the stream)
     self_targets: torch.Tensor = None  # bidirectional: (B, S) a past slot's own token (its past loss), -1 elsewhere
+    source: torch.Tensor = None        # pinned: (B, S) the causal position whose next-token head predicts a slot's token
 
 
 def training_layout(model, idx, targets, n_future, past_kv=None, phase=None, split=None, slots=None):
@@ -156,7 +157,7 @@ def training_layout(model, idx, targets, n_future, past_kv=None, phase=None, spl
                           model.config.spec_window)[:, None]  # padding slots are nobody's keys
         tg, dist = targets.gather(1, j).masked_fill(~real, -1), j - start + 1
         ctx = Context(model.fresh_slots(j + 1), j[0] + 1 if slots is None else j + 1, mask, past_kv)
-        return Layout(ctx, tg, dist, dist == n_future, real & (tg >= 0), torch.zeros_like(real))
+        return Layout(ctx, tg, dist, dist == n_future, real & (tg >= 0), torch.zeros_like(real), source=j)
     i, s = torch.arange(T + n_future, device=dev), split[:, None]
     past, future = i <= s, (i > s) & (i <= s + n_future)
     mask = visibility((s + n_future).expand(B, T + n_future), None, None, i)[:, None]  # everything valid sees everything valid

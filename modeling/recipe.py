@@ -6,7 +6,9 @@ or how a trained model is sampled (solver.Solver); it reaches the forward as an 
 
 Depth: fixed, uniform in 1..train_depth or Poisson-lognormal around it (Huginn), one per step or one
 per sequence (Parcae). Truncated backprop through the last `bptt` passes, a loss on the last
-`supervise`, and optionally a consistency loss that pulls every earlier pass toward the last (CLLM).
+`supervise`, and optionally a consistency loss that pulls every earlier pass toward the last (CLLM)
+and an agreement loss that pulls every future slot toward the causal stream's next-token
+distribution for the same token (the distribution that verifies its draft).
 Pins start a slot at its true token (goal pinning at sampling time); warm rows start from the
 detached state of one sampler step earlier (train as you sample).
 """
@@ -32,6 +34,7 @@ class Recipe:
     bptt: int = 0             # last passes that carry gradient (truncated backprop); 0 = all
     supervise: int = 1        # last passes whose decoded output is supervised, 1..bptt
     consistency: float = 0.0  # weight of KL(last pass || pass k) for every earlier pass k that carries gradient (CLLM); 0 = off
+    agree: float = 0.0        # weight of KL(causal stream's next-token distribution, detached || future slot) for the same token; 0 = off
     dist_power: float = 0.0   # future loss weight of distance d is d ** -dist_power (0 = uniform, 1 = 1/d)
     past_loss: float = 0.0    # weight of the auxiliary loss on the past stream (0 = off)
     past_target: str = 'next' # past slots predict the 'next' token (pinned only) or their own token ('self')
@@ -40,13 +43,13 @@ class Recipe:
 
     def __post_init__(self):
         problems = [f"{k} must be one of {v}, got {getattr(self, k)!r}" for k, v in RECIPE_CHOICES.items() if getattr(self, k) not in v]
-        if self.supervise < 1 or min(self.train_depth, self.bptt, self.consistency, self.dist_power, self.past_loss) < 0:
-            problems.append("supervise must be >= 1; train_depth, bptt, consistency, dist_power and past_loss >= 0")
+        if self.supervise < 1 or min(self.train_depth, self.bptt, self.consistency, self.agree, self.dist_power, self.past_loss) < 0:
+            problems.append("supervise must be >= 1; train_depth, bptt, consistency, agree, dist_power and past_loss >= 0")
         if not 0 < self.future_frac <= 1 or not (0 <= self.pin_prob <= 1 and 0 <= self.warm_prob <= 1):
             problems.append(f"need 0 < future_frac <= 1 and pin_prob, warm_prob in [0, 1] "
                             f"(got {self.future_frac}, {self.pin_prob}, {self.warm_prob})")
-        if not all(math.isfinite(v) for v in (self.dist_power, self.past_loss, self.consistency)):
-            problems.append("dist_power, past_loss and consistency must be finite")
+        if not all(math.isfinite(v) for v in (self.dist_power, self.past_loss, self.consistency, self.agree)):
+            problems.append("dist_power, past_loss, consistency and agree must be finite")
         if problems:
             raise ValueError("invalid Recipe: " + "; ".join(problems))
 
@@ -68,6 +71,9 @@ def check_fits(config, recipe):
     """A recipe that cannot train this architecture, as a ValueError."""
     if recipe.past_target == 'next' and config.attn == 'bidirectional' and recipe.past_loss > 0:
         raise ValueError("invalid Recipe: past_target='next' leaks the answer in bidirectional attention; use 'self'")
+    if recipe.agree > 0 and not capabilities(config, recipe)['can_verify']:
+        raise ValueError("invalid Recipe: agree > 0 pulls the future toward the causal stream's next-token head, which "
+                         "only a pinned model with past_loss > 0 and past_target='next' trains")
 
 
 def draw_depth(config, recipe, rows=1):
@@ -178,8 +184,10 @@ def training_loss(model, states, layout, past_logits, idx, targets, recipe):
     future cross-entropy; plus consistency x the mean over the earlier states of KL(last || earlier)
     (the last pass detached: only the earlier passes move, toward where the refinement ends, so an
     early exit loses little; CLLM, Kou et al. 2024); plus past_loss x the past stream's own loss
-    (past_logits: the pinned causal stream's; its targets are the next tokens or idx itself).
-    Returns (loss, the last state's logits, its per-slot cross-entropy)."""
+    (past_logits: the pinned causal stream's; its targets are the next tokens or idx itself); plus
+    agree x the mean KL from the causal stream's detached next-token distribution to the last state's
+    for the same token (layout.source), which is the distribution that accepts or rejects the slot's
+    draft in the speculative sampler: only the future moves. Returns (loss, the last state's logits, its per-slot cross-entropy)."""
     weight = layout.dist.float().pow(-recipe.dist_power) * layout.watch
     per_slot_mean = lambda v: (v * weight).sum() / weight.sum().clamp(min=1e-8)  # noqa: E731
     all_logits = [model.readout(x, layout.ctx) for x in states]
@@ -190,6 +198,10 @@ def training_loss(model, states, layout, past_logits, idx, targets, recipe):
         goal = F.log_softmax(logits.detach().float(), -1)
         kls = [(goal.exp() * (goal - F.log_softmax(v.float(), -1))).sum(-1) for v in all_logits[:-1]]
         loss = loss + recipe.consistency * torch.stack([per_slot_mean(v) for v in kls]).mean()
+    if recipe.agree > 0:
+        teacher = F.log_softmax(past_logits.detach().float(), -1)
+        teacher = teacher.gather(1, layout.source[..., None].expand(-1, -1, teacher.size(-1)))
+        loss = loss + recipe.agree * per_slot_mean((teacher.exp() * (teacher - F.log_softmax(logits.float(), -1))).sum(-1))
     if recipe.past_loss > 0:  # pinned: the causal stream's own next-token (or own-token) loss; bidirectional: past slots
         past_targets = (targets if recipe.past_target == 'next' else idx) if past_logits is not None else layout.self_targets
         past_logits = logits if past_logits is None else past_logits

@@ -3,7 +3,8 @@ rules and the per-slot exit that leaves exited slots out of the computation.
 
 Proves: an empty prelude and coda are today's model (the same blocks, the same maps); a sandwich
 runs its prelude and coda once per stream and only its core per pass; the consistency loss moves
-the earlier passes toward the (detached) last one and never the last; every exit rule stops a
+the earlier passes toward the (detached) last one and never the last; the agreement loss moves the
+future toward the (detached) causal head that predicts the same token; every exit rule stops a
 converged refinement and none changes a slot after it exited; leaving exited slots out gives the
 same states and pass counts as computing them; the sampler's window runs a sandwich as training's
 layout does; the samplers refuse what they cannot run."""
@@ -90,6 +91,27 @@ def test_consistency_moves_the_earlier_passes_only():
     scored_from(plain, [early2, last2]).backward()
     assert early2.grad is None or early2.grad.abs().sum() == 0  # no consistency: only the last pass is trained
     torch.testing.assert_close(with_consistency, last2.grad)  # the target of the consistency term is detached
+
+
+def test_agreement_pulls_the_future_toward_the_detached_causal_head():
+    """agree > 0: each slot's teacher is the causal position that predicts the same token; the
+    term is a KL (positive for random states), moves the future's states and never the teacher."""
+    import dataclasses
+    model = tiny(agree=1.0)
+    idx, targets = batch()
+    pos = torch.arange(16)
+    x_c, kvs = model.causal_stream(model.token_states(idx, pos), pos)
+    lay = training_layout(model, idx, targets, 2, kvs[-1], torch.zeros(3, dtype=torch.long), None, None)
+    assert torch.equal(lay.targets, targets.gather(1, lay.source))  # the teacher predicts the slot's token
+    past_logits = model.logits(x_c).detach().requires_grad_()
+    state = torch.randn(3, 16, 16, requires_grad=True)
+    agreed = training_loss(model, [state], lay, past_logits, idx, targets, model.recipe)[0]
+    plain = training_loss(model, [state], lay, past_logits, idx, targets, dataclasses.replace(model.recipe, agree=0.0))[0]
+    assert agreed > plain
+    teacher_grad, state_grad = torch.autograd.grad(agreed - plain, (past_logits, state))
+    assert teacher_grad.abs().max() == 0 and state_grad.abs().sum() > 0
+    with pytest.raises(ValueError, match='agree > 0'):
+        tiny(agree=1.0, past_loss=0.0)
 
 
 @pytest.mark.parametrize('rule', ['kl', 'delta', 'entropy', 'accel'])
