@@ -179,15 +179,21 @@ def cross_entropy(logits, targets):
     return F.cross_entropy(logits.transpose(1, 2).float(), targets.clamp(min=0), reduction='none')
 
 
+def kl(goal, logits):
+    """Per-slot KL(goal || softmax(logits)), goal given as log-probabilities (B, S, V)."""
+    return (goal.exp() * (goal - F.log_softmax(logits.float(), -1))).sum(-1)
+
+
 def training_loss(model, states, layout, past_logits, idx, targets, recipe):
     """The loss of the trained states: the mean over the last `supervise` of the distance-weighted
     future cross-entropy; plus consistency x the mean over the earlier states of KL(last || earlier)
     (the last pass detached: only the earlier passes move, toward where the refinement ends, so an
     early exit loses little; CLLM, Kou et al. 2024); plus past_loss x the past stream's own loss
     (past_logits: the pinned causal stream's; its targets are the next tokens or idx itself); plus
-    agree x the mean KL from the causal stream's detached next-token distribution to the last state's
-    for the same token (layout.source), which is the distribution that accepts or rejects the slot's
-    draft in the speculative sampler: only the future moves. Returns (loss, the last state's logits, its per-slot cross-entropy)."""
+    agree x the mean KL from the causal stream's detached next-token distribution for the same token
+    (layout.source: the distribution that accepts or rejects the slot's draft in the speculative
+    sampler) to the last state's: only the future moves.
+    Returns (loss, the last state's logits, its per-slot cross-entropy)."""
     weight = layout.dist.float().pow(-recipe.dist_power) * layout.watch
     per_slot_mean = lambda v: (v * weight).sum() / weight.sum().clamp(min=1e-8)  # noqa: E731
     all_logits = [model.readout(x, layout.ctx) for x in states]
@@ -196,12 +202,11 @@ def training_loss(model, states, layout, past_logits, idx, targets, recipe):
     loss = torch.stack([per_slot_mean(v) for v in ces]).mean()
     if recipe.consistency > 0 and len(states) > 1:
         goal = F.log_softmax(logits.detach().float(), -1)
-        kls = [(goal.exp() * (goal - F.log_softmax(v.float(), -1))).sum(-1) for v in all_logits[:-1]]
-        loss = loss + recipe.consistency * torch.stack([per_slot_mean(v) for v in kls]).mean()
+        loss = loss + recipe.consistency * torch.stack([per_slot_mean(kl(goal, v)) for v in all_logits[:-1]]).mean()
     if recipe.agree > 0:
         teacher = F.log_softmax(past_logits.detach().float(), -1)
         teacher = teacher.gather(1, layout.source[..., None].expand(-1, -1, teacher.size(-1)))
-        loss = loss + recipe.agree * per_slot_mean((teacher.exp() * (teacher - F.log_softmax(logits.float(), -1))).sum(-1))
+        loss = loss + recipe.agree * per_slot_mean(kl(teacher, logits))
     if recipe.past_loss > 0:  # pinned: the causal stream's own next-token (or own-token) loss; bidirectional: past slots
         past_targets = (targets if recipe.past_target == 'next' else idx) if past_logits is not None else layout.self_targets
         past_logits = logits if past_logits is None else past_logits

@@ -8,8 +8,8 @@ against the past just written) make a draft better at the cost of a core pass ea
 
 For each checkpoint (trained with a different n_future) and each max_loop, the speculative sampler
 draws `tokens` new tokens after `start` (a newline) at batch 1 and batch `batch` (T `temperature`,
-top-k `top_k`). Runs are interleaved (every case once per repeat, in turn) so that machine load hits all
-alike; the table gives medians of tokens/s, tokens per round (one verify call), tokens per core
+top-k `top_k`). Runs are interleaved (every case once per repeat, in turn) so that machine load
+hits all alike; the table gives medians of tokens/s, tokens per round (one verify call), tokens per core
 pass (a round of max_loop k runs k) and the acceptance by distance. The sampler is exact whatever F
 and max_loop are (its text follows the model's next-token distributions), so within a checkpoint
 only the speed changes; across checkpoints the model itself differs (its next-token loss is printed
@@ -54,7 +54,8 @@ def last_val(path):
     log = os.path.join(path if os.path.isdir(path) else os.path.dirname(path), 'eval_log.jsonl')
     if not os.path.exists(log):
         return None
-    lines = [json.loads(line) for line in open(log) if line.strip()]
+    with open(log) as f:
+        lines = [json.loads(line) for line in f if line.strip()]
     return lines[-1]['val'] if lines else None
 
 

@@ -254,17 +254,25 @@ def test_step_profile_splits_a_step_and_refuses_a_folder_without_nanogpt(tmp_pat
     assert result.returncode == 2 and 'holds no model.py' in result.stderr
 
 
-def test_vs_nanogpt_times_our_sampler_through_its_wrapper(pattern_data, tmp_path):
-    """The wrapper patches generation.sampling.generate in a real sample.py run and reads its record
-    (it imported a module that had moved, and every sampling comparison failed)."""
-    import argparse
+@pytest.fixture
+def debug_gpt(pattern_data, tmp_path):
+    """A run folder of train_debug.py's GPT on the pattern corpus, whose vocabulary has a newline
+    (sample.py's default prompt)."""
     import pickle
-    import subprocess
-    chars = '\nabcdefgh'  # sample.py starts from a newline
+    chars = '\nabcdefgh'
     with open(os.path.join(pattern_data, 'meta.pkl'), 'wb') as f:
         pickle.dump({'vocab_size': 9, 'itos': dict(enumerate(chars)), 'stoi': {c: i for i, c in enumerate(chars)}}, f)
     run = tmp_path / 'gpt'
     assert run_inprocess('train.py', 'config/train_debug.py', f'--dataset={pattern_data}', f'--out_dir={run}')[0] == 0
+    return run
+
+
+def test_vs_nanogpt_times_our_sampler_through_its_wrapper(debug_gpt):
+    """The wrapper patches generation.sampling.generate in a real sample.py run and reads its record
+    (it imported a module that had moved, and every sampling comparison failed)."""
+    import argparse
+    import subprocess
+    run = debug_gpt
     cmd, cwd = vs_nanogpt.sample_command('gpt', str(run), argparse.Namespace(tokens=5, slide=0, sampler='auto'), 2)
     result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=120, env={**os.environ, **ONE_THREAD})
     assert result.returncode == 0, result.stderr
@@ -272,9 +280,8 @@ def test_vs_nanogpt_times_our_sampler_through_its_wrapper(pattern_data, tmp_path
     assert seconds > 0 and [len(row) for row in ids] == [5, 5]
 
 
-def test_sample_profile_prints_the_ops_table(pattern_data, tmp_path):
-    run = tmp_path / 'gpt'
-    assert run_inprocess('train.py', 'config/train_debug.py', f'--dataset={pattern_data}', f'--out_dir={run}')[0] == 0
+def test_sample_profile_prints_the_ops_table(debug_gpt):
+    run = debug_gpt
     result = run_script('tools/sample_profile.py', f'--out_dir={run}', '--tokens=8', '--rows=3', timeout=120)
     assert 'tokens/s unprofiled' in result.stdout and 'steps/s' in result.stdout
     assert sum(line.startswith('| aten::') for line in result.stdout.splitlines()) == 3, result.stdout

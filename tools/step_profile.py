@@ -61,8 +61,8 @@ def matmul_share(model, optimizer, x, y, steps):
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events)
     products = [e for e in events if e.key in ('aten::mm', 'aten::addmm', 'aten::bmm')]
-    seconds = sum(e.self_cpu_time_total for e in products) / 1e6
-    return sum(e.self_cpu_time_total for e in products) / total, sum(e.flops for e in products) / seconds
+    product_time = sum(e.self_cpu_time_total for e in products)  # microseconds
+    return product_time / total, sum(e.flops for e in products) / (product_time / 1e6)
 
 
 def main():
