@@ -64,7 +64,7 @@ dataset = 'shakespeare_char'    # batches from data/<dataset> (or a path); rando
 variants = 'gpt,wfc'            # comma-separated: 'gpt', 'wfc', 'config' (see above)
 dtypes = 'float32,auto'         # comma-separated autocast dtypes; 'auto' = bf16 where native, else skipped as a duplicate
 device = 'auto'                # 'auto', 'cpu', 'cuda', 'mps'
-compile = False                 # torch.compile the training model, and time sampling with compiled blocks too (runtime.compile_blocks)
+compile = False                 # torch.compile the training model, and time compiled sampling too (runtime.compile_samplers)
 threads = 0                     # torch threads (0 = torch's default: one per core)
 # timing
 steps = 30                      # timed training steps per row
@@ -253,36 +253,42 @@ def stack_share(model, dev, run):
     return inside[0] / total
 
 
-def use_blocks(model, blocks):
+def use_compiled(model, compiled):
+    """Swap in a sampler set: (blocks, steps), the compiled blocks and steps of runtime.compile_samplers
+    or the eager blocks and no steps."""
+    blocks, steps = compiled
     for i, block in enumerate(blocks):
         model.transformer.h[i] = block
+    for name in runtime.SAMPLER_STEPS:
+        model.__dict__.pop(name, None)
+    model.__dict__.update(steps)
 
 
 def sample_speed(model, dev, dtype, batch, slide=slide, compiled=None):
     """Median over `repeats` runs of sampling sample_tokens tokens at this batch, and the share of a
-    run spent inside the block stack (stack_share). compiled: the model's blocks compiled
-    (runtime.compile_blocks), timed in runs interleaved with the eager ones (compiled_tokens_per_s),
-    after a warm-up past the block edge that compiles every variant."""
+    run spent inside the block stack (stack_share). compiled: the model's compiled samplers
+    (runtime.compile_samplers, as compiled_samplers returns them), timed in runs interleaved with the
+    eager ones (compiled_tokens_per_s), after a warm-up past the block edge that compiles every variant."""
     s = Settings(temperature=temperature, top_k=top_k, sampler=sampler, policy=policy, tau=tau, slide=slide,
                  max_loop=sample_max_loop).check()
     idx = torch.zeros(batch, 1, dtype=torch.long, device=dev)  # one token: '\n' in the char vocabulary
-    eager = list(model.transformer.h)
+    eager = (list(model.transformer.h), {})
     kinds = {'eager': eager, **({'compiled': compiled} if compiled else {})}
     runs = {kind: [] for kind in kinds}
     with runtime.autocast(dev, dtype), PeakMemory(dev) as memory:
-        for kind, blocks in kinds.items():  # warm-up
-            use_blocks(model, blocks)
+        for kind, samplers in kinds.items():  # warm-up
+            use_compiled(model, samplers)
             warm = model.config.block_size + model.config.n_future + 8 if kind == 'compiled' else 8
             generate(model, idx, warm, s, torch.Generator(device=dev).manual_seed(0))
         for r in range(repeats):
-            for kind, blocks in kinds.items():
-                use_blocks(model, blocks)
+            for kind, samplers in kinds.items():
+                use_compiled(model, samplers)
                 sync(dev)
                 t0 = time.perf_counter()
                 tokens, record = generate(model, idx, sample_tokens, s, torch.Generator(device=dev).manual_seed(r))
                 sync(dev)
                 runs[kind].append((time.perf_counter() - t0, record.summary()))
-        use_blocks(model, eager)
+        use_compiled(model, eager)
         share = stack_share(model, dev, lambda: generate(model, idx, sample_tokens, s, torch.Generator(device=dev).manual_seed(0)))
     speed = {kind: batch * tokens.size(1) / statistics.median(t for t, _ in times) for kind, times in runs.items()}
     summary = runs['eager'][0][1]
@@ -292,19 +298,20 @@ def sample_speed(model, dev, dtype, batch, slide=slide, compiled=None):
                 peak_mb=None if memory.peak is None else memory.peak / 2 ** 20)
 
 
-def compiled_blocks(model):
-    """The model's blocks compiled for sampling (runtime.compile_blocks), the eager ones left in place."""
+def compiled_samplers(model):
+    """The model's compiled samplers (runtime.compile_samplers) as (blocks, steps), the eager ones left in place."""
     eager = list(model.transformer.h)
-    blocks = list(runtime.compile_blocks(model).transformer.h)
-    use_blocks(model, eager)
-    return blocks
+    runtime.compile_samplers(model)
+    compiled = (list(model.transformer.h), {name: getattr(model, name) for name in runtime.SAMPLER_STEPS})
+    use_compiled(model, (eager, {}))
+    return compiled
 
 
 def measure_row(name, args, dev, dtype, peak, trained=True):
     row = dict(variant=name, dtype=dtype, n_future=args['n_future'], block_size=args['block_size'],
                n_embd=args['n_embd'], **train_speed(args, dev, dtype, peak))
     model, source = sampler_model(name, args, dev, trained)
-    compiled = compiled_blocks(model) if compile else None
+    compiled = compiled_samplers(model) if compile else None
     one = sample_speed(model, dev, dtype, 1, compiled=compiled)
     row.update(sample_from=source, sample_tokens_per_s=one['tokens_per_s'], compiled_tokens_per_s=one['compiled_tokens_per_s'],
                passes_per_token=one['passes_per_token'],

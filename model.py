@@ -111,6 +111,8 @@ class SelfAttention(nn.Module):
         if rotary is not None:
             q, k = rotary(q, pos), rotary(k, pos)
         own = (k, v)
+        if hasattr(prefix, 'attend_to'):  # a ring cache: writes k, v in place, returns what to attend to
+            (k, v), prefix = prefix.attend_to(k, v), None
         if queries == 0:
             return x[:, :0], own
         if prefix is not None:
@@ -193,9 +195,8 @@ class GPT(nn.Module):
         if config.inject == 'contract':  # a = sigmoid(inject_logit) in (0, 1), starting at 1/2
             self.inject_logit = nn.Parameter(torch.zeros(C))
         # the sandwich: the prelude and coda run once per slot, the core is the looped part
-        self.prelude = range(config.n_prelude)
+        self.prelude, self.coda = range(config.n_prelude), range(config.n_layer - config.n_coda, config.n_layer)
         self.core = range(config.n_prelude, config.n_layer - config.n_coda)
-        self.coda = range(config.n_layer - config.n_coda, config.n_layer)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: scaled init of the residual projections
             if name.endswith('c_proj.weight'):
@@ -231,7 +232,7 @@ class GPT(nn.Module):
         """(C,) the max-entropy embedding: embed(uniform) = mean of the embedding rows, from the current
         weights. Without gradient it is kept until the weights change (the sampler needs it every step)."""
         w = self.transformer.wte.weight
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():  # dynamo cannot trace the key (a pointer)
             return w.mean(0)
         key = (w.data_ptr(), w._version, w.device, w.dtype)
         if getattr(self, '_e_max', (None,))[0] != key:
@@ -327,17 +328,16 @@ class GPT(nn.Module):
             out, kvs_coda = self.stack(x, ctx.pos, ctx.mask, ctx.prefixes, queries, layers=self.coda)
         return x, out, kvs_prelude + kvs + kvs_coda
 
-    def causal_stream(self, x, pos, past=None, queries=None, window=0):
-        """The causal stream (GPT, and the past of pinned WFC): n_loop passes over x (B, T, C) at
-        positions pos (T,). past (inference with a cache): per pass, the per-layer (k, v) of the
-        tokens just before these, which they all see (window > 0: those within `window` positions).
-        Returns the final states (of the last `queries` tokens when given) and per pass the per-layer
-        (k, v) of these tokens (a sandwich: one entry of every layer)."""
-        mask = 'causal'
-        if past is not None:
+    def causal_stream(self, x, pos, past=None, queries=None, window=0, mask=None):
+        """The causal stream (GPT, and the past of pinned WFC): n_loop passes over x (B, T, C) at positions
+        pos (T,). past (a sampler's cache): per pass the per-layer (k, v) of the tokens before these (window
+        > 0: those within `window` positions), or a ring cache's layers with their `mask`. Returns the final
+        states (of the last `queries` when given), per pass each layer's (k, v) (a sandwich: one pass)."""
+        if mask is None and past is not None:
             P = past[0][0][0].size(2)
             keys = torch.arange(int(pos[0]) - P, int(pos[0]) + x.size(1), device=pos.device)
             mask = None if x.size(1) == 1 and (window <= 0 or P < window) else visibility(pos, None, None, keys, window=window)
+        mask = 'causal' if mask is None else mask
         ctx, new, n_loop = Context(x, pos, mask), [], self.config.n_loop
         if self.sandwiched():
             if past is not None and n_loop > 1:

@@ -39,7 +39,7 @@ stop = ''                # stop a sample at the first occurrence of this text ('
 seed = 1337              # seeds the draws (the same seed gives the same text)
 device = 'auto'          # 'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = 'auto'           # 'auto' (bf16 where native), 'float32', 'bfloat16', 'float16'
-compile = False          # torch.compile each block (runtime.compile_blocks), after an untimed warm-up generation
+compile = False          # torch.compile the samplers (runtime.compile_samplers), after an untimed warm-up generation
 stats = False            # per-step table on stderr: tokens, passes, entropy of what collapsed, the window's entropy curve
 entropy_png = ''         # collapse sampler: write the window's entropy by step and slot to this PNG (needs matplotlib)
 goal = ''                # WFC: 'offset:text' puts text at generated offset (1 = the first new token), pinned as it comes into the window
@@ -196,7 +196,7 @@ def main():
     model, ckpt, codec = load(dev)
     text, ids, wanted = prompt_ids(codec, model.config.vocab_size)
     if compile:  # steering and calibration run the same blocks
-        warm_up_compiled(runtime.compile_blocks(model), ids, settings, dev, dt)
+        warm_up_compiled(runtime.compile_samplers(model), ids, settings, dev, dt)
     if calibrate or steer:
         return steer_or_calibrate(model, ckpt, codec, ids, settings, dev, dt)
     try:
@@ -230,7 +230,7 @@ def main():
 
 
 def warm_up_compiled(model, ids, settings, dev, dt):
-    """Generate past the block edge once, untimed, so that the compiled blocks meet every shape the
+    """Generate past the block edge once, untimed, so that the compiled graphs meet every shape the
     samples will (compiling takes seconds per variant; the speed printed after the samples is then
     the compiled speed)."""
     t0, n = time.perf_counter(), model.config.block_size + model.config.n_future + 8
@@ -240,7 +240,7 @@ def warm_up_compiled(model, ids, settings, dev, dt):
             generate(model, idx, n, settings, torch.Generator(device=dev).manual_seed(0))
     except ValueError as e:
         raise UserError(e) from None
-    print(f"compiled the blocks: a warm-up of {n} tokens took {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+    print(f"compiled the samplers: a warm-up of {n} tokens took {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
 
 
 def steer_or_calibrate(model, ckpt, codec, ids, settings, dev, dt):

@@ -5,8 +5,9 @@ file holds what a sampler carries from token to token, as nanochat keeps its eng
 
 - KVCache: keys/values of the causal stream for B rows, per pass and layer, in one buffer that
   grows by doubling: append, truncate (a speculative draft rejected), select rows (SMC), compact.
-- RowCache: the same for rows that keep different entries (batched speculation): per-row positions,
-  a rejected draft's entries become holes that masks never show.
+- RingCache: keys/values of a rolling (rotary) causal stream in buffers of fixed shape, written in
+  place (the causal and speculative samplers): per-row positions, so rows may keep different entries
+  (batched speculation: a rejected draft's entries become holes that masks never show).
 - The block edge (BlockEdge, block_edge(model): the one place the rule is written, used by this
   file, sampling.py and speculative.py). A rotary model keeps its cache when the context outgrows block_size: each new
   token sees the block_size - 1 tokens before it, whose keys/values were computed when they were
@@ -80,80 +81,99 @@ class KVCache:
         return KVCache(None if self.buf is None else self.buf[:, :, :, rows], self.start, self.length)
 
 
-class RowCache:
-    """Keys/values of the causal stream for B rows that keep different entries (batched speculation:
-    rows accept different numbers of drafts). Every append adds n columns to every row; each row then
-    keeps the first few of them (keep_new) and the rest become holes. buf is laid out as KVCache's,
-    for one pass; pos (B, capacity) holds each entry's absolute position per row, HOLE where a row
-    keeps nothing. Masks read pos (layout.visibility works on positions), so a hole is never seen and
-    the block edge is a window of positions per row: no row's entries move when another's are rejected."""
+class RingCache:
+    """Keys/values of a rolling (rotary) causal stream in buffers whose shapes never change, as
+    gpt-fast keeps its cache: the causal sampler's and the speculative sampler's. Per pass and layer
+    a ring of `capacity` columns written in place, then `scratch` columns for keys a call attends to
+    without keeping (a speculative round's future slots). pos (R, capacity) holds each column's
+    position per row (R = 1 when every row keeps the same positions), HOLE where a row keeps nothing
+    (unwritten, or a draft it rejected). Masks read pos (layout.visibility works on positions), so a
+    hole is never seen, the block edge is a window of positions per row, and no entry ever moves.
+    A call writes its n tokens at the next n columns (the same in every row); `advance` then turns
+    what each row rejects into holes and moves the pointer on by the most any row kept. A call of
+    n tokens overwrites only columns no query sees: rows that advance in step (the causal sampler)
+    need block_size + n - 1 columns; rows that keep 1..n tokens a call need n (block_size + 1), since
+    a row's window (its last block_size positions) then spans at most that many columns. No
+    concatenation per token, and every call of n tokens has the same shapes: what lets torch.compile
+    build a sampler's step once (runtime.compile_samplers)."""
     HOLE = 2 ** 62  # a position after every query's horizon: nobody sees it
 
-    def __init__(self, buf=None, pos=None, length=0):
-        self.buf, self.pos, self.length = buf, pos, length
+    def __init__(self, model, batch, capacity, scratch=0, per_row=True):
+        require_supported(model)
+        edge = block_edge(model)
+        if not edge.rolls:
+            raise ValueError("a ring cache needs a causal stream that rolls at the block edge (rotary positions); "
+                             "learned positions re-encode the window there: use KVCache")
+        device = model.transformer.wte.weight.device
+        self.block_size, self.capacity, self.scratch = edge.block_size, capacity, scratch
+        self.n_pass = 1 if model.sandwiched() else model.config.n_loop
+        self.pos = torch.full((batch if per_row else 1, capacity), self.HOLE, dtype=torch.long, device=device)
+        self.pointer = torch.zeros((), dtype=torch.long, device=device)  # a tensor: a compiled step sees no new constant
+        self.end = 0  # causal sampler: the next position, a Python int for the rotary tables
+        self.slots = None  # the columns of the call being run
+        c, dtype = model.config, model.transformer.wte.weight.dtype
+        if torch.is_autocast_enabled(device.type):  # keys come in the autocast dtype
+            dtype = torch.get_autocast_dtype(device.type)
+        shape = (batch, c.n_head, capacity + scratch, c.n_embd // c.n_head)
+        # a tensor per pass and layer, never a view of a larger one: a compiled step then writes into it
+        # in place (a write into a view makes inductor copy the whole base tensor each call)
+        self.k = [[torch.zeros(shape, dtype=dtype, device=device) for _ in model.transformer.h] for _ in range(self.n_pass)]
+        self.v = [[torch.zeros(shape, dtype=dtype, device=device) for _ in model.transformer.h] for _ in range(self.n_pass)]
+        self.layers = [[_RingLayer(self, p, i) for i in range(len(model.transformer.h))] for p in range(self.n_pass)]
 
-    @classmethod
-    def adopt(cls, cache, rows):
-        """The RowCache of a KVCache of the prompt (the same positions in each of its `rows` rows)."""
-        if cache.buf is None:
-            return cls()
-        pos = torch.arange(cache.start, cache.start + cache.buf.size(5), device=cache.buf.device)
-        return cls(cache.buf, torch.where(pos < cache.end, pos, cls.HOLE).expand(rows, -1).clone(), cache.length)
+    def begin(self, pos):
+        """Give the call's n tokens at positions pos ((n,), or (R, n) per row) the next n columns."""
+        self.slots = (self.pointer + torch.arange(pos.size(-1), device=pos.device)) % self.capacity
+        self.pos[:, self.slots] = pos
 
-    def views(self):
-        """Per layer (k, v) of every column, and the columns' positions (B, length)."""
-        kvs = [] if self.buf is None else [(layer[0, :, :, :self.length], layer[1, :, :, :self.length]) for layer in self.buf[0]]
-        return kvs, self.pos[:, :self.length]
+    def write(self, p, i, k, v):
+        """Store pass p's layer i keys/values (B, n_head, T, head_size) of the call's tokens (the first
+        n: the columns `begin` gave; the rest: scratch) and return what the call attends to: the ring's
+        columns, then the scratch ones in use (masks decide who sees which)."""
+        n = self.slots.size(0)
+        keys, values, rest = self.k[p][i], self.v[p][i], k.size(2) - n
+        keys[:, :, self.slots] = k[:, :, :n]
+        values[:, :, self.slots] = v[:, :, :n]
+        if rest:
+            keys[:, :, self.capacity:self.capacity + rest] = k[:, :, n:]
+            values[:, :, self.capacity:self.capacity + rest] = v[:, :, n:]
+        return keys[:, :, :self.capacity + rest], values[:, :, :self.capacity + rest]
 
-    def append(self, kvs, pos, keep):
-        """Add the per-layer (k, v) (B, n_head, n, head_size) of n new tokens at positions pos (B, n).
-        When the buffer is full: each row's newest `keep` entries are gathered to the front (the
-        rolling window), else the buffer doubles."""
-        n = pos.size(1)
-        if self.buf is None:
-            k0 = kvs[0][0]
-            self.buf = k0.new_empty(1, len(kvs), 2, k0.size(0), k0.size(1), max(64, 2 * n), k0.size(3))
-            self.pos = pos.new_full((pos.size(0), self.buf.size(5)), self.HOLE)
-        if self.length + n > self.buf.size(5):
-            if keep + n <= self.buf.size(5):
-                self.compact(keep)
-            else:
-                self.grow(2 * (self.length + n))
-        for i, (k, v) in enumerate(kvs):
-            self.buf[0, i, 0, :, :, self.length:self.length + n] = k
-            self.buf[0, i, 1, :, :, self.length:self.length + n] = v
-        self.pos[:, self.length:self.length + n] = pos
-        self.length += n
+    def advance(self, kept=None):
+        """After the call: row b keeps the first kept[b] (kept (B,) long; None: all) of its n tokens,
+        the others become holes, and the pointer moves on by the most any row kept."""
+        if kept is None:
+            self.pointer += self.slots.size(0)
+            return
+        dropped = torch.arange(self.slots.size(0), device=kept.device) >= kept[:, None]  # (B, n)
+        self.pos[:, self.slots] = self.pos[:, self.slots].masked_fill(dropped, self.HOLE)
+        self.pointer += kept.max()
 
-    def grow(self, capacity):
-        grown = self.buf.new_empty(*self.buf.shape[:5], capacity, self.buf.size(6))
-        grown[..., :self.length, :] = self.buf[..., :self.length, :]
-        self.buf, self.pos = grown, F.pad(self.pos, (0, capacity - self.pos.size(1)), value=self.HOLE)
-
-    def compact(self, keep):
-        """Gather each row's newest `keep` entries (holes skipped) into the first `keep` columns."""
-        live = self.pos[:, :self.length] != self.HOLE
-        column = torch.arange(self.length, device=self.pos.device).expand_as(live)
-        newest = torch.where(live, column, -1).topk(min(keep, self.length), dim=1).values.flip(1)  # (B, keep), -1: none
-        index = newest.clamp(min=0)
-        shape = self.buf.shape[:5] + (index.size(1), self.buf.size(6))
-        self.buf[..., :index.size(1), :] = self.buf.gather(5, index[None, None, None, :, None, :, None].expand(shape))
-        self.pos[:, :index.size(1)] = torch.where(newest >= 0, self.pos.gather(1, index), self.HOLE)
-        self.pos[:, index.size(1):] = self.HOLE
-        self.length = index.size(1)
-
-    def keep_new(self, n, kept):
-        """Of the last n columns row b keeps the first kept[b] (kept (B,) long); the others become
-        holes, and trailing columns that are holes in every row are dropped (at B = 1: truncation)."""
-        first = self.length - n
-        dropped = torch.arange(n, device=kept.device) >= kept[:, None]  # (B, n)
-        self.pos[:, first:self.length] = self.pos[:, first:self.length].masked_fill(dropped, self.HOLE)
-        self.length = first + int(kept.max())
+    def views(self, p=0):
+        """Pass p's per-layer (k, v) of the ring's columns (no scratch), and their positions (R, capacity)."""
+        kvs = [(k[:, :, :self.capacity], v[:, :, :self.capacity]) for k, v in zip(self.k[p], self.v[p])]
+        return kvs, self.pos
 
     def select(self, rows):
-        """The cache of the batch rows `rows` (1-D long)."""
-        return RowCache(None if self.buf is None else self.buf[:, :, :, rows], None if self.pos is None else self.pos[rows],
-                        self.length)
+        """The cache of the batch rows `rows` (1-D long); the new cache shares nothing it may write."""
+        ring = RingCache.__new__(RingCache)
+        ring.__dict__.update(self.__dict__)
+        ring.k, ring.v = ([[t[rows] for t in layers] for layers in kv] for kv in (self.k, self.v))
+        ring.pos = self.pos[rows] if self.pos.size(0) > 1 else self.pos.clone()
+        ring.pointer = self.pointer.clone()
+        ring.layers = [[_RingLayer(ring, p, i) for i in range(len(layers))] for p, layers in enumerate(self.layers)]
+        return ring
+
+
+class _RingLayer:
+    """What SelfAttention gets as its prefix from a RingCache: attend_to(k, v) writes the call's
+    keys/values into the ring and returns those the call attends to."""
+
+    def __init__(self, cache, p, i):
+        self.cache, self.p, self.i = cache, p, i
+
+    def attend_to(self, k, v):
+        return self.cache.write(self.p, self.i, k, v)
 
 
 @dataclass(frozen=True)
@@ -227,6 +247,41 @@ def run_causal(model, idx, cache, queries=None):
     x, kvs = model.causal_stream(model.token_states(idx, pos), pos, past, queries, window=edge.window)
     cache.append(kvs, keep=edge.keep)
     return x
+
+
+def run_ring(model, idx, cache, queries=None):
+    """run_causal on a RingCache whose rows advance in step (every call keeps all its tokens, so the
+    pointer counts positions): the tokens idx (B, n) at the next positions, their keys/values written
+    in place. Every call of n tokens has the same shapes, so torch.compile builds it once
+    (runtime.compile_samplers); the rotary tables must already reach the positions (decode_ring)."""
+    pos = cache.pointer + torch.arange(idx.size(1), device=idx.device)
+    cache.begin(pos)
+    mask = visibility(pos, None, None, cache.pos[:, None], window=cache.block_size)[:, None]  # (R, 1, n, capacity)
+    x, _ = model.causal_stream(model.token_states(idx, pos), pos, cache.layers, queries, mask=mask)
+    cache.advance()
+    return x
+
+
+@torch.no_grad()
+def decode_ring(model, idx, cache, queries=None):
+    """Run idx (B, n) after a RingCache whose rows advance in step and return the final states (of the
+    last `queries`): a token a row through the model's compiled step when runtime.compile_samplers
+    made one; the prompt runs eagerly (prompts come in any length, each a new graph)."""
+    most = cache.capacity - cache.block_size + 1 if cache.end else cache.capacity
+    if idx.size(1) > most:
+        raise ValueError(f"{idx.size(1)} tokens at once would overwrite cache entries they must see (at most {most}: "
+                         f"capacity {cache.capacity}, block_size {cache.block_size})")
+    ensure_positions(model, cache.end + idx.size(1))
+    step = getattr(model, 'compiled_decode', None) if idx.size(1) == 1 and cache.end else None
+    x = (step or run_ring)(model, idx, cache, queries)
+    cache.end += idx.size(1)
+    return x
+
+
+def causal_ring(model, batch, most_per_call=1):
+    """The RingCache of a causal sampler's batch rows, whose calls after the prompt add at most
+    most_per_call tokens (positions shared by every row)."""
+    return RingCache(model, batch, block_edge(model).block_size + most_per_call - 1, per_row=False)
 
 
 @dataclass

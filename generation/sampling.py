@@ -102,8 +102,12 @@ def _generate_causal(model, idx, s, req, emit):
     edge, out, texts, n = engine.block_edge(model), [], [''] * idx.size(0), req.max_new_tokens
     bs = edge.block_size
     window = idx[:, -bs:]
-    cache = engine.KVCache()
-    x = engine.run_causal(model, window, cache, queries=1)
+    if edge.rolls:  # rotary: a ring of fixed shape, written in place; every step has the same shapes
+        cache = engine.causal_ring(model, idx.size(0))
+        x = engine.decode_ring(model, window, cache, queries=1)
+    else:
+        cache = engine.KVCache()
+        x = engine.run_causal(model, window, cache, queries=1)
     for step in range(n):
         logits = model.logits(x[:, -1])
         token = sample_tokens(logits, s, req.generator, req.temperature(s, step), req.constraint, texts, step == n - 1)[:, None]
@@ -112,8 +116,11 @@ def _generate_causal(model, idx, s, req, emit):
         req.stats.add(model.config.n_loop, 1, [(entropy_of_logits(logits[0]) / LN2).item()] if req.stats.detail else ())
         if emit(token) or step == n - 1:
             break
+        if edge.rolls:
+            x = engine.decode_ring(model, token, cache, queries=1)
+            continue
         window = torch.cat((window, token), 1)[:, -bs:]
-        if not edge.rolls and cache.end >= bs:  # learned positions: re-encode the last tokens
+        if cache.end >= bs:  # learned positions: re-encode the last tokens
             window, cache = window[:, -max(1, bs - s.slide):], engine.KVCache()
             x = engine.run_causal(model, window, cache, queries=1)
         else:

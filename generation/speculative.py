@@ -22,8 +22,9 @@ temperature advances per round, per row (rows are at different lengths).
 
 Batched: every row feeds 1 + k tokens (k the most drafts of any row; a row with fewer pads with
 tokens it never keeps) at its own positions, so rows drift apart in length. The cache
-(engine.RowCache) gives every row the same columns and keeps per row each entry's position; what a
-row rejects becomes a hole (its position set past every horizon), so no entry moves. The masks are
+(engine.RingCache, of fixed shape and written in place) gives every row the same columns and keeps
+per row each entry's position; what a row rejects becomes a hole (its position set past every
+horizon), so no entry moves. The masks are
 written on positions (layout.visibility): a query sees its row's entries at positions up to its
 horizon and within block_size of it, which is the rolling window of the block edge with holes
 skipped. Drafting and the acceptance rule run on the rows that share a temperature together (per
@@ -65,37 +66,46 @@ def round_layout(n, n_future, device):
     return offsets, block, index, queries
 
 
-def round_mask(layout, ends, cache_pos, spec_window, window):
-    """The visibility (B, 1, queries, keys) of a round's queries over [the cached keys at positions
-    cache_pos (B, L) (None: no cache; RowCache.HOLE: a hole), n new keys, n F future keys], for rows
-    whose first new token sits at position ends (B,)."""
+def round_mask(layout, ends, key_pos, spec_window, window):
+    """The visibility (B, 1, queries, keys) of a round's queries over [the cache's columns at
+    positions key_pos (B, capacity) (the round's n tokens among them; RingCache.HOLE: a hole), n F
+    future keys], for rows whose first new token sits at position ends (B,)."""
     _, block, index, (horizon, query_block, query_index) = layout
-    B, n = ends.size(0), horizon.size(0) - block.size(0)
-    new_pos = ends[:, None] + horizon[:n]
-    key_pos = new_pos if cache_pos is None else torch.cat((cache_pos, new_pos), 1)
+    B = ends.size(0)
     return visibility(ends[:, None] + horizon, query_block.expand(B, -1), query_index.expand(B, -1), key_pos[:, None],
                       block, index, spec_window, window=window)[:, None]
 
 
+def round_call(model, cache, tokens, ends, layout):
+    """The stack call of a round (torch.compile builds it once per token count: runtime.compile_samplers):
+    the causal stream on tokens (B, n) at positions ends (B,) onward, written into the ring, and F
+    future slots behind each. Returns the core's and the coda's states (B, n + n F, C) and the
+    prelude's output (what more passes re-inject)."""
+    n, dev = tokens.size(1), tokens.device
+    pos_c, pos_f = ends[:, None] + torch.arange(n, device=dev), ends[:, None] + layout[0]
+    cache.begin(pos_c)
+    x0 = torch.cat((model.token_states(tokens, pos_c), model.fresh_slots(pos_f)), 1)
+    mask = round_mask(layout, ends, cache.pos, model.config.spec_window, cache.block_size)
+    ctx = Context(x0, torch.cat((pos_c, pos_f), 1), mask, cache.layers[0])
+    core, out, _ = model.once_through(x0, ctx)  # a sandwich: prelude, one core pass, coda
+    return core, out, ctx.x0
+
+
 def verify(model, cache, tokens, ends, max_loop=1, tol=None):
     """The round's one stack call for the whole batch: the causal stream on tokens (B, n) = [pending,
-    drafts] of each row, at positions ends (B,) onward after the row's entries of the RowCache, and F
-    future slots behind each of them. Appends the n tokens' keys/values to the cache. Returns the
-    causal logits (B, n, V) (row i: the distribution of the token after tokens[:, i]) and the future
-    blocks' logits (B, n, F, V)."""
-    c, (B, n), n_future, dev = model.config, tokens.shape, model.config.n_future, tokens.device
-    edge = engine.block_edge(model)
+    drafts] of each row, at positions ends (B,) onward after the row's entries of the RingCache, and F
+    future slots behind each of them. Writes the n tokens' keys/values into the cache (sample_rows
+    then keeps what each row accepts). Returns the causal logits (B, n, V) (row i: the distribution of
+    the token after tokens[:, i]) and the future blocks' logits (B, n, F, V)."""
+    (B, n), n_future = tokens.shape, model.config.n_future
     engine.ensure_positions(model, int(ends.max()) + n + n_future)
-    prefixes, cache_pos = cache.views() if cache.length else (None, None)
-    layout = round_layout(n, n_future, str(dev))
-    pos_c, pos_f = ends[:, None] + torch.arange(n, device=dev), ends[:, None] + layout[0]
-    x0 = torch.cat((model.token_states(tokens, pos_c), model.fresh_slots(pos_f)), 1)
-    ctx = Context(x0, torch.cat((pos_c, pos_f), 1), round_mask(layout, ends, cache_pos, c.spec_window, edge.window), prefixes)
-    core, out, kvs = model.once_through(x0, ctx)  # a sandwich: prelude, one core pass, coda
-    cache.append([(k[:, :, :n], v[:, :, :n]) for k, v in kvs], pos_c, keep=edge.keep)
+    layout = round_layout(n, n_future, str(tokens.device))
+    core, out, x0 = (getattr(model, 'compiled_round', None) or round_call)(model, cache, tokens, ends, layout)
     future_logits = model.logits(out[:, n:])
     if max_loop > 1:
-        future_logits = more_draft_passes(model, cache, ctx.x0[:, n:], core[:, n:], pos_c, pos_f, layout, max_loop, tol)
+        pos_c = ends[:, None] + torch.arange(n, device=tokens.device)
+        future_logits = more_draft_passes(model, cache, x0[:, n:], core[:, n:], pos_c, ends[:, None] + layout[0], layout,
+                                          max_loop, tol)
     return model.logits(out[:, :n]), future_logits.view(B, n, n_future, -1)
 
 
@@ -107,7 +117,7 @@ def more_draft_passes(model, cache, x0, first, pos_c, pos_f, layout, max_loop, t
     views, key_pos = cache.views()
     horizon = pos_c.repeat_interleave(c.n_future, 1)  # block b sits behind token b
     mask = visibility(horizon, block.expand(B, -1), index.expand(B, -1), key_pos[:, None], block, index, c.spec_window,
-                      window=engine.block_edge(model).window)[:, None]
+                      window=cache.block_size)[:, None]
     ctx = Context(x0, pos_f, mask, views)
     none = torch.zeros(B, x0.size(1), dtype=torch.bool, device=x0.device)
     future, _ = iterate(model, x0, ctx, none, ~none, model.solver.but(max_loop=max_loop, tol=tol), first=first)
@@ -186,16 +196,20 @@ class Row:
 
 def prefill(model, idx):
     """The cache of the prompt idx (B, P) (its last block_size tokens but the last, which is pending)
-    and one Row per batch row."""
-    edge = engine.block_edge(model)
+    and one Row per batch row. The ring holds what a row keeps of n_future (block_size + 1) columns
+    (a round writes at most n_future tokens and a row keeps at least one: RingCache), then scratch
+    columns for a round's future slots."""
+    edge, n_future = engine.block_edge(model), model.config.n_future
     if not edge.rolls:
         raise ValueError("the speculative sampler needs a window that rolls (a pinned model with pos_emb='rope')")
-    cache, prompt = engine.KVCache(), idx[:, -edge.block_size:]
+    cache = engine.RingCache(model, idx.size(0), n_future * (edge.block_size + 1), scratch=n_future * n_future)
+    prompt = idx[:, -edge.block_size:]
     if prompt.size(1) > 1:
-        engine.run_causal(model, prompt[:, :-1], cache, queries=0)
+        engine.ensure_positions(model, prompt.size(1))
+        engine.run_ring(model, prompt[:, :-1], cache, queries=0)
     no_drafts = idx.new_zeros(1, 0, model.config.vocab_size).float()
     rows = [Row(prompt[b:b + 1, -1:], prompt.size(1) - 1, no_drafts) for b in range(idx.size(0))]
-    return engine.RowCache.adopt(cache, idx.size(0)), rows
+    return cache, rows
 
 
 def groups(live, temperatures, s, req):
@@ -279,7 +293,7 @@ def sample_rows(model, idx, s, req, on_tokens=None):
         p_logits, future_logits = verify(model, cache, tokens, ends, max_loop, limits['tol'])
         settled = settle_all(live, proposals, p_logits, future_logits, s, req)
         kept = torch.tensor([committed.size(1) for committed, _ in settled], device=idx.device)
-        cache.keep_new(tokens.size(1), kept)
+        cache.advance(kept)
         bits = [entropy_bits(p_logits[0, settled[0][1]])[0].item()] if req.stats.detail else ()  # the first running row's
         req.stats.add(max_loop, kept.sum().item() / len(rows), bits, calls=max_loop)  # per row of the batch: they sum to a row's length
         still = [i for i, (b, (committed, _)) in enumerate(zip(running, settled))
@@ -298,8 +312,8 @@ def ended(row, b, committed, req, on_tokens):
 
 
 def sample_row(model, idx, s, req, on_tokens=None):
-    """One row (idx (1, P)): its new tokens (1, n) and the cache at the end, which at batch 1 has no
-    holes (keep_new drops a rejected draft's trailing entries): every committed token's keys/values
-    but the last one's, which is pending."""
+    """One row (idx (1, P)): its new tokens (1, n) and the cache at the end: the keys/values of every
+    committed token in the window but the last one's, which is pending (at batch 1 the next round
+    writes over a rejected draft's columns, so the live columns hold no hole)."""
     rows, cache = sample_rows(model, idx, s, req, None if on_tokens is None else (lambda b, ids: on_tokens(ids)))
     return rows[0], cache

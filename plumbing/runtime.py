@@ -145,19 +145,41 @@ def training_flops(model, B, T, passes=None, recipe=None):
     return B * total
 
 
-def compile_blocks(model, backend='inductor'):
-    """torch.compile each block of model on its own, with dynamic shapes, for sampling. The samplers'
-    own Python (windows, caches, masks, draws) stays eager; a block sees a few variants (with or
-    without cached keys, a mask or none, one query row or many, one batch row or several), each
-    compiled the first time it comes and reused after (a warm-up past the block edge meets them all).
-    Whole-stack compiles recompiled at every new shape. The rotary tables are sized for 2^17
-    positions up front: a table that grows is a new shape to the compiled blocks. Returns model."""
+SAMPLER_STEPS = ('compiled_decode', 'compiled_round')  # the model attributes compile_samplers sets
+
+
+def compile_samplers(model, backend='inductor'):
+    """torch.compile what the samplers run, after which a warm-up generation past the block edge
+    compiles every graph they meet (sample.py and bench.py run one, untimed). Two kinds:
+    - Whole steps on a ring cache of fixed shape (engine.RingCache), cache writes and masks included:
+      the causal sampler's one-token step of a rolling (rotary) model (engine.run_ring, as
+      model.compiled_decode) and the speculative sampler's stack call of a round
+      (speculative.round_call, as model.compiled_round). Their shapes stay the same from call to call
+      (positions are tensors): a graph per batch size and token count, compiled once.
+    - Every other stack call (the collapse sampler's refinement, a learned-position window rebuilt at
+      the edge): each block on its own with dynamic shapes. The samplers' own Python (windows, masks,
+      draws) stays eager; a block sees a handful of variants (cached keys or not, a mask or none, one
+      query row or many), each compiled once. Whole-stack compiles of these recompiled at every new
+      shape.
+    The rotary tables are sized for 2^17 positions up front: a table that grows is a new shape.
+    Returns model."""
     import torch._dynamo
+    from generation import engine, speculative  # the steps live with the samplers
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     if model.rotary is not None:
         model.rotary.ensure(1 << 17)
     for i, block in enumerate(model.transformer.h):
         model.transformer.h[i] = torch.compile(block, dynamic=True, backend=backend)
+    model.compiled_decode = torch.compile(engine.run_ring, backend=backend, fullgraph=True)
+    model.compiled_round = torch.compile(speculative.round_call, backend=backend, fullgraph=True)
+    return model
+
+
+def uncompile_samplers(model):
+    """Undo compile_samplers: the eager blocks and steps again."""
+    model.transformer.h = torch.nn.ModuleList([getattr(b, '_orig_mod', b) for b in model.transformer.h])
+    for name in SAMPLER_STEPS:
+        model.__dict__.pop(name, None)
     return model
 
 

@@ -2,7 +2,7 @@
 same tokens as one that recomputes the past from scratch every step; a GPT samples the same tokens
 with its KV cache as with nanoGPT's crop-and-recompute loop (learned positions) or as attention
 over a rolling window recomputed from scratch (rotary: the cache rolls past the block edge and is
-never rebuilt); the last positions only (`queries`) equal the full run's; refinement decodes only
+never rebuilt), also in the ring of fixed shape the samplers use; the last positions only (`queries`) equal the full run's; refinement decodes only
 where a test needs it; rows that have converged stop being computed without changing the others;
 batched rows are the single runs; bench.py prints its table; tools/vs_nanogpt.py reads both
 programs' logs; tools/step_profile.py splits a step; tools/sample_profile.py lists a sampler's ops.
@@ -152,6 +152,35 @@ def test_a_rolling_cache_extended_in_chunks_is_the_rolling_window_recomputed(chu
     outs = [engine.run_causal(model, seq[:, k:k + chunk], cache) for k in range(5, 45, chunk)]
     full, _ = recomputed_causal(model, seq)
     assert torch.allclose(torch.cat(outs, 1), full[:, 5:], atol=1e-5)
+
+
+@pytest.mark.parametrize('overrides', [dict(n_loop=2), dict(n_future=2, n_prelude=1, n_coda=1, n_layer=3, inject='contract',
+                                                       bound='rms')])
+@pytest.mark.parametrize('chunk', [1, 3])
+def test_a_ring_cache_is_the_rolling_window_recomputed_and_never_moves(overrides, chunk):
+    """The causal sampler's ring cache (fixed shape, written in place): past the block edge
+    every token sees the keys of the block_size tokens up to itself, for a looped GPT and a sandwich
+    WFC's past stream, fed a token or a few at a time; its buffers are never reallocated."""
+    model = tiny(pos_emb='rope', **overrides).eval()
+    seq = torch.randint(0, 13, (2, 45), generator=torch.Generator().manual_seed(3))
+    cache = engine.causal_ring(model, 2, most_per_call=chunk)
+    engine.decode_ring(model, seq[:, :5], cache)
+    buffers = [(t.data_ptr(), t.shape) for kv in (cache.k, cache.v) for layers in kv for t in layers]
+    outs = [engine.decode_ring(model, seq[:, k:k + chunk], cache) for k in range(5, 45, chunk)]
+    full, _ = recomputed_causal(model, seq)
+    assert torch.allclose(torch.cat(outs, 1), full[:, 5:], atol=1e-5)
+    assert [(t.data_ptr(), t.shape) for kv in (cache.k, cache.v) for layers in kv for t in layers] == buffers
+    assert cache.end == 45 and int(cache.pointer) == 45
+
+
+def test_a_ring_cache_refuses_what_it_cannot_hold():
+    with pytest.raises(ValueError, match='rotary'):
+        engine.causal_ring(tiny().eval(), 1)  # learned positions re-encode the window at the edge
+    model = tiny(pos_emb='rope').eval()
+    cache = engine.causal_ring(model, 1, most_per_call=2)
+    engine.decode_ring(model, torch.zeros(1, 3, dtype=torch.long), cache)
+    with pytest.raises(ValueError, match='overwrite'):
+        engine.decode_ring(model, torch.zeros(1, 3, dtype=torch.long), cache)  # 3 > most_per_call tokens at once
 
 
 def test_the_cache_truncates_selects_and_compacts():

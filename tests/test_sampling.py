@@ -198,22 +198,23 @@ def test_a_sandwich_runs_every_sampler_past_the_block_edge():
 
 
 @pytest.mark.parametrize('sampler', ['causal', 'speculative'])
-def test_compiled_blocks_write_the_same_text_and_compile_nothing_after_a_warm_up(sampler):
-    """runtime.compile_blocks (sample.py --compile): the same greedy text as eager, and once a warm-up has
-    run past the block edge, a longer generation compiles no new graph (the rotary tables do not
-    grow under it). The 'eager' backend traces as inductor would, without the C++ build."""
+def test_compiled_samplers_write_the_same_text_and_compile_nothing_after_a_warm_up(sampler):
+    """runtime.compile_samplers (sample.py --compile): the same greedy text as eager, and once a warm-up
+    has run past the block edge, a longer generation compiles no new graph (the rotary tables do not
+    grow under it; the causal sampler's static step keeps its shapes). The 'eager' backend traces as
+    inductor would, without the C++ build."""
     import torch._dynamo
     model = train_pattern_model(n_future=2, pos_emb='rope', past_loss=1.0)  # a fresh model: rotary tables at their first size
     idx, s = torch.arange(10)[None] % 7, Settings(temperature=0, sampler=sampler)
     torch._dynamo.reset()
     try:
-        runtime.compile_blocks(model, backend='eager')
+        runtime.compile_samplers(model, backend='eager')
         generate(model, idx, model.config.block_size + model.config.n_future + 8, s)  # what sample.py's warm-up runs
         graphs = torch._dynamo.utils.counters['stats']['unique_graphs']
         compiled, _ = generate(model, idx, 200, s)  # far past the warm-up's positions
         assert torch._dynamo.utils.counters['stats']['unique_graphs'] == graphs, "a graph was compiled after the warm-up"
     finally:
-        model.transformer.h = torch.nn.ModuleList([getattr(b, '_orig_mod', b) for b in model.transformer.h])
+        runtime.uncompile_samplers(model)
         torch._dynamo.reset()
     eager, _ = generate(model, idx, 200, s)
     assert torch.equal(compiled, eager)

@@ -108,9 +108,9 @@ def test_sampled_tokens_follow_the_causal_distribution(settings):
 def test_one_stack_call_per_round_and_the_cache_is_never_rebuilt(checkpoints, monkeypatch):
     model = checkpoints['F4']
     calls, caches = [], []
-    stack, init = model.stack, engine.KVCache.__init__
+    stack, init = model.stack, engine.RingCache.__init__
     monkeypatch.setattr(model, 'stack', lambda *a, **k: (calls.append(1), stack(*a, **k))[1])
-    monkeypatch.setattr(engine.KVCache, '__init__', lambda self, *a, **k: (caches.append(1), init(self, *a, **k))[1])
+    monkeypatch.setattr(engine.RingCache, '__init__', lambda self, *a, **k: (caches.append(1), init(self, *a, **k))[1])
     out, stats = generate(model, torch.tensor([[0, 1, 2]]), 50, Settings(temperature=1.0, top_k=0, sampler='speculative'),
                           torch.Generator().manual_seed(0))
     rounds = len(stats.steps)
@@ -136,8 +136,12 @@ def test_the_cache_holds_exactly_the_committed_tokens(checkpoints, name):
     committed = torch.cat((idx, out), 1)[:, :-1]
     _, kvs = recomputed_causal(model, committed)
     expected = torch.stack([torch.stack(kv) for kv in kvs[0]])  # (layers, 2, B, heads, n, head size)
-    assert cache.length == committed.size(1)
-    assert torch.allclose(cache.buf[0, :, :, :, :, :cache.length], expected, atol=1e-5)
+    views, pos = cache.views()
+    live = (pos[0] != engine.RingCache.HOLE).nonzero()[:, 0]
+    order = live[pos[0, live].argsort()]
+    assert pos[0, order].tolist() == list(range(committed.size(1)))
+    held = torch.stack([torch.stack((k[..., order, :], v[..., order, :])) for k, v in views])
+    assert torch.allclose(held, expected, atol=1e-5)
 
 
 PROMPTS = torch.tensor([[0, 1, 2], [5, 6, 0], [3, 3, 8], [8, 2, 7]])  # same length, different rows
@@ -176,15 +180,17 @@ def test_one_stack_call_per_round_for_the_whole_batch(checkpoints, monkeypatch):
 
 @pytest.mark.parametrize('name', ['F2', 'F4', 'sandwich', 'untrained'])
 def test_each_rows_cache_entries_are_its_committed_tokens(checkpoints, name, monkeypatch):
-    """Before every round of a batched run (100 tokens: past the block edge, so the cache rolls and
-    compacts), each row's entries that are not holes hold the keys/values of the causal stream
+    """Before every round of a batched run (100 tokens: past the block edge, so the ring wraps
+    around), each row's entries that are not holes hold the keys/values of the causal stream
     recomputed from scratch over that row's text, at distinct positions before its pending token,
     and every position of the window is there."""
     from test_performance import recomputed_causal
-    model, seen, verify = checkpoints[name], [], speculative.verify
+    model, seen, wrapped, verify = checkpoints[name], [], [], speculative.verify
     def spy(model, cache, tokens, ends, *args):
-        if cache.length and cache.pos.size(0) == len(PROMPTS):  # every row still running: rows in prompt order
-            seen.append((cache.pos[:, :cache.length].clone(), cache.buf[0, :, :, :, :, :cache.length].clone(), ends.clone()))
+        views, pos = cache.views()
+        if views and pos.size(0) == len(PROMPTS):  # every row still running: rows in prompt order
+            seen.append((pos.clone(), torch.stack([torch.stack(kv) for kv in views]).clone(), ends.clone()))
+            wrapped.append(int(cache.pointer) > cache.capacity)
         return verify(model, cache, tokens, ends, *args)
     monkeypatch.setattr(speculative, 'verify', spy)
     out, _ = generate(model, PROMPTS, 100, Settings(temperature=1.0, top_k=0, sampler='speculative'),
@@ -193,9 +199,10 @@ def test_each_rows_cache_entries_are_its_committed_tokens(checkpoints, name, mon
     expected = torch.stack([torch.stack(kv) for kv in kvs[0]])  # (layers, 2, B, heads, n, head size)
     window = model.config.block_size - 1
     assert len(seen) > 5 and not (seen[-1][0][0] == 0).any(), "the first row's cache rolled past position 0"
+    assert wrapped[-1], "the ring's columns were written over"
     for pos, buf, ends in seen:
         for r in range(len(PROMPTS)):
-            live = pos[r] != engine.RowCache.HOLE
+            live = pos[r] != engine.RingCache.HOLE
             kept = pos[r][live]
             assert len(set(kept.tolist())) == len(kept) and int(kept.max()) == int(ends[r]) - 1
             assert set(range(max(0, int(ends[r]) - window), int(ends[r]))) <= set(kept.tolist())
