@@ -44,7 +44,7 @@ import torch
 
 from configurator import UserError, cli, configure, output_file, require
 from generation.decoding import Settings
-from generation.sampling import generate
+from generation.sampling import generate, warm_up
 from model import GPTConfig
 from modeling.recipe import Recipe, draw_depth
 from modeling.solver import Solver
@@ -278,8 +278,10 @@ def sample_speed(model, dev, dtype, batch, slide=slide, compiled=None):
     with runtime.autocast(dev, dtype), PeakMemory(dev) as memory:
         for kind, samplers in kinds.items():  # warm-up
             use_compiled(model, samplers)
-            warm = model.config.block_size + model.config.n_future + 8 if kind == 'compiled' else 8
-            generate(model, idx, warm, s, torch.Generator(device=dev).manual_seed(0))
+            if kind == 'compiled':
+                warm_up(model, idx, s)
+            else:
+                generate(model, idx, 8, s, torch.Generator(device=dev).manual_seed(0))
         for r in range(repeats):
             for kind, samplers in kinds.items():
                 use_compiled(model, samplers)

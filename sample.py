@@ -23,7 +23,7 @@ import torch
 from configurator import UserError, cli, configure, require
 from generation import steering
 from generation.decoding import Settings
-from generation.sampling import generate, inapplicable, parse_goal, pick_sampler
+from generation.sampling import generate, inapplicable, parse_goal, pick_sampler, warm_up
 from plumbing import checkpoint
 from plumbing import runtime
 from plumbing.dataloader import data_dir, read_meta
@@ -230,14 +230,13 @@ def main():
 
 
 def warm_up_compiled(model, ids, settings, dev, dt):
-    """Generate past the block edge once, untimed, so that the compiled graphs meet every shape the
-    samples will (compiling takes seconds per variant; the speed printed after the samples is then
-    the compiled speed)."""
-    t0, n = time.perf_counter(), model.config.block_size + model.config.n_future + 8
+    """sampling.warm_up, untimed, so that the compiled graphs meet every shape the samples will
+    (compiling takes seconds per variant; the speed printed after the samples is then the compiled speed)."""
+    t0 = time.perf_counter()
     idx = torch.tensor([ids] * min(SAMPLE_BATCH, num_samples), dtype=torch.long, device=dev)
     try:
         with runtime.autocast(dev, dt):
-            generate(model, idx, n, settings, torch.Generator(device=dev).manual_seed(0))
+            n = warm_up(model, idx, settings)
     except ValueError as e:
         raise UserError(e) from None
     print(f"compiled the samplers: a warm-up of {n} tokens took {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)

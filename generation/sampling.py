@@ -80,6 +80,18 @@ def generate(model, idx, max_new_tokens, s, generator=None, goal=None, on_tokens
     return out, req.stats
 
 
+def warm_up(model, idx, s):
+    """Generate past the block edge at the batch of idx (B, P), then at B - 1 rows and at 1, untimed,
+    so that compiled samplers (runtime.compile_samplers) meet every shape a generation will: the
+    speculative sampler's rows leave the batch as they finish, down to one, and its compiled round
+    has a graph for B rows, one for any size between (dynamo makes the second size it meets
+    dynamic) and one for 1. Returns the tokens a generation ran."""
+    n, B = model.config.block_size + model.config.n_future + 8, idx.size(0)
+    for rows in sorted({B, max(1, B - 1), 1}, reverse=True):
+        generate(model, idx[:rows], n, s, torch.Generator(device=idx.device).manual_seed(0))
+    return n
+
+
 class Emitter:
     """Hands decided tokens to on_tokens row by row and tracks which rows are finished."""
 
