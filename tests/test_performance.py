@@ -274,6 +274,8 @@ def test_vs_nanogpt_reads_both_programs_logs():
     assert vs_nanogpt.final_val_loss(nano) == 2.2 and vs_nanogpt.final_val_loss(ours) == 2.15
     stderr = 'noise\n@@generate {"seconds": 0.5, "ids": [[1, 2, 3]]}\n@@generate {"seconds": 1.5, "ids": [[4, 5]]}\n'
     assert vs_nanogpt.generations(stderr) == [(0.5, [[1, 2, 3]]), (1.5, [[4, 5]])]
+    warmed = stderr + 'compiled the samplers: a warm-up of 74 tokens took 3.0 s\n@@generate {"seconds": 0.25, "ids": [[6]]}\n'
+    assert vs_nanogpt.generations(warmed) == [(0.25, [[6]])], "a compiled sampler's warm-up is not timed"
 
 
 def test_step_profile_splits_a_step_and_refuses_a_folder_without_nanogpt(tmp_path):

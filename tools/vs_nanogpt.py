@@ -26,6 +26,7 @@ batch 1 and batch --batch, --tokens new tokens after '\n'; each program's genera
 by a wrapper (model loading and printing are not counted). nanoGPT's sample.py draws num_samples
 one after another; ours draws them as one batch. The text of every sampler is scored by the judge
 GPT (eval.sequence_nll: mean NLL per token, nats), so speed is never bought with garbage.
+--compiled=True adds our samplers compiled (sample.py --compile=True), timed after its warm-up.
 """
 
 import argparse
@@ -109,8 +110,12 @@ def generations(stderr):
 
 
 def generation_records(stderr):
-    """Every timed generation call's record (seconds, ids, and ours: tokens_per_call, acceptance)."""
-    return [json.loads(line[len('@@generate '):]) for line in stderr.splitlines() if line.startswith('@@generate ')]
+    """Every timed generation call's record (seconds, ids, and ours: tokens_per_call, acceptance);
+    with compiled samplers, those after sample.py's untimed warm-up only."""
+    lines = stderr.splitlines()
+    warmed = [i for i, line in enumerate(lines) if line.startswith('compiled the samplers')]
+    return [json.loads(line[len('@@generate '):]) for line in lines[warmed[-1] + 1 if warmed else 0:]
+            if line.startswith('@@generate ')]
 
 
 def recipe(args):
@@ -138,9 +143,11 @@ def train_command(job, args, out_dir, data_dir):
 
 
 def sample_command(job, ckpt_dir, args, batch):
-    """A sampler run wrapped by TIMER: nanoGPT's sample.py (GPT.generate) or ours (generation.sampling.generate)."""
+    """A sampler run wrapped by TIMER: nanoGPT's sample.py (GPT.generate) or ours (generation.sampling.generate;
+    a job named ..._compiled: sample.py --compile=True, timed after its warm-up)."""
+    compiled, job = job.endswith('_compiled'), job.removesuffix('_compiled')
     common = [f'--num_samples={batch}', f'--max_new_tokens={args.tokens}', '--device=cpu', '--seed=1337',
-              '--compile=False', f'--out_dir={ckpt_dir}']
+              f'--compile={compiled}', f'--out_dir={ckpt_dir}']
     if job == 'nano':
         return [sys.executable, '-c', TIMER, args.nanogpt, 'model', 'method', 'sample.py', *common,
                 '--temperature=0.8', '--top_k=200'], args.nanogpt
@@ -186,6 +193,7 @@ def main():
     parser.add_argument('--sample', default='True', help='also compare the samplers (True/False)')
     parser.add_argument('--tokens', type=int, default=500, help='new tokens per sample')
     parser.add_argument('--batch', type=int, default=8, help='samples of the batched sampling runs')
+    parser.add_argument('--compiled', default='False', help='also time our samplers compiled (sample.py --compile=True)')
     parser.add_argument('--sampler', default='auto', help="our WFC jobs' sampler ('auto': speculative; 'collapse')")
     parser.add_argument('--slide', type=int, default=0, help="learned positions: our samplers' slide (0 = nanoGPT's exact sliding window)")
     parser.add_argument('--shape', default='', help="LAYERSxWIDTHxBLOCK[xHEADS] instead of the CPU recipe's 4x128x64x4, e.g. 6x384x256x6")
@@ -244,6 +252,8 @@ def main():
     # ---- sampling, from the first repeat's checkpoints ----
     if args.sample.lower() == 'true':
         samplers = ['nano'] + [s for s in jobs if s not in ('nano', 'gpt_compile')]  # compile changes training, not sampling
+        if args.compiled.lower() == 'true':  # our samplers again, compiled (runtime.compile_samplers)
+            samplers += [f'{s}_compiled' for s in samplers if s != 'nano']
         sizes = [1] + ([args.batch] if args.batch > 1 else [])
         speed = {(s, b): [] for s in samplers for b in sizes}
         calls_of = {}
@@ -251,7 +261,7 @@ def main():
         for r in range(args.repeats):
             for s in samplers:
                 for b in sizes:
-                    trained = s.removesuffix('_bf16')  # a bf16 sampler reads the fp32 job's checkpoint
+                    trained = s.removesuffix('_compiled').removesuffix('_bf16')  # bf16, compiled: the fp32 job's checkpoint
                     ckpt_dir = os.path.join(work, f"{trained}_0")
                     cmd, cwd = sample_command(s, ckpt_dir, args, b)
                     _, stderr, _ = run(cmd, cwd, env)
