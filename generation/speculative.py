@@ -79,8 +79,8 @@ def round_mask(layout, ends, key_pos, spec_window, window):
 def round_call(model, cache, tokens, ends, layout):
     """The stack call of a round (torch.compile builds it once per token count: runtime.compile_samplers):
     the causal stream on tokens (B, n) at positions ends (B,) onward, written into the ring, and F
-    future slots behind each. Returns the core's and the coda's states (B, n + n F, C) and the
-    prelude's output (what more passes re-inject)."""
+    future slots behind each. Returns the logits (B, n + n F, V), the core's states (B, n + n F, C)
+    and the prelude's output (those two for more passes)."""
     n, dev = tokens.size(1), tokens.device
     pos_c, pos_f = ends[:, None] + torch.arange(n, device=dev), ends[:, None] + layout[0]
     cache.begin(pos_c)
@@ -88,7 +88,7 @@ def round_call(model, cache, tokens, ends, layout):
     mask = round_mask(layout, ends, cache.pos, model.config.spec_window, cache.block_size)
     ctx = Context(x0, torch.cat((pos_c, pos_f), 1), mask, cache.layers[0])
     core, out, _ = model.once_through(x0, ctx)  # a sandwich: prelude, one core pass, coda
-    return core, out, ctx.x0
+    return model.logits(out), core, ctx.x0
 
 
 def verify(model, cache, tokens, ends, max_loop=1, tol=None):
@@ -100,13 +100,13 @@ def verify(model, cache, tokens, ends, max_loop=1, tol=None):
     (B, n), n_future = tokens.shape, model.config.n_future
     engine.ensure_positions(model, int(ends.max()) + n + n_future)
     layout = round_layout(n, n_future, str(tokens.device))
-    core, out, x0 = (getattr(model, 'compiled_round', None) or round_call)(model, cache, tokens, ends, layout)
-    future_logits = model.logits(out[:, n:])
+    logits, core, x0 = (getattr(model, 'compiled_round', None) or round_call)(model, cache, tokens, ends, layout)
+    future_logits = logits[:, n:]
     if max_loop > 1:
         pos_c = ends[:, None] + torch.arange(n, device=tokens.device)
         future_logits = more_draft_passes(model, cache, x0[:, n:], core[:, n:], pos_c, ends[:, None] + layout[0], layout,
                                           max_loop, tol)
-    return model.logits(out[:, :n]), future_logits.view(B, n, n_future, -1)
+    return logits[:, :n], future_logits.reshape(B, n, n_future, -1)
 
 
 def more_draft_passes(model, cache, x0, first, pos_c, pos_f, layout, max_loop, tol):

@@ -278,6 +278,18 @@ def test_vs_nanogpt_reads_both_programs_logs():
     assert vs_nanogpt.generations(warmed) == [(0.25, [[6]])], "a compiled sampler's warm-up is not timed"
 
 
+def test_vs_nanogpt_finds_a_judge_before_it_samples(debug_gpt, tmp_path):
+    """No judge at --judge: our GPT job's first-repeat checkpoint judges; none at all is refused up
+    front (it once failed only after every sampler had run)."""
+    import argparse
+    import shutil
+    args = argparse.Namespace(judge=str(tmp_path / 'none'))
+    shutil.copytree(debug_gpt, tmp_path / 'gpt_rope_0')
+    assert vs_nanogpt.load_judge(args, str(tmp_path), ['nano', 'wfc', 'gpt_rope'])[0] == str(tmp_path / 'gpt_rope_0')
+    with pytest.raises(SystemExit):
+        vs_nanogpt.load_judge(args, str(tmp_path), ['nano', 'wfc'])
+
+
 def test_step_profile_splits_a_step_and_refuses_a_folder_without_nanogpt(tmp_path):
     result = run_script('tools/step_profile.py', '--steps=2', timeout=120)
     assert '| ours |' in result.stdout and '% of its time in matrix products' in result.stdout, result.stdout

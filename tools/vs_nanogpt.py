@@ -178,6 +178,19 @@ def judge_nll(judge, rows):
     return evaluation.sequence_nll(judge, seq, 1)
 
 
+def load_judge(args, work, jobs):
+    """The judge GPT: --judge, else our first GPT job's checkpoint of the first repeat; fails (before
+    any sampling) when there is none."""
+    from plumbing import checkpoint
+    for path in [args.judge] + [os.path.join(work, f'{j}_0') for j in jobs if JOBS[j][0] == 'ours' and j.startswith('gpt')]:
+        try:
+            return path, checkpoint.load_model(path)[0]
+        except checkpoint.CheckpointError:
+            continue
+    fail(f"no judge GPT at {args.judge} and no GPT job in --jobs to fall back on: train one "
+         f"(python train.py config/train_shakespeare_char_judge.py) or add gpt or gpt_rope to --jobs")
+
+
 def median(values):
     values = [v for v in values if v == v]
     return statistics.median(values) if values else float('nan')
@@ -198,7 +211,7 @@ def main():
     parser.add_argument('--slide', type=int, default=0, help="learned positions: our samplers' slide (0 = nanoGPT's exact sliding window)")
     parser.add_argument('--shape', default='', help="LAYERSxWIDTHxBLOCK[xHEADS] instead of the CPU recipe's 4x128x64x4, e.g. 6x384x256x6")
     parser.add_argument('--judge', default=os.path.join(REPO, 'out-shakespeare-char-judge'),
-                        help="judge GPT for sample quality (default: ours trained in the first repeat when missing)")
+                        help="judge GPT for sample quality (missing: our first GPT job's checkpoint of the first repeat)")
     parser.add_argument('--threads', type=int, default=0,
                         help='OMP_NUM_THREADS for every run (0 = unset: torch uses every core; 1 on a shared machine)')
     parser.add_argument('--work', default='', help='folder for the runs (default: a temporary one)')
@@ -255,6 +268,7 @@ def main():
         if args.compiled.lower() == 'true':  # our samplers again, compiled (runtime.compile_samplers)
             samplers += [f'{s}_compiled' for s in samplers if s != 'nano']
         sizes = [1] + ([args.batch] if args.batch > 1 else [])
+        judge_path, judge = load_judge(args, work, jobs)
         speed = {(s, b): [] for s in samplers for b in sizes}
         calls_of = {}
         texts = {}
@@ -274,14 +288,6 @@ def main():
                     print(f"repeat {r + 1}/{args.repeats} sample {s:9s} batch {b}: {speed[s, b][-1]:8.1f} tokens/s",
                           flush=True)
         import torch
-        sys.path.insert(0, REPO)
-        from plumbing import checkpoint
-        try:
-            judge_path = args.judge
-            judge, _ = checkpoint.load_model(judge_path)
-        except checkpoint.CheckpointError:  # no judge there: our GPT of the first repeat judges
-            judge_path = os.path.join(work, 'gpt_0')
-            judge, _ = checkpoint.load_model(judge_path)
         base = {b: median(speed['nano', b]) for b in sizes}
         srows = []
         with torch.no_grad():
