@@ -101,8 +101,8 @@ class SelfAttention(nn.Module):
             self.alpha_gain, self.alpha_bias = nn.Parameter(torch.full((config.n_head,), 2.0)), nn.Parameter(torch.full((config.n_head,), -1.0))
 
     def forward(self, x, pos, mask, rotary=None, prefix=None, queries=None):
-        """x (B, T, C) attends to the `prefix` keys/values (a fixed context such as the past) and to
-        itself. mask: None (all visible), 'causal', or bool (..., T, T_prefix + T). queries
+        """x (B, T, C) attends to the `prefix` keys/values (a fixed context such as the past; or a ring
+        cache's layer, which stores this call's) and to itself. mask: None (all visible), 'causal', or bool (..., T, T_prefix + T). queries
         (inference): outputs for the last `queries` positions only (0 = none), when the others are
         wanted only for their keys/values. Returns the output and this call's own (k, v)."""
         B, T, C = x.size()
@@ -264,7 +264,7 @@ class GPT(nn.Module):
 
     def stack(self, x, pos, mask, prefixes=None, queries=None, layers=None):
         """The blocks in `layers` (a range; default every block) once each. prefixes: per layer of the
-        whole stack the (k, v) of a fixed context to attend to. queries: the last block outputs the
+        whole stack the (k, v) of a fixed context to attend to (or a ring cache's layers). queries: the last block outputs the
         last `queries` positions only. Returns the output and each run layer's (k, v)."""
         layers = range(len(self.transformer.h)) if layers is None else layers
         kvs = []

@@ -4,7 +4,8 @@ sampler step's parts (converge -> collapse -> shift). model.py holds the trainab
 file holds what a sampler carries from token to token, as nanochat keeps its engine apart.
 
 - KVCache: keys/values of the causal stream for B rows, per pass and layer, in one buffer that
-  grows by doubling: append, truncate (a speculative draft rejected), select rows (SMC), compact.
+  grows by doubling: append, truncate, select rows (SMC), compact (the collapse sampler's pinned
+  past, and learned-position models, whose window is re-encoded at the block edge).
 - RingCache: keys/values of a rolling (rotary) causal stream in buffers of fixed shape, written in
   place (the causal and speculative samplers): per-row positions, so rows may keep different entries
   (batched speculation: a rejected draft's entries become holes that masks never show).
@@ -119,25 +120,16 @@ class RingCache:
         # in place (a write into a view makes inductor copy the whole base tensor each call)
         self.k = [[torch.zeros(shape, dtype=dtype, device=device) for _ in model.transformer.h] for _ in range(self.n_pass)]
         self.v = [[torch.zeros(shape, dtype=dtype, device=device) for _ in model.transformer.h] for _ in range(self.n_pass)]
-        self.layers = [[_RingLayer(self, p, i) for i in range(len(model.transformer.h))] for p in range(self.n_pass)]
+        self.layers = self._layers()
+
+    def _layers(self):
+        """What SelfAttention gets as its prefixes: per pass, a _RingLayer per layer."""
+        return [[_RingLayer(self, k, v) for k, v in zip(ks, vs)] for ks, vs in zip(self.k, self.v)]
 
     def begin(self, pos):
         """Give the call's n tokens at positions pos ((n,), or (R, n) per row) the next n columns."""
         self.slots = (self.pointer + torch.arange(pos.size(-1), device=pos.device)) % self.capacity
         self.pos[:, self.slots] = pos
-
-    def write(self, p, i, k, v):
-        """Store pass p's layer i keys/values (B, n_head, T, head_size) of the call's tokens (the first
-        n: the columns `begin` gave; the rest: scratch) and return what the call attends to: the ring's
-        columns, then the scratch ones in use (masks decide who sees which)."""
-        n = self.slots.size(0)
-        keys, values, rest = self.k[p][i], self.v[p][i], k.size(2) - n
-        keys[:, :, self.slots] = k[:, :, :n]
-        values[:, :, self.slots] = v[:, :, :n]
-        if rest:
-            keys[:, :, self.capacity:self.capacity + rest] = k[:, :, n:]
-            values[:, :, self.capacity:self.capacity + rest] = v[:, :, n:]
-        return keys[:, :, :self.capacity + rest], values[:, :, :self.capacity + rest]
 
     def advance(self, kept=None):
         """After the call: row b keeps the first kept[b] (kept (B,) long; None: all) of its n tokens,
@@ -161,19 +153,29 @@ class RingCache:
         ring.k, ring.v = ([[t[rows] for t in layers] for layers in kv] for kv in (self.k, self.v))
         ring.pos = self.pos[rows] if self.pos.size(0) > 1 else self.pos.clone()
         ring.pointer = self.pointer.clone()
-        ring.layers = [[_RingLayer(ring, p, i) for i in range(len(layers))] for p, layers in enumerate(self.layers)]
+        ring.layers = ring._layers()
         return ring
 
 
 class _RingLayer:
-    """What SelfAttention gets as its prefix from a RingCache: attend_to(k, v) writes the call's
-    keys/values into the ring and returns those the call attends to."""
+    """What SelfAttention gets as its prefix from a RingCache: one pass's one layer. It holds its
+    tensors itself, so a compiled block sees tensors, not indices it would bake in as constants."""
 
-    def __init__(self, cache, p, i):
-        self.cache, self.p, self.i = cache, p, i
+    def __init__(self, cache, keys, values):
+        self.cache, self.keys, self.values = cache, keys, values
 
     def attend_to(self, k, v):
-        return self.cache.write(self.p, self.i, k, v)
+        """Store the call's keys/values (B, n_head, T, head_size): the first n at the columns `begin`
+        gave, the rest in scratch columns; return what the call attends to, the ring's columns and
+        the scratch ones in use (masks decide who sees which)."""
+        cache, keys, values = self.cache, self.keys, self.values
+        n, end = cache.slots.size(0), cache.capacity + k.size(2) - cache.slots.size(0)
+        keys[:, :, cache.slots] = k[:, :, :n].to(keys.dtype)
+        values[:, :, cache.slots] = v[:, :, :n].to(values.dtype)
+        if end > cache.capacity:
+            keys[:, :, cache.capacity:end] = k[:, :, n:]
+            values[:, :, cache.capacity:end] = v[:, :, n:]
+        return keys[:, :, :end], values[:, :, :end]
 
 
 @dataclass(frozen=True)

@@ -81,13 +81,14 @@ def generate(model, idx, max_new_tokens, s, generator=None, goal=None, on_tokens
 
 
 def warm_up(model, idx, s):
-    """Generate past the block edge at the batch of idx (B, P), then at B - 1 rows and at 1, untimed,
-    so that compiled samplers (runtime.compile_samplers) meet every shape a generation will: the
-    speculative sampler's rows leave the batch as they finish, down to one, and its compiled round
-    has a graph for B rows, one for any size between (dynamo makes the second size it meets
-    dynamic) and one for 1. Returns the tokens a generation ran."""
+    """Generate past the block edge at the batch of idx (B, P), untimed, so that compiled samplers
+    (runtime.compile_samplers) meet every shape a generation will. The speculative sampler's rows
+    leave the batch as they finish, down to one, and its compiled round has a graph for B rows, one
+    for any size between (dynamo makes the second size it meets dynamic) and one for 1: it also
+    runs at B - 1 rows and at 1. Returns the tokens a generation ran."""
     n, B = model.config.block_size + model.config.n_future + 8, idx.size(0)
-    for rows in sorted({B, max(1, B - 1), 1}, reverse=True):
+    shrinks = pick_sampler(model, s) == 'speculative'
+    for rows in sorted({B, max(1, B - 1), 1} if shrinks else {B}, reverse=True):
         generate(model, idx[:rows], n, s, torch.Generator(device=idx.device).manual_seed(0))
     return n
 

@@ -76,13 +76,11 @@ def round_mask(layout, ends, key_pos, spec_window, window):
                       block, index, spec_window, window=window)[:, None]
 
 
-def round_call(model, cache, tokens, ends, layout):
+def round_call(model, cache, tokens, ends, pos_c, pos_f, layout):
     """The stack call of a round (torch.compile builds it once per token count: runtime.compile_samplers):
-    the causal stream on tokens (B, n) at positions ends (B,) onward, written into the ring, and F
-    future slots behind each. Returns the logits (B, n + n F, V), the core's states (B, n + n F, C)
-    and the prelude's output (those two for more passes)."""
-    n, dev = tokens.size(1), tokens.device
-    pos_c, pos_f = ends[:, None] + torch.arange(n, device=dev), ends[:, None] + layout[0]
+    the causal stream on tokens (B, n) at positions pos_c (B, n) (from ends (B,) on), written into the
+    ring, and F future slots behind each at pos_f (B, n F). Returns the logits (B, n + n F, V), the
+    core's states (B, n + n F, C) and the prelude's output (those two for more passes)."""
     cache.begin(pos_c)
     x0 = torch.cat((model.token_states(tokens, pos_c), model.fresh_slots(pos_f)), 1)
     mask = round_mask(layout, ends, cache.pos, model.config.spec_window, cache.block_size)
@@ -100,12 +98,12 @@ def verify(model, cache, tokens, ends, max_loop=1, tol=None):
     (B, n), n_future = tokens.shape, model.config.n_future
     engine.ensure_positions(model, int(ends.max()) + n + n_future)
     layout = round_layout(n, n_future, str(tokens.device))
-    logits, core, x0 = (getattr(model, 'compiled_round', None) or round_call)(model, cache, tokens, ends, layout)
+    pos_c, pos_f = ends[:, None] + torch.arange(n, device=tokens.device), ends[:, None] + layout[0]
+    call = getattr(model, 'compiled_round', None) or round_call
+    logits, core, x0 = call(model, cache, tokens, ends, pos_c, pos_f, layout)
     future_logits = logits[:, n:]
     if max_loop > 1:
-        pos_c = ends[:, None] + torch.arange(n, device=tokens.device)
-        future_logits = more_draft_passes(model, cache, x0[:, n:], core[:, n:], pos_c, ends[:, None] + layout[0], layout,
-                                          max_loop, tol)
+        future_logits = more_draft_passes(model, cache, x0[:, n:], core[:, n:], pos_c, pos_f, layout, max_loop, tol)
     return logits[:, :n], future_logits.reshape(B, n, n_future, -1)
 
 
@@ -196,17 +194,17 @@ class Row:
 
 def prefill(model, idx):
     """The cache of the prompt idx (B, P) (its last block_size tokens but the last, which is pending)
-    and one Row per batch row. The ring holds what a row keeps of n_future (block_size + 1) columns
-    (a round writes at most n_future tokens and a row keeps at least one: RingCache), then scratch
-    columns for a round's future slots."""
-    edge, n_future = engine.block_edge(model), model.config.n_future
+    and one Row per batch row. A round writes at most n_future tokens and a row keeps at least one,
+    so the ring holds every row's window in n_future (block_size + 1) columns (RingCache), then
+    scratch columns for a round's future slots. (A single row would need block_size + n_future - 1:
+    its pointer moves by what it keeps; attending to half the columns gained 1% at batch 1.)"""
+    edge, n_future, B = engine.block_edge(model), model.config.n_future, idx.size(0)
     if not edge.rolls:
         raise ValueError("the speculative sampler needs a window that rolls (a pinned model with pos_emb='rope')")
-    cache = engine.RingCache(model, idx.size(0), n_future * (edge.block_size + 1), scratch=n_future * n_future)
+    cache = engine.RingCache(model, B, n_future * (edge.block_size + 1), scratch=n_future * n_future)
     prompt = idx[:, -edge.block_size:]
     if prompt.size(1) > 1:
-        engine.ensure_positions(model, prompt.size(1))
-        engine.run_ring(model, prompt[:, :-1], cache, queries=0)
+        engine.decode_ring(model, prompt[:, :-1], cache, queries=0)
     no_drafts = idx.new_zeros(1, 0, model.config.vocab_size).float()
     rows = [Row(prompt[b:b + 1, -1:], prompt.size(1) - 1, no_drafts) for b in range(idx.size(0))]
     return cache, rows

@@ -63,7 +63,8 @@ def keep_blocks(phase, T, n_future, frac):
 class Context:
     """What a pass needs besides the state: each slot's input x0 (B, S, C) (re-injected when inject
     != 'none'), positions pos (S,) or (B, S), the mask (None = all visible, 'causal', or bool
-    (B or 1, 1, S, keys)) and per layer the (k, v) of the fixed keys it attends to, or None."""
+    (B or 1, 1, S, keys)) and per layer the (k, v) of the fixed keys it attends to (or a sampler's
+    ring cache layers: engine.RingCache), or None."""
     x0: torch.Tensor
     pos: torch.Tensor
     mask: object = None

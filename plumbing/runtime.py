@@ -155,7 +155,8 @@ def compile_samplers(model, backend='inductor'):
       the causal sampler's one-token step of a rolling (rotary) model (engine.run_ring, as
       model.compiled_decode) and the speculative sampler's stack call of a round
       (speculative.round_call, as model.compiled_round). Their shapes stay the same from call to call
-      (positions are tensors): a graph per batch size and token count, compiled once.
+      (positions are tensors): a graph per token count and batch size (for a speculative batch that
+      shrinks: its first size, one dynamic graph for the sizes between, and 1), compiled once.
     - Every other stack call (the collapse sampler's refinement, a learned-position window rebuilt at
       the edge): each block on its own with dynamic shapes. The samplers' own Python (windows, masks,
       draws) stays eager; a block sees a handful of variants (cached keys or not, a mask or none, one
