@@ -13,7 +13,8 @@ from conftest import run_script
 
 CHECKS = ['fp32_gpt', 'fp32_wfc', 'train_gpt_bf16_compiled', 'train_wfc_bf16_compiled', 'sample_causal_gpt',
           'sample_causal_wfc_past', 'sample_speculative', 'sample_collapse_first', 'sample_collapse_threshold',
-          'sample_collapse_entropy', 'sample_goal', 'sample_smc', 'attention_causal', 'attention_wfc_train',
+          'sample_collapse_entropy', 'sample_goal', 'sample_smc', 'sample_causal_gpt_compiled', 'sample_speculative_compiled',
+          'attention_causal', 'attention_wfc_train',
           'attention_wfc_window', 'recipe_gpt', 'recipe_wfc']
 
 

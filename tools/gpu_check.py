@@ -19,7 +19,9 @@ Checks (groups), each a row of the report with pass / fail / skip and the number
   first fp32 loss equal to the eager one within tolerance.
 - sample: every sampler (causal GPT, causal WFC past stream, speculative, collapse with policies
   first / threshold / entropy, goal, SMC steering) greedy (temperature 0) on the trained tiny models,
-  on the device in fp32 against the reference (CPU fp32; dry run: float64): the texts must be equal.
+  on the device in fp32 against the reference (CPU fp32; dry run: float64): the texts must be equal;
+  and the causal and speculative samplers compiled (runtime.compile_samplers: whole steps on a ring
+  cache of fixed shape) after sampling.warm_up: the same greedy text as eager, with both times.
 - attention: which SDPA backend PyTorch picks (torch._fused_sdp_choice) for the causal stream, the
   WFC training mask (layout.visibility, pinned blocks) and the sampler window's mask, and the time
   of every backend that runs alone (torch.nn.attention.sdpa_kernel: flash, efficient, cudnn, math);
@@ -53,7 +55,7 @@ from torch.nn import functional as F  # noqa: E402
 
 from configurator import UserError, cli, configure, fail, require  # noqa: E402
 from generation import steering  # noqa: E402
-from generation.sampling import Settings, generate  # noqa: E402
+from generation.sampling import Settings, generate, warm_up  # noqa: E402
 from modeling.layout import block_starts, visibility  # noqa: E402
 from modeling.recipe import draw_depth  # noqa: E402
 from plumbing import checkpoint  # noqa: E402
@@ -266,10 +268,39 @@ def sampler_check(plan, name, kind, fields, goal):
                    f"{seconds:.2f}s", equal=same, tokens=total)]
 
 
+def compiled_check(plan, name, kind, fields):
+    """runtime.compile_samplers (sample.py --compile=True) on the device: after sampling.warm_up, the
+    compiled steps on the ring cache write the eager sampler's greedy text, at what speed."""
+    if kind not in TRAINED:
+        return [result(f'sample_{name}_compiled', None, f"no trained tiny {kind} model: train_{kind}_bf16_compiled failed")]
+    model, s = TRAINED[kind], Settings(temperature=0.0, **fields)
+    idx = torch.tensor([[0, 1, 2]] * 2, device=plan.dev)
+    t0 = time.perf_counter()
+    eager = generate(model, idx, sample_tokens, s)[0]
+    sync(plan.dev)
+    eager_s = time.perf_counter() - t0
+    try:
+        runtime.compile_samplers(model, backend=plan.backend)
+        t0 = time.perf_counter()
+        warm_up(model, idx, s)
+        t1 = time.perf_counter()
+        mine = generate(model, idx, sample_tokens, s)[0]
+        sync(plan.dev)
+        t2 = time.perf_counter()
+    finally:
+        runtime.uncompile_samplers(model)
+    ok = torch.equal(mine, eager)
+    return [result(f'sample_{name}_compiled', ok, f"greedy {eager.numel()} tokens {'equal to' if ok else 'NOT equal to'} "
+                   f"eager ({plan.backend}); {t2 - t1:.2f}s against eager {eager_s:.2f}s, after a {t1 - t0:.0f}s warm-up",
+                   seconds=t2 - t1, eager_seconds=eager_s, warm_up_seconds=t1 - t0)]
+
+
 def sample(plan):
     rows = []
     for name, kind, fields, goal in SAMPLERS + (('smc', 'wfc', {}, None),):
         rows += guarded(f'sample_{name}', sampler_check, plan, name, kind, fields, goal)
+    for name, kind, fields in (('causal_gpt', 'gpt', {}), ('speculative', 'wfc', dict(sampler='speculative'))):
+        rows += guarded(f'sample_{name}_compiled', compiled_check, plan, name, kind, fields)
     return rows
 
 
