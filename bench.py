@@ -296,7 +296,7 @@ def sample_speed(model, dev, dtype, batch, slide=slide, compiled=None):
     summary = runs['eager'][0][1]
     return dict(tokens_per_s=speed['eager'], compiled_tokens_per_s=speed.get('compiled'),
                 passes_per_token=summary['passes_per_token'], tokens_per_step=summary['tokens_per_step'],
-                tokens_per_call=summary.get('tokens_per_call'), stack_share=share,
+                tokens_per_call=summary.get('tokens_per_call'), acceptance=summary.get('acceptance'), stack_share=share,
                 peak_mb=None if memory.peak is None else memory.peak / 2 ** 20)
 
 
@@ -317,7 +317,8 @@ def measure_row(name, args, dev, dtype, peak, trained=True):
     one = sample_speed(model, dev, dtype, 1, compiled=compiled)
     row.update(sample_from=source, sample_tokens_per_s=one['tokens_per_s'], compiled_tokens_per_s=one['compiled_tokens_per_s'],
                passes_per_token=one['passes_per_token'],
-               tokens_per_step=one['tokens_per_step'], tokens_per_call=one['tokens_per_call'], stack_share=one['stack_share'],
+               tokens_per_step=one['tokens_per_step'], tokens_per_call=one['tokens_per_call'], acceptance=one['acceptance'],
+               stack_share=one['stack_share'],
                sample_peak_mb=one['peak_mb'])
     if num_samples > 1:
         many = sample_speed(model, dev, dtype, num_samples, compiled=compiled)
@@ -378,7 +379,8 @@ def fmt(value, spec):
 def print_table(rows, title):
     head = (f"{'variant':8s} {'dtype':8s} {'F':>3s} {'block':>5s} {'C':>4s} | {'train tok/s':>11s} {'ms/step':>8s} "
             f"{'MFU':>6s} {'mem MB':>7s} | {'sample tok/s':>12s} {'compiled':>8s} {f'x{num_samples} tok/s':>11s} "
-            f"{'compiled':>8s} {'passes/tok':>10s} {'tok/step':>8s} {'tok/call':>8s} {'in stack':>8s} {'mem MB':>7s}")
+            f"{'compiled':>8s} {'passes/tok':>10s} {'tok/step':>8s} {'tok/call':>8s} {'accepted':>10s} {'in stack':>8s} "
+            f"{f'x{num_samples}':>5s} {'mem MB':>7s}")
     print(f"\n{title}\n{head}\n{'-' * len(head)}")
     for r in rows:
         print(f"{r['variant']:8s} {r['dtype']:8s} {r['n_future']:3d} {r['block_size']:5d} {r['n_embd']:4d} | "
@@ -386,7 +388,9 @@ def print_table(rows, title):
               f"{r['sample_tokens_per_s']:12,.0f} {fmt(r.get('compiled_tokens_per_s'), '8,.0f')} "
               f"{fmt(r.get('batch_tokens_per_s'), '11,.0f')} {fmt(r.get('batch_compiled_tokens_per_s'), '8,.0f')} "
               f"{r['passes_per_token']:10.2f} {r['tokens_per_step']:8.2f} {fmt(r.get('tokens_per_call'), '8.2f')} "
-              f"{r['stack_share'] * 100:7.0f}% {fmt(r['sample_peak_mb'], '7.1f')}", flush=True)
+              f"{' '.join(f'{a:.2f}' for a in (r.get('acceptance') or [])[:2]) or '-':>10s} "
+              f"{r['stack_share']:8.0%} {fmt(r.get('batch_stack_share'), '5.0%')} "
+              f"{fmt(r['sample_peak_mb'], '7.1f')}", flush=True)
 
 
 def main():

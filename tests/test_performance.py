@@ -261,6 +261,8 @@ def test_bench_prints_one_table(tmp_path):
     data = json.loads(out.read_text())
     assert all(r['train_tokens_per_s'] > 0 and r['sample_tokens_per_s'] > 0 and 0 < r['mfu'] for r in data['rows'])
     assert data['rows'][1]['passes_per_token'] > 0
+    assert data['rows'][1]['acceptance'] and all(0 <= a <= 1 for a in data['rows'][1]['acceptance'])  # the WFC drafts
+    assert all(0 < r['batch_stack_share'] <= 1 for r in data['rows'])
 
 
 def test_vs_nanogpt_reads_both_programs_logs():
