@@ -12,8 +12,9 @@
 # fixed point is still no better than one pass (1.810, train_shakespeare_char_wfc_onepass.py) or
 # than the rotary GPT (1.771): see RESULTS.md.
 # 1500 iterations (the screen ran 2000) so that the README's first command fits 10 minutes: on
-# 2026-12-06 (2-core AMD EPYC, AVX2) the README's whole first line took 4 min 28 s on a fresh clone
-# after a 51 s install, train.py's last val estimate 1.892 (1.912 when it became the default).
+# 2026-12-06 (2-core AMD EPYC, AVX2) the README's whole first line took 3 min 27 s on a fresh clone
+# after a 36 s install (4 min 28 s earlier that day), train.py's last val estimate 1.890 (1.912 when
+# it became the default).
 #   python train.py config/train_shakespeare_char_wfc.py
 include('train_shakespeare_char_wfc_onepass.py')
 out_dir = 'out-shakespeare-char-wfc'
