@@ -109,7 +109,7 @@ class SelfAttention(nn.Module):
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if rotary is not None:
-            q, k = rotary(q, pos), rotary(k, pos)
+            q, k = rotary(q), rotary(k)
         own = (k, v)
         if hasattr(prefix, 'attend_to'):  # a ring cache: writes k, v in place, returns what to attend to
             (k, v), prefix = prefix.attend_to(k, v), None
@@ -267,9 +267,9 @@ class GPT(nn.Module):
         whole stack the (k, v) of a fixed context to attend to (or a ring cache's layers). queries: the last block outputs the
         last `queries` positions only. Returns the output and each run layer's (k, v)."""
         layers = range(len(self.transformer.h)) if layers is None else layers
-        kvs = []
+        kvs, rotary = [], None if self.rotary is None else self.rotary.at(pos)
         for i in layers:
-            x, kv = self.transformer.h[i](x, pos, mask, self.rotary, None if prefixes is None else prefixes[i],
+            x, kv = self.transformer.h[i](x, pos, mask, rotary, None if prefixes is None else prefixes[i],
                                           queries if i == layers[-1] else None)
             kvs.append(kv)
         return x, kvs

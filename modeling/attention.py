@@ -31,12 +31,27 @@ class Rotary(nn.Module):
         self.register_buffer('cos', torch.cat((angles.cos(), angles.cos()), 1).to(device), persistent=False)
         self.register_buffer('sin', torch.cat((-angles.sin(), angles.sin()), 1).to(device), persistent=False)
 
-    def forward(self, x, pos):  # x (B, nh, T, hs), pos (T,) or (B, T) long
-        cos, sin = self.cos[pos].to(x.dtype), self.sin[pos].to(x.dtype)
+    def at(self, pos):
+        """The rotation of the positions pos (T,) or (B, T) long: its tables are gathered once and serve
+        every layer of a stack call (q and k of each)."""
+        cos, sin = self.cos[pos], self.sin[pos]
         if pos.dim() == 2:  # a position per row: broadcast over the heads
             cos, sin = cos[:, None], sin[:, None]
+        return Rotation(cos, sin)
+
+    def forward(self, x, pos):  # x (B, nh, T, hs), pos (T,) or (B, T) long
+        return self.at(pos)(x)
+
+
+class Rotation:
+    """Rotary tables gathered for some positions (Rotary.at); calling it rotates x (B, nh, T, hs)."""
+
+    def __init__(self, cos, sin):
+        self.cos, self.sin = cos, sin
+
+    def __call__(self, x):
         x1, x2 = x.chunk(2, dim=-1)
-        return x * cos + torch.cat((x2, x1), dim=-1) * sin
+        return x * self.cos.to(x.dtype) + torch.cat((x2, x1), dim=-1) * self.sin.to(x.dtype)
 
 
 def sparse_attention_weights(scores, attn_fn, alpha, alpha_gain=None, alpha_bias=None, visible=None):
