@@ -101,10 +101,10 @@ class SelfAttention(nn.Module):
             self.alpha_gain, self.alpha_bias = nn.Parameter(torch.full((config.n_head,), 2.0)), nn.Parameter(torch.full((config.n_head,), -1.0))
 
     def forward(self, x, pos, mask, rotary=None, prefix=None, queries=None):
-        """x (B, T, C) attends to the `prefix` keys/values (a fixed context such as the past; or a ring
-        cache's layer, which stores this call's) and to itself. mask: None (all visible), 'causal', or bool (..., T, T_prefix + T). queries
-        (inference): outputs for the last `queries` positions only (0 = none), when the others are
-        wanted only for their keys/values. Returns the output and this call's own (k, v)."""
+        """x (B, T, C) attends to the `prefix` keys/values (a fixed context such as the past, or a ring
+        cache's layer, which stores this call's) and to itself. mask: None (all visible), 'causal', or
+        bool (..., T, T_prefix + T). queries (inference): outputs for the last `queries` positions only
+        (0 = none). rotary: the positions' Rotation. Returns the output and this call's own (k, v)."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
@@ -263,9 +263,9 @@ class GPT(nn.Module):
     # ---- passes of the weight-tied stack ----
 
     def stack(self, x, pos, mask, prefixes=None, queries=None, layers=None):
-        """The blocks in `layers` (a range; default every block) once each. prefixes: per layer of the
-        whole stack the (k, v) of a fixed context to attend to (or a ring cache's layers). queries: the last block outputs the
-        last `queries` positions only. Returns the output and each run layer's (k, v)."""
+        """The blocks in `layers` (a range; default every block) once each, the rotary tables gathered once.
+        prefixes: per layer of the whole stack the (k, v) of a fixed context (or a ring cache's layers).
+        queries: the last block outputs the last `queries` positions only. Returns it and each layer's (k, v)."""
         layers = range(len(self.transformer.h)) if layers is None else layers
         kvs, rotary = [], None if self.rotary is None else self.rotary.at(pos)
         for i in layers:

@@ -106,7 +106,7 @@ class RingCache:
             raise ValueError("a ring cache needs a causal stream that rolls at the block edge (rotary positions); "
                              "learned positions re-encode the window there: use KVCache")
         device = model.transformer.wte.weight.device
-        self.block_size, self.capacity, self.scratch = edge.block_size, capacity, scratch
+        self.block_size, self.capacity = edge.block_size, capacity
         self.n_pass = 1 if model.sandwiched() else model.config.n_loop
         self.pos = torch.full((batch if per_row else 1, capacity), self.HOLE, dtype=torch.long, device=device)
         self.pointer = torch.zeros((), dtype=torch.long, device=device)  # a tensor: a compiled step sees no new constant

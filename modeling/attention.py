@@ -13,7 +13,8 @@ from torch.nn import functional as F
 
 class Rotary(nn.Module):
     """Rotary position embedding (Su et al. 2021): q and k rotate by their absolute position, so
-    attention scores depend only on the offset. Tables are buffers, extended on demand (ensure)."""
+    attention scores depend only on the offset. Tables are buffers, extended on demand (ensure);
+    at(pos) gathers them for some positions (a Rotation, which rotates q and k)."""
 
     def __init__(self, head_size, n_positions, base):
         super().__init__()
@@ -38,9 +39,6 @@ class Rotary(nn.Module):
         if pos.dim() == 2:  # a position per row: broadcast over the heads
             cos, sin = cos[:, None], sin[:, None]
         return Rotation(cos, sin)
-
-    def forward(self, x, pos):  # x (B, nh, T, hs), pos (T,) or (B, T) long
-        return self.at(pos)(x)
 
 
 class Rotation:
