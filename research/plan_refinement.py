@@ -6,6 +6,9 @@
 #   python compare.py --plan=research/plan_refinement.py --tables=steps --steps=2000 --jobs=2 --threads=1 \
 #       --calibration_rounds=0 --eval_windows=64 --eval_max_loop=64 --depths=1,2,4,8,16,32,64 \
 #       --convergence=True --out_dir=runs/refinement --variants=gpt_rope,looped_rope,one_pass,default_old,...
+# Seeds, depth and a longer run (RESULTS.md "What a pass can add"): the same with --seed=1337/1338/1339,
+# --depths=1,2,4,8,64 and the variants gpt_rope,one_pass,sw_contract_u8,deep_gpt_rope,looped_sandwich_rope,
+# looped4_sandwich_rope; and --steps=4000 for gpt_rope,one_pass,sw_contract_u8,looped_sandwich_rope.
 GPT = 'config/train_shakespeare_char_gpt.py'
 ONE_PASS = 'config/train_shakespeare_char_wfc_onepass.py'
 VARIANTS = {
@@ -28,4 +31,11 @@ VARIANTS.update({
     'sw_rms_all4': [ONE_PASS, *ALL4, *SANDWICH],                            # the sandwich, loss on every pass of 1..4
     'sw_contract_row': [ONE_PASS, *OLD, *SANDWICH, '--inject=contract', '--depth_per=row'],  # a depth per sequence (Parcae)
     'sw_contract_cons': [ONE_PASS, *OLD, *SANDWICH, '--inject=contract', '--bptt=4', '--consistency=1'],
+})
+VARIANTS.update({
+    # does compute per token pay at all at this scale? (each future pass of a WFC only adds compute: its
+    # next-token slot sees no information a single pass could not read off the past)
+    'deep_gpt_rope': [GPT, '--pos_emb=rope', '--n_layer=8'],                   # 8 unique blocks: 2x parameters
+    'looped4_sandwich_rope': [GPT, '--pos_emb=rope', *SANDWICH, '--n_loop=4'],  # the core 4 times, same parameters
+    'sw_contract_all4': [ONE_PASS, *ALL4, *SANDWICH, '--inject=contract'],     # the default, a loss on every pass of 1..4
 })
