@@ -8,7 +8,8 @@
 #       --convergence=True --out_dir=runs/refinement --variants=gpt_rope,looped_rope,one_pass,default_old,...
 # Seeds, depth and a longer run (RESULTS.md "What a pass can add"): the same with --seed=1337/1338/1339,
 # --depths=1,2,4,8,64 and the variants gpt_rope,one_pass,sw_contract_u8,deep_gpt_rope,looped_sandwich_rope,
-# looped4_sandwich_rope; and --steps=4000 for gpt_rope,one_pass,sw_contract_u8,looped_sandwich_rope.
+# looped4_sandwich_rope; --steps=4000 for gpt_rope,one_pass,sw_contract_u8,looped_sandwich_rope; and --steps=8000
+# for gpt_rope,looped_sandwich_rope.
 GPT = 'config/train_shakespeare_char_gpt.py'
 ONE_PASS = 'config/train_shakespeare_char_wfc_onepass.py'
 VARIANTS = {
