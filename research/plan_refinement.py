@@ -9,7 +9,7 @@
 # Seeds, depth and a longer run (RESULTS.md "What a pass can add"): the same with --seed=1337/1338/1339,
 # --depths=1,2,4,8,64 and the variants gpt_rope,one_pass,sw_contract_u8,deep_gpt_rope,looped_sandwich_rope,
 # looped4_sandwich_rope; --steps=4000 for gpt_rope,one_pass,sw_contract_u8,looped_sandwich_rope; and --steps=8000
-# for gpt_rope,looped_sandwich_rope.
+# for gpt_rope,looped_sandwich_rope; sw_contract_past2 alone at seeds 1337 and 1338.
 GPT = 'config/train_shakespeare_char_gpt.py'
 ONE_PASS = 'config/train_shakespeare_char_wfc_onepass.py'
 VARIANTS = {
@@ -39,4 +39,5 @@ VARIANTS.update({
     'deep_gpt_rope': [GPT, '--pos_emb=rope', '--n_layer=8'],                   # 8 unique blocks: 2x parameters
     'looped4_sandwich_rope': [GPT, '--pos_emb=rope', *SANDWICH, '--n_loop=4'],  # the core 4 times, same parameters
     'sw_contract_all4': [ONE_PASS, *ALL4, *SANDWICH, '--inject=contract'],     # the default, a loss on every pass of 1..4
+    'sw_contract_past2': [ONE_PASS, *OLD, *SANDWICH, '--inject=contract', '--past_loss=2'],  # the default, the causal stream's loss x2
 })
