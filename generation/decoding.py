@@ -101,6 +101,18 @@ def draw(probs, generator=None):
     return torch.multinomial(probs.reshape(-1, probs.size(-1)), 1, generator=generator).view(probs.shape[:-1])
 
 
+def exponential(uniform):
+    """Exp(1) noise from uniforms in [0, 1), kept above 0 so that a token of probability 0 never wins a race."""
+    return (-torch.log1p(-uniform)).clamp(min=torch.finfo(uniform.dtype).tiny)
+
+
+def race(probs, noise):
+    """One token per row of probs (..., V), the winner of an exponential race: argmax p / E with E (..., V)
+    iid Exp(1) picks token i with probability p_i (torch.multinomial draws one sample this way). The
+    noise comes in drawn, so a compiled sampler step holds no generator (speculative.decided_round)."""
+    return (probs / noise).argmax(-1)
+
+
 def sample_tokens(logits, s, generator=None, temperature=None, constraint=None, texts=None, last=False):
     """logits (..., V) -> token ids (...) under the settings s; temperature (a schedule's value for
     this step, see steering.py) overrides s.temperature. constraint (with texts, the rows' text so

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 import torch
 
 from generation import engine
-from generation.decoding import draw, entropy_bits, filtered_probs, live_slots, token_probs
+from generation.decoding import entropy_bits, exponential, filtered_probs, live_slots, race, token_probs
 from modeling.layout import Context, visibility
 from modeling.solver import iterate
 
@@ -135,11 +135,25 @@ def target_probs(logits, s, temperature, req, text, drafts, produced):
                       for i in range(probs.size(1))])[None]
 
 
-def accept(p, q, drafts, generator):
+def noise(rows, k, V, generator, device):
+    """A round's randomness for `rows` rows with k drafts, drawn before the round (a compiled round
+    then holds no generator): uniforms (rows, k + (k + 1) V), which split_noise turns into what
+    draft and accept read."""
+    return torch.rand(rows, k + (k + 1) * V, generator=generator, device=device)
+
+
+def split_noise(u, k, V):
+    """noise's uniforms (B, k + (k + 1) V) -> the acceptance uniforms (B, k), the drafts' race noise
+    (B, k, V) and the noise of the token drawn after them (B, V) (decoding.race)."""
+    races = exponential(u[:, k:]).view(u.size(0), k + 1, V)
+    return u[:, :k], races[:, :k], races[:, k]
+
+
+def accept(p, q, drafts, uniform, last_noise):
     """The acceptance rule for B rows. p (B, k + 1, V) the verifier's filtered distributions, q (B, k, V)
-    the drafts' (None when greedy: accept while the draft is the argmax), drafts (B, k). Returns the
-    number of accepted drafts a (B,) and the token that follows them (B, 1): a residual draw at the
-    rejection, or the bonus."""
+    the drafts' (None when greedy: accept while the draft is the argmax), drafts (B, k); uniform (B, k)
+    and last_noise (B, V) from split_noise. Returns the number of accepted drafts a (B,) and the token
+    that follows them (B, 1): a residual draw at the rejection, or the bonus."""
     (B, k), rows = drafts.shape, torch.arange(drafts.size(0), device=p.device)
     if q is None:
         target = p.argmax(-1)
@@ -147,35 +161,34 @@ def accept(p, q, drafts, generator):
         return a, target.gather(1, a[:, None])
     a = drafts.new_zeros(B)
     if k:
-        u = torch.rand(B, k, device=p.device, generator=generator)
         p_d, q_d = p[:, :k].gather(2, drafts[..., None])[..., 0], q.gather(2, drafts[..., None])[..., 0]
-        a = (u * q_d < p_d).long().cumprod(1).sum(1)  # u < p / q, in order
+        a = (uniform * q_d < p_d).long().cumprod(1).sum(1)  # u < p / q, in order
     after = p[rows, a]  # (B, V) the bonus distribution where every draft was accepted
     if k:
         residual = (after - q[rows, a.clamp(max=k - 1)]).clamp(min=0)
         total = residual.sum(-1, keepdim=True)
         rejected = (a < k)[:, None] & (total > 0)
         after = torch.where(rejected, residual / total.clamp(min=torch.finfo(total.dtype).tiny), after)
-    return a, draw(after, generator)[:, None]
+    return a, race(after, last_noise)[:, None]
 
 
-def draft(draft_logits, s, temperature, req, text, produced, generator):
+def draft(draft_logits, s, temperature, req, text, produced, races):
     """Draft tokens (B, k) and their distributions q (B, k, V) (None when greedy) from the logits
-    (B, k, V) of the draft slots. One row only with a constraint (the drafts are drawn one after
-    another, the constraint seeing the drafts before each) or future='auto' (it keeps the leading
-    slots the rule allows for the row)."""
+    (B, k, V) of the draft slots, drawn by the race noise races (B, >= k, V) (split_noise). One row
+    only with a constraint (the drafts are drawn one after another, the constraint seeing the drafts
+    before each) or future='auto' (it keeps the leading slots the rule allows for the row)."""
     if s.future == 'auto' and draft_logits.size(1):
         draft_logits = draft_logits[:, :live_slots(entropy_bits(draft_logits)[0], s.tau)]
     if req.constraint is None:
         if temperature == 0:
             return draft_logits.argmax(-1), None
         q = filtered_probs(draft_logits, temperature, s.top_k, s.top_p, s.min_p)
-        return draw(q, generator), q
+        return race(q, races[:, :q.size(1)]), q
     tokens, q = [], []
     for i in range(draft_logits.size(1)):
         probs = target_probs(draft_logits[:, i:i + 1], s, temperature, req, text + ''.join(req.constraint.pieces[t] for t in tokens),
                              torch.tensor([[]], dtype=torch.long), produced + i)[0, 0]
-        tokens.append(int(probs.argmax()) if temperature == 0 else int(draw(probs, generator)))
+        tokens.append(int(probs.argmax()) if temperature == 0 else int(race(probs, races[0, i])))
         q.append(probs)
     drafts = torch.tensor([tokens], dtype=torch.long, device=draft_logits.device)
     return drafts, (None if temperature == 0 else torch.stack(q)[None] if q else draft_logits.new_zeros(1, 0, draft_logits.size(-1)))
@@ -222,12 +235,13 @@ def groups(live, temperatures, s, req):
     return list(shared.values())
 
 
-def propose(live, temperatures, s, req):
-    """The round's drafts, group by group: [(rows, temperature, drafts (G, k), q (G, k, V) or None)]."""
+def propose(live, temperatures, s, req, races):
+    """The round's drafts, group by group: [(rows, temperature, drafts (G, k), q (G, k, V) or None)];
+    races: the drafts' race noise (len(live), k, V) (split_noise; None when every row is greedy)."""
     proposals = []
     for rows in groups(live, temperatures, s, req):
         first, logits = live[rows[0]], torch.cat([live[i].draft_logits for i in rows])
-        drafts, q = draft(logits, s, temperatures[rows[0]], req, first.text, first.produced, req.generator)
+        drafts, q = draft(logits, s, temperatures[rows[0]], req, first.text, first.produced, None if races is None else races[rows])
         proposals.append((rows, temperatures[rows[0]], drafts, q))
     return proposals
 
@@ -243,35 +257,112 @@ def round_tokens(live, proposals):
     return tokens
 
 
-def settle(rows, p_logits, future_logits, drafts, q, temperature, s, req):
+def commit(row, committed, accepted, proposed, draft_logits, req):
+    """Row's bookkeeping after a round: it commits `committed` (1, m) (cut at max_new_tokens), having
+    accepted `accepted` of `proposed` drafts; draft_logits (1, k, V) are its next round's drafts."""
+    committed = committed[:, :req.max_new_tokens - row.produced]
+    row.produced, row.pending, row.end = row.produced + committed.size(1), committed[:, -1:], row.end + committed.size(1)
+    row.text = row.text if req.constraint is None else req.constraint.extend([row.text], committed)[0]
+    row.draft_logits = draft_logits
+    row.out.append(committed)
+    req.stats.drafts(proposed, accepted)
+    return committed, accepted
+
+
+def settle(rows, p_logits, future_logits, drafts, q, temperature, s, req, uniform, last_noise):
     """Judge a group's drafts (G, k) against its verifier logits p_logits (G, n >= k + 1, V) and commit
-    what the acceptance rule gives; future_logits (G, n, F, V) give the next round's drafts. Returns per
-    row the committed tokens (1, m) (pending and the accepted drafts are what the cache keeps: m
-    entries) and the number of accepted drafts."""
+    what the acceptance rule gives (uniform, last_noise: the group's, from split_noise; None when
+    greedy); future_logits (G, n, F, V) give the next round's drafts. Returns per row the committed
+    tokens (1, m) (pending and the accepted drafts are what the cache keeps: m entries) and the
+    number of accepted drafts."""
     k = drafts.size(1)
     p = target_probs(p_logits[:, :k + 1], s, temperature, req, rows[0].text, drafts, rows[0].produced)
-    accepted, tokens = accept(p, q, drafts, req.generator)
-    settled = []
-    for j, (row, a) in enumerate(zip(rows, accepted.tolist())):
-        committed = torch.cat((drafts[j:j + 1, :a], tokens[j:j + 1]), 1)[:, :req.max_new_tokens - row.produced]
-        row.produced, row.pending, row.end = row.produced + committed.size(1), committed[:, -1:], row.end + committed.size(1)
-        row.text = row.text if req.constraint is None else req.constraint.extend([row.text], committed)[0]
-        row.draft_logits = future_logits[j:j + 1, a, 1:]  # the block behind the last accepted token: slot 1 is `token`
-        row.out.append(committed)
-        req.stats.drafts(k, a)
-        settled.append((committed, a))
-    return settled
+    accepted, tokens = accept(p, q, drafts, None if uniform is None else uniform[:, :k], last_noise)
+    return [commit(row, torch.cat((drafts[j:j + 1, :a], tokens[j:j + 1]), 1), a, k, future_logits[j:j + 1, a, 1:], req)
+            for j, (row, a) in enumerate(zip(rows, accepted.tolist()))]  # the block behind the last accepted token
 
 
-def settle_all(live, proposals, p_logits, future_logits, s, req):
+def settle_all(live, proposals, p_logits, future_logits, s, req, uniform, last_noise):
     """settle for every group of the round: per row of live, (committed tokens (1, m), accepted drafts)."""
     settled = [None] * len(live)
     for rows, temperature, drafts, q in proposals:
         index = torch.tensor(rows, device=p_logits.device)
+        noise_of = (None, None) if uniform is None else (uniform[index], last_noise[index])
         for i, result in zip(rows, settle([live[i] for i in rows], p_logits[index], future_logits[index], drafts, q,
-                                          temperature, s, req)):
+                                          temperature, s, req, *noise_of)):
             settled[i] = result
     return settled
+
+
+def grouped_round(model, cache, live, temperatures, s, req, max_loop, tol):
+    """A round drawn group by group (see groups): any constraint, future='auto', more draft passes,
+    temperatures of both kinds. Returns per row of live (committed tokens (1, m), accepted drafts)
+    and the round's verifier logits (len(live), n, V)."""
+    k, V = live[0].draft_logits.size(1), model.config.vocab_size
+    uniform = races = last_noise = None
+    if any(t > 0 for t in temperatures):
+        uniform, races, last_noise = split_noise(noise(len(live), k, V, req.generator, live[0].pending.device), k, V)
+    proposals = propose(live, temperatures, s, req, races)
+    tokens = round_tokens(live, proposals)
+    ends = torch.tensor([row.end for row in live], device=tokens.device)
+    p_logits, future_logits = verify(model, cache, tokens, ends, max_loop, tol)
+    settled = settle_all(live, proposals, p_logits, future_logits, s, req, uniform, last_noise)
+    cache.advance(torch.tensor([committed.size(1) for committed, _ in settled], device=tokens.device))
+    return settled, p_logits
+
+
+def decided_round(model, cache, pending, ends, draft_logits, temperature, limit, u, filters, layout):
+    """A whole round as one function of tensors (runtime.compile_samplers compiles it as one graph, the
+    stack call, the draws, the acceptance rule and the cache's bookkeeping together), for rows that
+    draw alike: no constraint, drafts of fixed length from one pass. pending (B, 1), ends (B,) its
+    positions, draft_logits (B, k, V), temperature (B,) (None: greedy), limit (B,) the tokens each row
+    may still commit, u the round's noise (None when greedy), filters (top_k, top_p, min_p), layout
+    round_layout's. Returns the committed tokens (B, k + 1) (row b: its first kept[b]), (accepted a,
+    kept) (2, B) and the next round's draft logits (B, k', V), the block behind each row's last
+    accepted token."""
+    (B, k, V), n_future = draft_logits.shape, layout[0].size(0) // (draft_logits.size(1) + 1)
+    uniform, races, last_noise = split_noise(u, k, V) if temperature is not None else (None, None, None)
+    if temperature is None:
+        drafts, q = draft_logits.argmax(-1), None
+    else:
+        q = filtered_probs(draft_logits, temperature[:, None, None], *filters)
+        drafts = race(q, races)
+    tokens = torch.cat((pending, drafts), 1)
+    n = k + 1
+    pos_c, pos_f = ends[:, None] + torch.arange(n, device=ends.device), ends[:, None] + layout[0]
+    logits, _, _ = round_call(model, cache, tokens, ends, pos_c, pos_f, layout)
+    verifier = logits[:, :n]
+    p = torch.softmax(verifier.float(), -1) if temperature is None else filtered_probs(verifier, temperature[:, None, None], *filters)
+    a, last = accept(p, q, drafts, uniform, last_noise)
+    kept = torch.minimum(a + 1, limit)
+    cache.advance(kept)
+    committed = torch.cat((drafts, last), 1).scatter(1, a[:, None], last)  # row b: drafts[:a], then last
+    future = logits[:, n:].reshape(B, n, n_future, V)
+    return committed, torch.stack((a, kept)), future[torch.arange(B, device=a.device), a, 1:]
+
+
+def decide(model, cache, live, temperatures, s, req):
+    """A round through decided_round (compiled when runtime.compile_samplers made model.compiled_decided_round):
+    per row of live (committed tokens (1, m), accepted drafts)."""
+    device, k, V = live[0].pending.device, live[0].draft_logits.size(1), model.config.vocab_size
+    engine.ensure_positions(model, max(row.end for row in live) + 1 + k + model.config.n_future)
+    greedy = temperatures[0] == 0
+    step = getattr(model, 'compiled_decided_round', None) or decided_round
+    committed, counts, next_drafts = step(
+        model, cache, torch.cat([row.pending for row in live]), torch.tensor([row.end for row in live], device=device),
+        torch.cat([row.draft_logits for row in live]), None if greedy else torch.tensor(temperatures, device=device),
+        torch.tensor([req.max_new_tokens - row.produced for row in live], device=device),
+        None if greedy else noise(len(live), k, V, req.generator, device), (s.top_k, s.top_p, s.min_p),
+        round_layout(k + 1, model.config.n_future, str(device)))
+    return [commit(row, committed[j:j + 1, :kept], a, k, next_drafts[j:j + 1], req)
+            for j, (row, (a, kept)) in enumerate(zip(live, counts.t().tolist()))]
+
+
+def decides(s, req, temperatures, max_loop):
+    """Whether a round can run as decided_round: no constraint, drafts of fixed length from one pass,
+    every row greedy or every row sampling."""
+    return (req.constraint is None and s.future == 'fixed' and max_loop == 1
+            and (all(t == 0 for t in temperatures) or all(t > 0 for t in temperatures)))
 
 
 def sample_rows(model, idx, s, req, on_tokens=None):
@@ -285,15 +376,14 @@ def sample_rows(model, idx, s, req, on_tokens=None):
     max_loop, running = limits['max_loop'], list(range(idx.size(0)))
     while running:
         live = [rows[b] for b in running]
-        proposals = propose(live, [req.temperature(s, row.produced) for row in live], s, req)
-        tokens = round_tokens(live, proposals)
-        ends = torch.tensor([row.end for row in live], device=idx.device)
-        p_logits, future_logits = verify(model, cache, tokens, ends, max_loop, limits['tol'])
-        settled = settle_all(live, proposals, p_logits, future_logits, s, req)
-        kept = torch.tensor([committed.size(1) for committed, _ in settled], device=idx.device)
-        cache.advance(kept)
+        temperatures = [req.temperature(s, row.produced) for row in live]
+        if decides(s, req, temperatures, max_loop) and not req.stats.detail:
+            settled = decide(model, cache, live, temperatures, s, req)
+        else:
+            settled, p_logits = grouped_round(model, cache, live, temperatures, s, req, max_loop, limits['tol'])
+        kept = sum(committed.size(1) for committed, _ in settled)
         bits = [entropy_bits(p_logits[0, settled[0][1]])[0].item()] if req.stats.detail else ()  # the first running row's
-        req.stats.add(max_loop, kept.sum().item() / len(rows), bits, calls=max_loop)  # per row of the batch: they sum to a row's length
+        req.stats.add(max_loop, kept / len(rows), bits, calls=max_loop)  # per row of the batch: they sum to a row's length
         still = [i for i, (b, (committed, _)) in enumerate(zip(running, settled))
                  if not ended(rows[b], b, committed, req, on_tokens)]
         if still and len(still) < len(running):  # the others leave the batch; the last rows keep the cache

@@ -145,7 +145,7 @@ def training_flops(model, B, T, passes=None, recipe=None):
     return B * total
 
 
-SAMPLER_STEPS = ('compiled_decode', 'compiled_round')  # the model attributes compile_samplers sets
+SAMPLER_STEPS = ('compiled_decode', 'compiled_round', 'compiled_decided_round')  # the model attributes compile_samplers sets
 
 
 def compile_samplers(model, backend='inductor'):
@@ -154,7 +154,9 @@ def compile_samplers(model, backend='inductor'):
     - Whole steps on a ring cache of fixed shape (engine.RingCache), cache writes and masks included:
       the causal sampler's one-token step of a rolling (rotary) model (engine.run_ring, as
       model.compiled_decode) and the speculative sampler's stack call of a round
-      (speculative.round_call, as model.compiled_round). Their shapes stay the same from call to call
+      (speculative.round_call, as model.compiled_round), and for rounds without a constraint the whole
+      round, draws and acceptance rule included (speculative.decided_round, as
+      model.compiled_decided_round). Their shapes stay the same from call to call
       (positions are tensors): a graph per token count and batch size (for a speculative batch that
       shrinks: its first size, one dynamic graph for the sizes between, and 1), compiled once.
     - Every other stack call (the collapse sampler's refinement, a learned-position window rebuilt at
@@ -173,6 +175,7 @@ def compile_samplers(model, backend='inductor'):
         model.transformer.h[i] = torch.compile(block, dynamic=True, backend=backend)
     model.compiled_decode = torch.compile(engine.run_ring, backend=backend, fullgraph=True)
     model.compiled_round = torch.compile(speculative.round_call, backend=backend, fullgraph=True)
+    model.compiled_decided_round = torch.compile(speculative.decided_round, backend=backend, fullgraph=True)
     return model
 
 

@@ -197,26 +197,29 @@ def test_a_sandwich_runs_every_sampler_past_the_block_edge():
         generate(model, idx, 5, Settings(temperature=0, policy='median', **COLLAPSE))
 
 
-@pytest.mark.parametrize('sampler,rows', [('causal', 1), ('speculative', 1), ('speculative', 3)])
-def test_compiled_samplers_write_the_same_text_and_compile_nothing_after_a_warm_up(sampler, rows):
-    """runtime.compile_samplers (sample.py --compile): the same greedy text as eager, and once
+@pytest.mark.parametrize('sampler,rows,temperature', [('causal', 1, 0), ('speculative', 1, 0), ('speculative', 3, 0),
+                                                      ('speculative', 3, 0.8)])
+def test_compiled_samplers_write_the_same_text_and_compile_nothing_after_a_warm_up(sampler, rows, temperature):
+    """runtime.compile_samplers (sample.py --compile): the same text as eager (greedy, and sampled
+    from the same seed: a speculative round draws its noise before the round), and once
     sampling.warm_up has run past the block edge, a longer generation compiles no new graph (the
     rotary tables do not grow under it; the ring cache keeps its shapes; rows that leave a batch
     meet batch sizes the warm-up met). The 'eager' backend traces as inductor would, without the C++ build."""
     import torch._dynamo
     model = train_pattern_model(n_future=2, pos_emb='rope', past_loss=1.0)  # a fresh model: rotary tables at their first size
-    idx, s = (torch.arange(10)[None] + torch.arange(rows)[:, None]) % 7, Settings(temperature=0, sampler=sampler)
+    idx = (torch.arange(10)[None] + torch.arange(rows)[:, None]) % 7
+    s, seed = Settings(temperature=temperature, top_k=5, sampler=sampler), lambda: torch.Generator().manual_seed(0)
     torch._dynamo.reset()
     try:
         runtime.compile_samplers(model, backend='eager')
         warm_up(model, idx, s)  # what sample.py runs before its samples
         graphs = torch._dynamo.utils.counters['stats']['unique_graphs']
-        compiled, _ = generate(model, idx, 200, s)  # far past the warm-up's positions
+        compiled, _ = generate(model, idx, 200, s, seed())  # far past the warm-up's positions
         for fewer in range(1, rows):  # every batch size its rows may leave behind
             generate(model, idx[:fewer], 30, s)
         assert torch._dynamo.utils.counters['stats']['unique_graphs'] == graphs, "a graph was compiled after the warm-up"
     finally:
         runtime.uncompile_samplers(model)
         torch._dynamo.reset()
-    eager, _ = generate(model, idx, 200, s)
+    eager, _ = generate(model, idx, 200, s, seed())
     assert torch.equal(compiled, eager)
