@@ -97,8 +97,9 @@ def token_probs(logits, s, temperature):
 
 
 def draw(probs, generator=None):
-    """One token per row of probs (..., V)."""
-    return torch.multinomial(probs.reshape(-1, probs.size(-1)), 1, generator=generator).view(probs.shape[:-1])
+    """One token per row of probs (..., V): an exponential race (race) on uniforms drawn from generator,
+    the same draw a compiled sampler step makes from uniforms drawn before it."""
+    return race(probs, exponential(torch.rand(probs.shape, generator=generator, device=probs.device)))
 
 
 def exponential(uniform):

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.nn import functional as F
 
+from generation.decoding import exponential, filtered_probs, race
 from modeling.layout import Context, visibility
 from modeling.solver import entropy_of_logits, iterate
 
@@ -262,6 +263,17 @@ def run_ring(model, idx, cache, queries=None):
     x, _ = model.causal_stream(model.token_states(idx, pos), pos, cache.layers, queries, mask=mask)
     cache.advance()
     return x
+
+
+def decided_step(model, token, cache, temperature, u, filters):
+    """The causal sampler's step as one function of tensors (runtime.compile_samplers compiles it whole):
+    the tokens (B, 1) through the stream into the ring (run_ring), then the next token (B, 1) drawn from
+    the head: greedy when temperature is None, else filtered by temperature (B,) and filters (top_k,
+    top_p, min_p) and drawn by an exponential race on the uniforms u (B, V) (decoding.race)."""
+    logits = model.logits(run_ring(model, token, cache, queries=1)[:, -1])
+    if temperature is None:
+        return logits.argmax(-1, keepdim=True)
+    return race(filtered_probs(logits, temperature[:, None], *filters), exponential(u))[:, None]
 
 
 @torch.no_grad()

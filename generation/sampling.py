@@ -121,6 +121,8 @@ def _generate_causal(model, idx, s, req, emit):
     else:
         cache = engine.KVCache()
         x = engine.run_causal(model, window, cache, queries=1)
+    if edge.rolls and req.constraint is None and not req.stats.detail:
+        return _generate_decided(model, x, cache, s, req, emit)
     for step in range(n):
         logits = model.logits(x[:, -1])
         token = sample_tokens(logits, s, req.generator, req.temperature(s, step), req.constraint, texts, step == n - 1)[:, None]
@@ -138,6 +140,28 @@ def _generate_causal(model, idx, s, req, emit):
             x = engine.run_causal(model, window, cache, queries=1)
         else:
             x = engine.run_causal(model, token, cache, queries=1)
+    return torch.cat(out, 1)
+
+
+def _generate_decided(model, x, cache, s, req, emit):
+    """The causal sampler of a rolling model without a constraint: after the prompt's states x, each
+    step runs as engine.decided_step (draw, then the stream on the drawn token; compiled whole by
+    runtime.compile_samplers) on uniforms drawn before it, which decoding.draw would draw: the
+    same text as drawing eagerly from the same seed."""
+    out, n, (B, V) = [], req.max_new_tokens, (x.size(0), model.config.vocab_size)
+    token = sample_tokens(model.logits(x[:, -1]), s, req.generator, req.temperature(s, 0))[:, None]
+    step_fn = getattr(model, 'compiled_decided_step', None) or engine.decided_step
+    for step in range(n):
+        out.append(token)
+        req.stats.add(model.config.n_loop, 1)
+        if emit(token) or step == n - 1:
+            break
+        temperature = req.temperature(s, step + 1)
+        engine.ensure_positions(model, cache.end + 1)
+        greedy = temperature == 0
+        token = step_fn(model, token, cache, None if greedy else torch.full((B,), float(temperature), device=x.device),
+                        None if greedy else torch.rand(B, V, generator=req.generator, device=x.device), (s.top_k, s.top_p, s.min_p))
+        cache.end += 1
     return torch.cat(out, 1)
 
 

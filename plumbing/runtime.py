@@ -145,7 +145,7 @@ def training_flops(model, B, T, passes=None, recipe=None):
     return B * total
 
 
-SAMPLER_STEPS = ('compiled_decode', 'compiled_round', 'compiled_decided_round')  # the model attributes compile_samplers sets
+SAMPLER_STEPS = ('compiled_decode', 'compiled_decided_step', 'compiled_round', 'compiled_decided_round')  # the model attributes compile_samplers sets
 
 
 def compile_samplers(model, backend='inductor'):
@@ -153,7 +153,8 @@ def compile_samplers(model, backend='inductor'):
     compiles every graph they meet (sample.py and bench.py run one, untimed). Two kinds:
     - Whole steps on a ring cache of fixed shape (engine.RingCache), cache writes and masks included:
       the causal sampler's one-token step of a rolling (rotary) model (engine.run_ring, as
-      model.compiled_decode) and the speculative sampler's stack call of a round
+      model.compiled_decode; without a constraint the draw too: engine.decided_step, as
+      model.compiled_decided_step) and the speculative sampler's stack call of a round
       (speculative.round_call, as model.compiled_round), and for rounds without a constraint the whole
       round, draws and acceptance rule included (speculative.decided_round, as
       model.compiled_decided_round). Their shapes stay the same from call to call
@@ -174,6 +175,7 @@ def compile_samplers(model, backend='inductor'):
     for i, block in enumerate(model.transformer.h):
         model.transformer.h[i] = torch.compile(block, dynamic=True, backend=backend)
     model.compiled_decode = torch.compile(engine.run_ring, backend=backend, fullgraph=True)
+    model.compiled_decided_step = torch.compile(engine.decided_step, backend=backend, fullgraph=True)
     model.compiled_round = torch.compile(speculative.round_call, backend=backend, fullgraph=True)
     model.compiled_decided_round = torch.compile(speculative.decided_round, backend=backend, fullgraph=True)
     return model

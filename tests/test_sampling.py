@@ -197,11 +197,11 @@ def test_a_sandwich_runs_every_sampler_past_the_block_edge():
         generate(model, idx, 5, Settings(temperature=0, policy='median', **COLLAPSE))
 
 
-@pytest.mark.parametrize('sampler,rows,temperature', [('causal', 1, 0), ('speculative', 1, 0), ('speculative', 3, 0),
-                                                      ('speculative', 3, 0.8)])
+@pytest.mark.parametrize('sampler,rows,temperature', [('causal', 1, 0), ('causal', 2, 0.8), ('speculative', 1, 0),
+                                                      ('speculative', 3, 0), ('speculative', 3, 0.8)])
 def test_compiled_samplers_write_the_same_text_and_compile_nothing_after_a_warm_up(sampler, rows, temperature):
     """runtime.compile_samplers (sample.py --compile): the same text as eager (greedy, and sampled
-    from the same seed: a speculative round draws its noise before the round), and once
+    from the same seed: a compiled step or round draws on noise drawn before it), and once
     sampling.warm_up has run past the block edge, a longer generation compiles no new graph (the
     rotary tables do not grow under it; the ring cache keeps its shapes; rows that leave a batch
     meet batch sizes the warm-up met). The 'eager' backend traces as inductor would, without the C++ build."""
