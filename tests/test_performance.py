@@ -325,10 +325,15 @@ def test_vs_nanogpt_times_our_sampler_through_its_wrapper(debug_gpt):
     assert seconds > 0 and [len(row) for row in ids] == [5, 5]
 
 
-def test_sample_profile_prints_the_ops_table(debug_gpt):
+def test_sample_profile_prints_the_ops_table(debug_gpt, pattern_data):
     run = debug_gpt
     result = run_script('tools/sample_profile.py', f'--out_dir={run}', '--tokens=8', '--rows=3', timeout=120)
     assert 'tokens/s unprofiled' in result.stdout and 'steps/s' in result.stdout
     assert sum(line.startswith('| aten::') for line in result.stdout.splitlines()) == 3, result.stdout
     result = run_script('tools/sample_profile.py', f'--out_dir={run}', '--sampler=speculative', check=False)
     assert result.returncode == 2 and 'needs a WFC model' in result.stderr
+    wfc = run.parent / 'wfc'  # a WFC checkpoint: the products of a round's six positions against one position's
+    assert run_inprocess('train.py', 'config/train_debug.py', f'--dataset={pattern_data}', '--n_future=2',
+                         '--pos_emb=rope', '--past_loss=1.0', f'--out_dir={wfc}')[0] == 0
+    result = run_script('tools/sample_profile.py', f'--out_dir={wfc}', '--tokens=8', '--rows=3', timeout=120)
+    assert 'over 6 (a speculative round of F = 2)' in result.stdout, result.stdout
