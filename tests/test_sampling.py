@@ -198,7 +198,7 @@ def test_a_sandwich_runs_every_sampler_past_the_block_edge():
 
 
 @pytest.mark.parametrize('sampler,rows,temperature', [('causal', 1, 0), ('causal', 2, 0.8), ('speculative', 1, 0),
-                                                      ('speculative', 3, 0), ('speculative', 3, 0.8)])
+                                                      ('speculative', 3, 0.8)])  # greedy rows leaving: tests above
 def test_compiled_samplers_write_the_same_text_and_compile_nothing_after_a_warm_up(sampler, rows, temperature):
     """runtime.compile_samplers (sample.py --compile): the same text as eager (greedy, and sampled
     from the same seed: a compiled step or round draws on noise drawn before it), and once
