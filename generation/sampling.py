@@ -144,10 +144,10 @@ def _generate_causal(model, idx, s, req, emit):
 
 
 def _generate_decided(model, x, cache, s, req, emit):
-    """The causal sampler of a rolling model without a constraint: after the prompt's states x, each
-    step runs as engine.decided_step (draw, then the stream on the drawn token; compiled whole by
-    runtime.compile_samplers) on uniforms drawn before it, which decoding.draw would draw: the
-    same text as drawing eagerly from the same seed."""
+    """The causal sampler of a rolling model without a constraint: the first token drawn from the
+    prompt's states x, then each step as engine.decided_step (the last token through the stream,
+    then the next one drawn; compiled whole by runtime.compile_samplers) on uniforms drawn before
+    it as decoding.draw draws them: the same text as drawing eagerly from the same seed."""
     out, n, (B, V) = [], req.max_new_tokens, (x.size(0), model.config.vocab_size)
     token = sample_tokens(model.logits(x[:, -1]), s, req.generator, req.temperature(s, 0))[:, None]
     step_fn = getattr(model, 'compiled_decided_step', None) or engine.decided_step

@@ -27,9 +27,15 @@ per row each entry's position; what a row rejects becomes a hole (its position s
 horizon), so no entry moves. The masks are
 written on positions (layout.visibility): a query sees its row's entries at positions up to its
 horizon and within block_size of it, which is the rolling window of the block edge with holes
-skipped. Drafting and the acceptance rule run on the rows that share a temperature together (per
-row under a constraint, which reads each row's text, or future='auto', which sizes each row's
-drafts); the stack call, the expensive part, runs once. Finished rows leave the batch.
+skipped. Finished rows leave the batch. Two ways to run a round, which read the same noise the same
+way (so they write the same text from a seed):
+- decided_round, without a constraint: the whole round as one function of tensors (drafts, the
+  stack call, the acceptance rule, the cache's holes; each row's temperature a tensor entry), which
+  runtime.compile_samplers compiles as one graph. Its randomness is drawn before it (noise) and
+  every token is drawn by an exponential race (decoding.race), so a graph holds no generator.
+- grouped_round, for the rest: drafting and the acceptance rule run on the rows that share a
+  temperature together (per row under a constraint, which reads each row's text, or
+  future='auto', which sizes each row's drafts); the stack call runs once.
 Draft length: k = F - 1, or with future='auto' the rule of decoding.live_slots on the drafts'
 entropies (the same rule that sizes the collapse sampler's window).
 """
@@ -360,8 +366,8 @@ def decide(model, cache, live, temperatures, s, req):
 
 def decides(s, req, temperatures, max_loop):
     """Whether a round can run as decided_round: no constraint, drafts of fixed length from one pass,
-    every row greedy or every row sampling."""
-    return (req.constraint is None and s.future == 'fixed' and max_loop == 1
+    every row greedy or every row sampling, and no entropy record (it reads the verifier's logits)."""
+    return (req.constraint is None and s.future == 'fixed' and max_loop == 1 and not req.stats.detail
             and (all(t == 0 for t in temperatures) or all(t > 0 for t in temperatures)))
 
 
@@ -377,7 +383,7 @@ def sample_rows(model, idx, s, req, on_tokens=None):
     while running:
         live = [rows[b] for b in running]
         temperatures = [req.temperature(s, row.produced) for row in live]
-        if decides(s, req, temperatures, max_loop) and not req.stats.detail:
+        if decides(s, req, temperatures, max_loop):
             settled = decide(model, cache, live, temperatures, s, req)
         else:
             settled, p_logits = grouped_round(model, cache, live, temperatures, s, req, max_loop, limits['tol'])
