@@ -336,10 +336,13 @@ def test_ctrl_c_in_sample_keeps_the_text_and_exits_130(paths):
     import subprocess
     import sys
     from conftest import ONE_THREAD
-    # -X faulthandler: if the interrupted process ever hangs, SIGABRT below prints where it is stuck
+    # -X faulthandler: if the interrupted process ever hangs, SIGABRT below prints where it is stuck.
+    # preexec_fn: Ctrl-C as at a terminal; a suite started in the background (`cmd &` in a script)
+    # hands its children SIGINT ignored, and a Python that starts so keeps ignoring it, as it should
     job = subprocess.Popen([sys.executable, '-X', 'faulthandler', os.path.join(REPO, 'sample.py'), f'--out_dir={paths["gpt"]}',
                             '--device=cpu', '--max_new_tokens=1000000', '--num_samples=1', '--start=ab'], cwd=REPO,
-                           env={**os.environ, **ONE_THREAD}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                           env={**os.environ, **ONE_THREAD}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     first = job.stdout.read(8)  # the prompt and six generated characters: generation has started
     job.send_signal(signal.SIGINT)
     try:  # the interrupted process only prints and exits: 600 s is a hang, even on a loaded machine
