@@ -72,6 +72,12 @@ def round_layout(n, n_future, device):
     return offsets, block, index, queries
 
 
+def round_positions(ends, n, layout):
+    """The positions of a round's n causal tokens (B, n) and of its future slots (B, n F), for rows
+    whose first new token sits at ends (B,)."""
+    return ends[:, None] + torch.arange(n, device=ends.device), ends[:, None] + layout[0]
+
+
 def round_mask(layout, ends, key_pos, spec_window, window):
     """The visibility (B, 1, queries, keys) of a round's queries over [the cache's columns at
     positions key_pos (B, capacity) (the round's n tokens among them; RingCache.HOLE: a hole), n F
@@ -104,7 +110,7 @@ def verify(model, cache, tokens, ends, max_loop=1, tol=None):
     (B, n), n_future = tokens.shape, model.config.n_future
     engine.ensure_positions(model, int(ends.max()) + n + n_future)
     layout = round_layout(n, n_future, str(tokens.device))
-    pos_c, pos_f = ends[:, None] + torch.arange(n, device=tokens.device), ends[:, None] + layout[0]
+    pos_c, pos_f = round_positions(ends, n, layout)
     call = getattr(model, 'compiled_round', None) or round_call
     logits, core, x0 = call(model, cache, tokens, ends, pos_c, pos_f, layout)
     future_logits = logits[:, n:]
@@ -327,18 +333,19 @@ def decided_round(model, cache, pending, ends, draft_logits, temperature, limit,
     kept) (2, B) and the next round's draft logits (B, k', V), the block behind each row's last
     accepted token."""
     (B, k, V), n_future = draft_logits.shape, layout[0].size(0) // (draft_logits.size(1) + 1)
-    uniform, races, last_noise = split_noise(u, k, V) if temperature is not None else (None, None, None)
+    uniform = last_noise = q = None
     if temperature is None:
-        drafts, q = draft_logits.argmax(-1), None
+        drafts = draft_logits.argmax(-1)
     else:
+        uniform, races, last_noise = split_noise(u, k, V)
         q = filtered_probs(draft_logits, temperature[:, None, None], *filters)
         drafts = race(q, races)
     tokens = torch.cat((pending, drafts), 1)
     n = k + 1
-    pos_c, pos_f = ends[:, None] + torch.arange(n, device=ends.device), ends[:, None] + layout[0]
+    pos_c, pos_f = round_positions(ends, n, layout)
     logits, _, _ = round_call(model, cache, tokens, ends, pos_c, pos_f, layout)
     verifier = logits[:, :n]
-    p = torch.softmax(verifier.float(), -1) if temperature is None else filtered_probs(verifier, temperature[:, None, None], *filters)
+    p = verifier if temperature is None else filtered_probs(verifier, temperature[:, None, None], *filters)  # greedy: accept reads argmax
     a, last = accept(p, q, drafts, uniform, last_noise)
     kept = torch.minimum(a + 1, limit)
     cache.advance(kept)
