@@ -147,11 +147,13 @@ def target_probs(logits, s, temperature, req, text, drafts, produced):
                       for i in range(probs.size(1))])[None]
 
 
-def noise(rows, k, V, generator, device):
-    """A round's randomness for `rows` rows with k drafts, drawn before the round (a compiled round
-    then holds no generator): uniforms (rows, k + (k + 1) V), which split_noise turns into what
-    draft and accept read."""
-    return torch.rand(rows, k + (k + 1) * V, generator=generator, device=device)
+def noise(rows, k, V, generator, device, rounds=1):
+    """The randomness of `rounds` rounds for a batch of `rows` rows with k drafts, drawn before them
+    (a compiled round then holds no generator): uniforms (rounds, rows, k + (k + 1) V), which
+    split_noise turns into what draft and accept read. Drawn for every row of the batch, finished
+    or not, so a row's noise does not depend on when the others finish or on how many rounds a call
+    runs (the CPU generator fills a tensor in order: one draw of R rounds is R draws of one)."""
+    return torch.rand(rounds, rows, k + (k + 1) * V, generator=generator, device=device)
 
 
 def split_noise(u, k, V):
@@ -306,14 +308,16 @@ def settle_all(live, proposals, p_logits, future_logits, s, req, uniform, last_n
     return settled
 
 
-def grouped_round(model, cache, live, temperatures, s, req, max_loop, tol):
+def grouped_round(model, cache, live, running, batch, temperatures, s, req, max_loop, tol):
     """A round drawn group by group (see groups): any constraint, future='auto', more draft passes,
-    temperatures of both kinds. Returns per row of live (committed tokens (1, m), accepted drafts)
-    and the round's verifier logits (len(live), n, V)."""
+    temperatures of both kinds. live: the Rows of the batch rows `running` (of `batch`). Returns per
+    row of live (committed tokens (1, m), accepted drafts) and the round's verifier logits
+    (len(live), n, V)."""
     k, V = live[0].draft_logits.size(1), model.config.vocab_size
     uniform = races = last_noise = None
     if any(t > 0 for t in temperatures):
-        uniform, races, last_noise = split_noise(noise(len(live), k, V, req.generator, live[0].pending.device), k, V)
+        u = noise(batch, k, V, req.generator, live[0].pending.device)[0, running]
+        uniform, races, last_noise = split_noise(u, k, V)
     proposals = propose(live, temperatures, s, req, races)
     tokens = round_tokens(live, proposals)
     ends = torch.tensor([row.end for row in live], device=tokens.device)
@@ -354,21 +358,46 @@ def decided_round(model, cache, pending, ends, draft_logits, temperature, limit,
     return committed, torch.stack((a, kept)), future[torch.arange(B, device=a.device), a, 1:]
 
 
-def decide(model, cache, live, temperatures, s, req):
-    """A round through decided_round (compiled when runtime.compile_samplers made model.compiled_decided_round):
-    per row of live (committed tokens (1, m), accepted drafts)."""
+def decided_rounds(model, cache, pending, ends, draft_logits, temperature, limit, u, filters, layout, rounds):
+    """`rounds` rounds of decided_round in one function (runtime.compile_samplers compiles it as one
+    graph: a call's fixed cost, dynamo's guards and the Python around it, is then paid once per
+    `rounds` rounds). The state a round hands the next stays in tensors: its last kept token becomes
+    pending, positions and limits move by what each row kept. A row that reaches its limit keeps
+    nothing in the rounds after. u: (rounds, B, ...) noise (None when greedy); the rest as
+    decided_round. Returns the committed tokens (rounds, B, k + 1), (a, kept) (rounds, 2, B) and the
+    draft logits behind each row's last accepted token after the last round."""
+    committed, counts = [], []
+    for r in range(rounds):
+        tokens, count, draft_logits = decided_round(model, cache, pending, ends, draft_logits, temperature, limit,
+                                                    None if u is None else u[r], filters, layout)
+        kept = count[1]
+        last = tokens.gather(1, (kept - 1).clamp(min=0)[:, None])
+        pending = torch.where(kept[:, None] > 0, last, pending)
+        ends, limit = ends + kept, limit - kept
+        committed.append(tokens)
+        counts.append(count)
+    return torch.stack(committed), torch.stack(counts), draft_logits
+
+
+def decide(model, cache, live, running, batch, temperatures, s, req):
+    """Rounds through decided_rounds (compiled when runtime.compile_samplers made
+    model.compiled_decided_rounds, which also sets how many a call runs: model.rounds_per_call; one
+    eagerly, and one while drafting starts or a temperature schedule moves). live: the Rows of the
+    batch rows `running` (of `batch`). Returns per round, per row of live, (committed tokens (1, m),
+    accepted drafts) and the next round's draft logits (len(live), k, V)."""
     device, k, V = live[0].pending.device, live[0].draft_logits.size(1), model.config.vocab_size
-    engine.ensure_positions(model, max(row.end for row in live) + 1 + k + model.config.n_future)
+    rounds = getattr(model, 'rounds_per_call', 1) if k and req.schedule is None else 1
+    engine.ensure_positions(model, max(row.end for row in live) + rounds * (1 + k) + model.config.n_future)
     greedy = temperatures[0] == 0
-    step = getattr(model, 'compiled_decided_round', None) or decided_round
+    step = getattr(model, 'compiled_decided_rounds', None) or decided_rounds
     committed, counts, next_drafts = step(
         model, cache, torch.cat([row.pending for row in live]), torch.tensor([row.end for row in live], device=device),
         torch.cat([row.draft_logits for row in live]), None if greedy else torch.tensor(temperatures, device=device),
         torch.tensor([req.max_new_tokens - row.produced for row in live], device=device),
-        None if greedy else noise(len(live), k, V, req.generator, device), (s.top_k, s.top_p, s.min_p),
-        round_layout(k + 1, model.config.n_future, str(device)))
-    return [commit(row, committed[j:j + 1, :kept], a, k, next_drafts[j:j + 1], req)
-            for j, (row, (a, kept)) in enumerate(zip(live, counts.t().tolist()))]
+        None if greedy else noise(batch, k, V, req.generator, device, rounds)[:, running], (s.top_k, s.top_p, s.min_p),
+        round_layout(k + 1, model.config.n_future, str(device)), rounds)
+    return [[(committed[r, j:j + 1, :kept], a) for j, (a, kept) in enumerate(count.t().tolist())]
+            for r, count in enumerate(counts)], next_drafts
 
 
 def decides(s, req, temperatures, max_loop):
@@ -383,26 +412,40 @@ def sample_rows(model, idx, s, req, on_tokens=None):
     accepts its own number of drafts; its rejected entries stay in the cache as holes). Returns each
     row's new tokens [(1, n_b)] (a row ends at max_new_tokens or when on_tokens(b, ids) says so) and
     the cache of the rows that ran the last round (per row, the keys/values of every committed token
-    in the window but the last one's, which is pending)."""
+    in the window but the last one's, which is pending; a row that on_tokens ended inside a call of
+    several rounds (decide) also holds what it committed after)."""
     cache, rows = prefill(model, idx)
     limits = s.limits(model, drafts=True)  # drafts: one pass unless asked
     max_loop, running = limits['max_loop'], list(range(idx.size(0)))
     while running:
         live = [rows[b] for b in running]
         temperatures = [req.temperature(s, row.produced) for row in live]
+        going = list(range(len(live)))  # the rows of live that have not ended
         if decides(s, req, temperatures, max_loop):
-            settled = decide(model, cache, live, temperatures, s, req)
+            proposed = live[0].draft_logits.size(1)
+            results, next_drafts = decide(model, cache, live, running, len(rows), temperatures, s, req)
+            for result in results:  # a call's rounds in order; a row that ends skips the rest
+                settled = {i: commit(live[i], *result[i], proposed, next_drafts[i:i + 1], req) for i in going}
+                going = close_round(rows, running, going, settled, (), max_loop, req, on_tokens)
         else:
-            settled, p_logits = grouped_round(model, cache, live, temperatures, s, req, max_loop, limits['tol'])
-        kept = sum(committed.size(1) for committed, _ in settled)
-        bits = [entropy_bits(p_logits[0, settled[0][1]])[0].item()] if req.stats.detail else ()  # the first running row's
-        req.stats.add(max_loop, kept / len(rows), bits, calls=max_loop)  # per row of the batch: they sum to a row's length
-        still = [i for i, (b, (committed, _)) in enumerate(zip(running, settled))
-                 if not ended(rows[b], b, committed, req, on_tokens)]
-        if still and len(still) < len(running):  # the others leave the batch; the last rows keep the cache
-            cache = cache.select(torch.tensor(still, dtype=torch.long, device=idx.device))
-        running = [running[i] for i in still]
+            settled, p_logits = grouped_round(model, cache, live, running, len(rows), temperatures, s, req, max_loop,
+                                              limits['tol'])
+            bits = [entropy_bits(p_logits[0, settled[0][1]])[0].item()] if req.stats.detail else ()  # the first running row's
+            going = close_round(rows, running, going, dict(enumerate(settled)), bits, max_loop, req, on_tokens)
+        if going and len(going) < len(running):  # the others leave the batch; the last rows keep the cache
+            cache = cache.select(torch.tensor(going, dtype=torch.long, device=idx.device))
+        running = [running[i] for i in going]
     return [torch.cat(row.out, 1) for row in rows], cache
+
+
+def close_round(rows, running, going, settled, bits, max_loop, req, on_tokens):
+    """A round's statistics and endings: settled maps each row of `going` (indices into running) to
+    what it committed (committed tokens (1, m), accepted drafts); returns the rows still going."""
+    if not going:
+        return going  # a round a call ran after every row had ended: nothing to count
+    kept = sum(settled[i][0].size(1) for i in going)
+    req.stats.add(max_loop, kept / len(rows), bits, calls=max_loop)  # per row of the batch: they sum to a row's length
+    return [i for i in going if not ended(rows[running[i]], running[i], settled[i][0], req, on_tokens)]
 
 
 def ended(row, b, committed, req, on_tokens):

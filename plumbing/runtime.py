@@ -145,7 +145,9 @@ def training_flops(model, B, T, passes=None, recipe=None):
     return B * total
 
 
-SAMPLER_STEPS = ('compiled_decode', 'compiled_decided_step', 'compiled_round', 'compiled_decided_round')  # the model attributes compile_samplers sets
+SAMPLER_STEPS = ('compiled_decode', 'compiled_decided_step', 'compiled_round', 'compiled_decided_rounds',
+                 'rounds_per_call')  # the model attributes compile_samplers sets
+ROUNDS_PER_CALL = 4  # speculative rounds per compiled call: see compile_samplers
 
 
 def compile_samplers(model, backend='inductor'):
@@ -155,9 +157,14 @@ def compile_samplers(model, backend='inductor'):
       the causal sampler's one-token step of a rolling (rotary) model (engine.run_ring, as
       model.compiled_decode; without a constraint the draw too: engine.decided_step, as
       model.compiled_decided_step) and the speculative sampler's stack call of a round
-      (speculative.round_call, as model.compiled_round), and for rounds without a constraint the whole
-      round, draws and acceptance rule included (speculative.decided_round, as
-      model.compiled_decided_round). Their shapes stay the same from call to call
+      (speculative.round_call, as model.compiled_round), and for rounds without a constraint
+      ROUNDS_PER_CALL whole rounds, draws and acceptance rule included, in one graph
+      (speculative.decided_rounds, as model.compiled_decided_rounds; model.rounds_per_call says how
+      many). A call's fixed cost (dynamo's guard check, the runtime wrappers, the Python around it:
+      about a third of a one-round call at batch 1 on a 2-core CPU) is then paid once per
+      ROUNDS_PER_CALL rounds; a longer graph takes longer to build (about 3x for 4 rounds on the CPU),
+      and a generation runs up to ROUNDS_PER_CALL - 1 rounds past its end. Eager, a call runs one
+      round: the same text from a seed either way (speculative.noise). Their shapes stay the same from call to call
       (positions are tensors): a graph per token count and batch size (for a speculative batch that
       shrinks: its first size, one dynamic graph for the sizes between, and 1), compiled once.
     - Every other stack call (the collapse sampler's refinement, a learned-position window rebuilt at
@@ -177,7 +184,8 @@ def compile_samplers(model, backend='inductor'):
     model.compiled_decode = torch.compile(engine.run_ring, backend=backend, fullgraph=True)
     model.compiled_decided_step = torch.compile(engine.decided_step, backend=backend, fullgraph=True)
     model.compiled_round = torch.compile(speculative.round_call, backend=backend, fullgraph=True)
-    model.compiled_decided_round = torch.compile(speculative.decided_round, backend=backend, fullgraph=True)
+    model.compiled_decided_rounds = torch.compile(speculative.decided_rounds, backend=backend, fullgraph=True)
+    model.rounds_per_call = ROUNDS_PER_CALL
     return model
 
 

@@ -190,6 +190,26 @@ def test_a_whole_round_as_one_function_draws_what_the_grouped_round_draws(checkp
         assert (runs[-1][0][1] == -1).any(), "row 1 ended early"
 
 
+@pytest.mark.parametrize('temperature', [0.8, 0])
+def test_several_rounds_per_call_write_the_text_of_one_round_per_call(checkpoints, temperature, monkeypatch):
+    """decided_rounds (what a compiled sampler runs: runtime.ROUNDS_PER_CALL rounds per call) and one
+    round per call: from the same seed the same text and the same acceptance, with a row that
+    on_tokens ends inside a call and rows that reach max_new_tokens inside one (the rounds after a
+    row's end are run and thrown away). The rounds counted are those some row still needed."""
+    model, s, runs = checkpoints['F4'], Settings(temperature=temperature, top_k=5, sampler='speculative'), []
+    step = speculative.decided_rounds
+    for rounds in (1, 3):
+        monkeypatch.setattr(model, 'rounds_per_call', rounds, raising=False)
+        stats, calls = [], []
+        monkeypatch.setattr(speculative, 'decided_rounds', lambda *a: calls.append(a[-1]) or step(*a))
+        out, record = generate(model, PROMPTS, 31, s, torch.Generator().manual_seed(4),
+                               on_tokens=lambda b, ids: b == 1 and record_len(stats, ids) >= 12)
+        runs.append((out, record.summary()['acceptance'], record.summary()['steps']))
+        assert set(calls[1:]) == {rounds} and calls[0] == 1, calls  # the first round has no drafts: one round
+    assert torch.equal(runs[0][0], runs[1][0]) and runs[0][1:] == runs[1][1:]
+    assert (runs[0][0][1] == -1).any() and (runs[0][0] != -1).all(1).any(), "row 1 ended early, another ran to the end"
+
+
 def record_len(stats, ids):
     stats.extend(ids)
     return len(stats)
