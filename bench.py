@@ -259,7 +259,7 @@ def use_compiled(model, compiled):
     blocks, steps = compiled
     for i, block in enumerate(blocks):
         model.transformer.h[i] = block
-    for name in runtime.SAMPLER_STEPS:
+    for name in runtime.SAMPLER_ATTRIBUTES:
         model.__dict__.pop(name, None)
     model.__dict__.update(steps)
 
@@ -304,7 +304,7 @@ def compiled_samplers(model):
     """The model's compiled samplers (runtime.compile_samplers) as (blocks, steps), the eager ones left in place."""
     eager = list(model.transformer.h)
     runtime.compile_samplers(model)
-    compiled = (list(model.transformer.h), {name: getattr(model, name) for name in runtime.SAMPLER_STEPS})
+    compiled = (list(model.transformer.h), {name: getattr(model, name) for name in runtime.SAMPLER_ATTRIBUTES})
     use_compiled(model, (eager, {}))
     return compiled
 

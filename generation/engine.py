@@ -276,6 +276,17 @@ def decided_step(model, token, cache, temperature, u, filters):
     return race(filtered_probs(logits, temperature[:, None], *filters), exponential(u))[:, None]
 
 
+def decided_steps(model, token, cache, temperature, u, filters, steps):
+    """`steps` decided_steps in one function, each feeding the token the one before drew (what
+    runtime.compile_samplers compiles: a call's fixed cost paid once per `steps` tokens). u: (steps,
+    B, V) uniforms (None when greedy). Returns the drawn tokens (B, steps)."""
+    drawn = []
+    for i in range(steps):
+        token = decided_step(model, token, cache, temperature, None if u is None else u[i], filters)
+        drawn.append(token)
+    return torch.cat(drawn, 1)
+
+
 @torch.no_grad()
 def decode_ring(model, idx, cache, queries=None):
     """Run idx (B, n) after a RingCache whose rows advance in step and return the final states (of the

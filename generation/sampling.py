@@ -145,24 +145,30 @@ def _generate_causal(model, idx, s, req, emit):
 
 def _generate_decided(model, x, cache, s, req, emit):
     """The causal sampler of a rolling model without a constraint: the first token drawn from the
-    prompt's states x, then each step as engine.decided_step (the last token through the stream,
-    then the next one drawn; compiled whole by runtime.compile_samplers) on uniforms drawn before
-    it as decoding.draw draws them: the same text as drawing eagerly from the same seed."""
+    prompt's states x, then the steps as engine.decided_steps (the last token through the stream,
+    then the next one drawn; compiled whole by runtime.compile_samplers, which sets how many steps a
+    call runs: model.rounds_per_call; one eagerly, and one while a temperature schedule moves) on
+    uniforms drawn before them as decoding.draw draws them: the same text as drawing eagerly, one
+    step at a time, from the same seed. A call may run past the end; what it drew there is dropped."""
     out, n, (B, V) = [], req.max_new_tokens, (x.size(0), model.config.vocab_size)
     token = sample_tokens(model.logits(x[:, -1]), s, req.generator, req.temperature(s, 0))[:, None]
-    step_fn = getattr(model, 'compiled_decided_step', None) or engine.decided_step
-    for step in range(n):
-        out.append(token)
-        req.stats.add(model.config.n_loop, 1)
-        if emit(token) or step == n - 1:
-            break
-        temperature = req.temperature(s, step + 1)
-        engine.ensure_positions(model, cache.end + 1)
+    step_fn = getattr(model, 'compiled_decided_steps', None) or engine.decided_steps
+    per_call = getattr(model, 'rounds_per_call', 1) if req.schedule is None else 1
+    drawn = [token]  # tokens drawn, not yet handed out
+    while True:
+        for token in drawn:
+            out.append(token)
+            req.stats.add(model.config.n_loop, 1)
+            if emit(token) or len(out) == n:
+                return torch.cat(out, 1)
+        temperature = req.temperature(s, len(out))
+        engine.ensure_positions(model, cache.end + per_call)
         greedy = temperature == 0
-        token = step_fn(model, token, cache, None if greedy else torch.full((B,), float(temperature), device=x.device),
-                        None if greedy else torch.rand(B, V, generator=req.generator, device=x.device), (s.top_k, s.top_p, s.min_p))
-        cache.end += 1
-    return torch.cat(out, 1)
+        tokens = step_fn(model, token, cache, None if greedy else torch.full((B,), float(temperature), device=x.device),
+                         None if greedy else torch.rand(per_call, B, V, generator=req.generator, device=x.device),
+                         (s.top_k, s.top_p, s.min_p), per_call)
+        cache.end += per_call
+        drawn = tokens.split(1, 1)
 
 
 def choose_slots(policy, bits, open_, tau):

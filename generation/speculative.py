@@ -31,8 +31,10 @@ skipped. Finished rows leave the batch. Two ways to run a round, which read the 
 way (so they write the same text from a seed):
 - decided_round, without a constraint: the whole round as one function of tensors (drafts, the
   stack call, the acceptance rule, the cache's holes; each row's temperature a tensor entry), which
-  runtime.compile_samplers compiles as one graph. Its randomness is drawn before it (noise) and
-  every token is drawn by an exponential race (decoding.race), so a graph holds no generator.
+  runtime.compile_samplers compiles as one graph of several rounds (decided_rounds: the state
+  between rounds stays in tensors). Its randomness is drawn before it (noise, per row of the whole
+  batch) and every token is drawn by an exponential race (decoding.race), so a graph holds no
+  generator, and the text from a seed is the same whatever the rounds per call.
 - grouped_round, for the rest: drafting and the acceptance rule run on the rows that share a
   temperature together (per row under a constraint, which reads each row's text, or
   future='auto', which sizes each row's drafts); the stack call runs once.

@@ -145,9 +145,9 @@ def training_flops(model, B, T, passes=None, recipe=None):
     return B * total
 
 
-SAMPLER_STEPS = ('compiled_decode', 'compiled_decided_step', 'compiled_round', 'compiled_decided_rounds',
-                 'rounds_per_call')  # the model attributes compile_samplers sets
-ROUNDS_PER_CALL = 4  # speculative rounds per compiled call: see compile_samplers
+SAMPLER_ATTRIBUTES = ('compiled_decode', 'compiled_decided_steps', 'compiled_round', 'compiled_decided_rounds',
+                      'rounds_per_call')  # the model attributes compile_samplers sets
+ROUNDS_PER_CALL = 4  # sampler steps (causal) or rounds (speculative) per compiled call: see compile_samplers
 
 
 def compile_samplers(model, backend='inductor'):
@@ -155,18 +155,19 @@ def compile_samplers(model, backend='inductor'):
     compiles every graph they meet (sample.py and bench.py run one, untimed). Two kinds:
     - Whole steps on a ring cache of fixed shape (engine.RingCache), cache writes and masks included:
       the causal sampler's one-token step of a rolling (rotary) model (engine.run_ring, as
-      model.compiled_decode; without a constraint the draw too: engine.decided_step, as
-      model.compiled_decided_step) and the speculative sampler's stack call of a round
-      (speculative.round_call, as model.compiled_round), and for rounds without a constraint
-      ROUNDS_PER_CALL whole rounds, draws and acceptance rule included, in one graph
-      (speculative.decided_rounds, as model.compiled_decided_rounds; model.rounds_per_call says how
-      many). A call's fixed cost (dynamo's guard check, the runtime wrappers, the Python around it:
-      about a third of a one-round call at batch 1 on a 2-core CPU) is then paid once per
-      ROUNDS_PER_CALL rounds; a longer graph takes longer to build (about 3x for 4 rounds on the CPU),
-      and a generation runs up to ROUNDS_PER_CALL - 1 rounds past its end. Eager, a call runs one
-      round: the same text from a seed either way (speculative.noise). Their shapes stay the same from call to call
-      (positions are tensors): a graph per token count and batch size (for a speculative batch that
-      shrinks: its first size, one dynamic graph for the sizes between, and 1), compiled once.
+      model.compiled_decode) and the speculative sampler's stack call of a round
+      (speculative.round_call, as model.compiled_round); without a constraint the draws and the
+      acceptance rule too, ROUNDS_PER_CALL steps or rounds in one graph (engine.decided_steps as
+      model.compiled_decided_steps, speculative.decided_rounds as model.compiled_decided_rounds;
+      model.rounds_per_call says how many). A call's fixed cost (dynamo's guard check, the runtime
+      wrappers, the Python around it: about a third of a one-round call at batch 1 on a 2-core CPU)
+      is then paid once per ROUNDS_PER_CALL; a longer graph takes longer to build (about 3x for 4
+      rounds on the CPU), and a generation runs up to ROUNDS_PER_CALL - 1 of them past its end.
+      Eagerly a call runs one: the same text from a seed either way (the noise of several is drawn
+      as one tensor, which the CPU generator fills in the order of separate draws). Their shapes
+      stay the same from call to call (positions are tensors): a graph per token count and batch
+      size (for a speculative batch that shrinks: its first size, one dynamic graph for the sizes
+      between, and 1), compiled once.
     - Every other stack call (the collapse sampler's refinement, a learned-position window rebuilt at
       the edge): each block on its own with dynamic shapes. The samplers' own Python (windows, masks,
       draws) stays eager; a block sees a handful of variants (cached keys or not, a mask or none, one
@@ -182,7 +183,7 @@ def compile_samplers(model, backend='inductor'):
     for i, block in enumerate(model.transformer.h):
         model.transformer.h[i] = torch.compile(block, dynamic=True, backend=backend)
     model.compiled_decode = torch.compile(engine.run_ring, backend=backend, fullgraph=True)
-    model.compiled_decided_step = torch.compile(engine.decided_step, backend=backend, fullgraph=True)
+    model.compiled_decided_steps = torch.compile(engine.decided_steps, backend=backend, fullgraph=True)
     model.compiled_round = torch.compile(speculative.round_call, backend=backend, fullgraph=True)
     model.compiled_decided_rounds = torch.compile(speculative.decided_rounds, backend=backend, fullgraph=True)
     model.rounds_per_call = ROUNDS_PER_CALL
@@ -192,7 +193,7 @@ def compile_samplers(model, backend='inductor'):
 def uncompile_samplers(model):
     """Undo compile_samplers: the eager blocks and steps again."""
     model.transformer.h = torch.nn.ModuleList([getattr(b, '_orig_mod', b) for b in model.transformer.h])
-    for name in SAMPLER_STEPS:
+    for name in SAMPLER_ATTRIBUTES:
         model.__dict__.pop(name, None)
     return model
 
