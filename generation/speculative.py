@@ -153,8 +153,9 @@ def noise(rows, k, V, generator, device, rounds=1):
     """The randomness of `rounds` rounds for a batch of `rows` rows with k drafts, drawn before them
     (a compiled round then holds no generator): uniforms (rounds, rows, k + (k + 1) V), which
     split_noise turns into what draft and accept read. Drawn for every row of the batch, finished
-    or not, so a row's noise does not depend on when the others finish or on how many rounds a call
-    runs (the CPU generator fills a tensor in order: one draw of R rounds is R draws of one)."""
+    or not, so a row's noise does not depend on when the others finish, nor, on the CPU, on how many
+    rounds a call runs (its generator fills a tensor in order: one draw of R rounds is R draws of
+    one; CUDA's is counter-based, so there the text differs, its distribution does not)."""
     return torch.rand(rounds, rows, k + (k + 1) * V, generator=generator, device=device)
 
 

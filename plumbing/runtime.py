@@ -163,8 +163,8 @@ def compile_samplers(model, backend='inductor'):
       wrappers, the Python around it: about a third of a one-round call at batch 1 on a 2-core CPU)
       is then paid once per ROUNDS_PER_CALL; a longer graph takes longer to build (about 3x for 4
       rounds on the CPU), and a generation runs up to ROUNDS_PER_CALL - 1 of them past its end.
-      Eagerly a call runs one: the same text from a seed either way (the noise of several is drawn
-      as one tensor, which the CPU generator fills in the order of separate draws). Their shapes
+      Eagerly a call runs one: on the CPU the same text from a seed either way (the noise of several
+      is drawn as one tensor, which the CPU generator fills in the order of separate draws). Their shapes
       stay the same from call to call (positions are tensors): a graph per token count and batch
       size (for a speculative batch that shrinks: its first size, one dynamic graph for the sizes
       between, and 1), compiled once.
