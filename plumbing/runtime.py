@@ -161,8 +161,8 @@ def compile_samplers(model, backend='inductor'):
       model.compiled_decided_steps, speculative.decided_rounds as model.compiled_decided_rounds;
       model.rounds_per_call says how many). A call's fixed cost (dynamo's guard check, the runtime
       wrappers, the Python around it: about a third of a one-round call at batch 1 on a 2-core CPU)
-      is then paid once per ROUNDS_PER_CALL; a longer graph takes longer to build (about 3x for 4
-      rounds on the CPU), and a generation runs up to ROUNDS_PER_CALL - 1 of them past its end.
+      is then paid once per ROUNDS_PER_CALL; a longer graph takes longer to build (sample.py's
+      warm-up: about 2x on the CPU with an empty inductor cache), and a generation runs up to ROUNDS_PER_CALL - 1 of them past its end.
       Eagerly a call runs one: on the CPU the same text from a seed either way (the noise of several
       is drawn as one tensor, which the CPU generator fills in the order of separate draws). Their shapes
       stay the same from call to call (positions are tensors): a graph per token count and batch
