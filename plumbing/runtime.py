@@ -160,14 +160,14 @@ def compile_samplers(model, backend='inductor'):
       acceptance rule too, ROUNDS_PER_CALL steps or rounds in one graph (engine.decided_steps as
       model.compiled_decided_steps, speculative.decided_rounds as model.compiled_decided_rounds;
       model.rounds_per_call says how many). A call's fixed cost (dynamo's guard check, the runtime
-      wrappers, the Python around it: about a third of a one-round call at batch 1 on a 2-core CPU)
-      is then paid once per ROUNDS_PER_CALL; a longer graph takes longer to build (sample.py's
-      warm-up: about 2x on the CPU with an empty inductor cache), and a generation runs up to ROUNDS_PER_CALL - 1 of them past its end.
-      Eagerly a call runs one: on the CPU the same text from a seed either way (the noise of several
-      is drawn as one tensor, which the CPU generator fills in the order of separate draws). Their shapes
-      stay the same from call to call (positions are tensors): a graph per token count and batch
-      size (for a speculative batch that shrinks: its first size, one dynamic graph for the sizes
-      between, and 1), compiled once.
+      wrappers, the Python around it: large beside a batch-1 round's kernels on a CPU) is then paid
+      once per ROUNDS_PER_CALL; a longer graph takes longer to build (sample.py's
+      warm-up: about 2x on the CPU with an empty inductor cache), and a generation runs up to
+      ROUNDS_PER_CALL - 1 of them past its end. Eagerly a call runs one: on the CPU the same text
+      from a seed either way (the noise of several is drawn as one tensor, which the CPU generator
+      fills in the order of separate draws). Their shapes stay the same from call to call
+      (positions are tensors): a graph per token count and batch size (for a speculative batch
+      that shrinks: its first size, one dynamic graph for the sizes between, and 1), compiled once.
     - Every other stack call (the collapse sampler's refinement, a learned-position window rebuilt at
       the edge): each block on its own with dynamic shapes. The samplers' own Python (windows, masks,
       draws) stays eager; a block sees a handful of variants (cached keys or not, a mask or none, one
