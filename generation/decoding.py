@@ -211,6 +211,12 @@ class Request:
     def temperature(self, s, produced):
         return s.temperature if self.schedule is None else self.schedule(produced / self.max_new_tokens)
 
+    def rounds_per_call(self, model):
+        """How many steps (causal) or rounds (speculative) one call of a sampler runs:
+        model.rounds_per_call where runtime.compile_samplers set it (1 eagerly), and 1 while a
+        temperature schedule moves the temperature from one to the next."""
+        return getattr(model, 'rounds_per_call', 1) if self.schedule is None else 1
+
 
 def live_slots(bits, tau):
     """future='auto': how many future slots are worth keeping, from row 0's entropy curve (bits): the

@@ -153,7 +153,7 @@ def _generate_decided(model, x, cache, s, req, emit):
     out, n, (B, V) = [], req.max_new_tokens, (x.size(0), model.config.vocab_size)
     token = sample_tokens(model.logits(x[:, -1]), s, req.generator, req.temperature(s, 0))[:, None]
     step_fn = getattr(model, 'compiled_decided_steps', None) or engine.decided_steps
-    per_call = getattr(model, 'rounds_per_call', 1) if req.schedule is None else 1
+    per_call = req.rounds_per_call(model)
     drawn = [token]  # tokens drawn, not yet handed out
     while True:
         for token in drawn:

@@ -374,8 +374,7 @@ def decided_rounds(model, cache, pending, ends, draft_logits, temperature, limit
         tokens, count, draft_logits = decided_round(model, cache, pending, ends, draft_logits, temperature, limit,
                                                     None if u is None else u[r], filters, layout)
         kept = count[1]
-        last = tokens.gather(1, (kept - 1).clamp(min=0)[:, None])
-        pending = torch.where(kept[:, None] > 0, last, pending)
+        pending = tokens.gather(1, (kept - 1).clamp(min=0)[:, None])  # a row at its limit keeps nothing: its feed is moot
         ends, limit = ends + kept, limit - kept
         committed.append(tokens)
         counts.append(count)
@@ -389,7 +388,7 @@ def decide(model, cache, live, running, batch, temperatures, s, req):
     batch rows `running` (of `batch`). Returns per round, per row of live, (committed tokens (1, m),
     accepted drafts) and the next round's draft logits (len(live), k, V)."""
     device, k, V = live[0].pending.device, live[0].draft_logits.size(1), model.config.vocab_size
-    rounds = getattr(model, 'rounds_per_call', 1) if k and req.schedule is None else 1
+    rounds = req.rounds_per_call(model) if k else 1  # the first round has no drafts: a shape of its own
     engine.ensure_positions(model, max(row.end for row in live) + rounds * (1 + k) + model.config.n_future)
     greedy = temperatures[0] == 0
     step = getattr(model, 'compiled_decided_rounds', None) or decided_rounds
@@ -399,8 +398,8 @@ def decide(model, cache, live, running, batch, temperatures, s, req):
         torch.tensor([req.max_new_tokens - row.produced for row in live], device=device),
         None if greedy else noise(batch, k, V, req.generator, device, rounds)[:, running], (s.top_k, s.top_p, s.min_p),
         round_layout(k + 1, model.config.n_future, str(device)), rounds)
-    return [[(committed[r, j:j + 1, :kept], a) for j, (a, kept) in enumerate(count.t().tolist())]
-            for r, count in enumerate(counts)], next_drafts
+    return [[(committed[r, j:j + 1, :kept], a) for j, (a, kept) in enumerate(zip(*count))]
+            for r, count in enumerate(counts.tolist())], next_drafts  # one read-back per call
 
 
 def decides(s, req, temperatures, max_loop):
