@@ -150,20 +150,21 @@ SAMPLER_ATTRIBUTES = ('compiled_decode', 'compiled_decided_steps', 'compiled_rou
 ROUNDS_PER_CALL = 4  # sampler steps (causal) or rounds (speculative) per compiled call: see compile_samplers
 
 
-def compile_samplers(model, backend='inductor'):
+def compile_samplers(model, backend='inductor', rounds_per_call=ROUNDS_PER_CALL):
     """torch.compile what the samplers run, after which a warm-up generation past the block edge
     compiles every graph they meet (sample.py and bench.py run one, untimed). Two kinds:
     - Whole steps on a ring cache of fixed shape (engine.RingCache), cache writes and masks included:
       the causal sampler's one-token step of a rolling (rotary) model (engine.run_ring, as
       model.compiled_decode) and the speculative sampler's stack call of a round
       (speculative.round_call, as model.compiled_round); without a constraint the draws and the
-      acceptance rule too, ROUNDS_PER_CALL steps or rounds in one graph (engine.decided_steps as
+      acceptance rule too, rounds_per_call steps or rounds in one graph (engine.decided_steps as
       model.compiled_decided_steps, speculative.decided_rounds as model.compiled_decided_rounds;
       model.rounds_per_call says how many). A call's fixed cost (dynamo's guard check, the runtime
       wrappers, the Python around it: large beside a batch-1 round's kernels on a CPU) is then paid
-      once per ROUNDS_PER_CALL; a longer graph takes longer to build (sample.py's
-      warm-up: about 2x on the CPU with an empty inductor cache), and a generation runs up to
-      ROUNDS_PER_CALL - 1 of them past its end. Eagerly a call runs one: on the CPU the same text
+      once per rounds_per_call; a longer graph takes longer to build (sample.py's warm-up at 4
+      against 1: about 2x on the CPU with an empty inductor cache; tracing time grows with it too,
+      which is why the tests trace 2), and a generation runs up to rounds_per_call - 1 of them past
+      its end. Eagerly a call runs one: on the CPU the same text
       from a seed either way (the noise of several is drawn as one tensor, which the CPU generator
       fills in the order of separate draws). Their shapes stay the same from call to call
       (positions are tensors): a graph per token count and batch size (for a speculative batch
@@ -177,6 +178,8 @@ def compile_samplers(model, backend='inductor'):
     Returns model."""
     import torch._dynamo
     from generation import engine, speculative  # the steps live with the samplers
+    if rounds_per_call < 1:
+        raise ValueError(f"rounds_per_call must be at least 1, got {rounds_per_call}")
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     if model.rotary is not None:
         model.rotary.ensure(1 << 17)
@@ -186,7 +189,7 @@ def compile_samplers(model, backend='inductor'):
     model.compiled_decided_steps = torch.compile(engine.decided_steps, backend=backend, fullgraph=True)
     model.compiled_round = torch.compile(speculative.round_call, backend=backend, fullgraph=True)
     model.compiled_decided_rounds = torch.compile(speculative.decided_rounds, backend=backend, fullgraph=True)
-    model.rounds_per_call = ROUNDS_PER_CALL
+    model.rounds_per_call = rounds_per_call
     return model
 
 

@@ -204,14 +204,16 @@ def test_compiled_samplers_write_the_same_text_and_compile_nothing_after_a_warm_
     from the same seed: a compiled step or round draws on noise drawn before it), and once
     sampling.warm_up has run past the block edge, a longer generation compiles no new graph (the
     rotary tables do not grow under it; the ring cache keeps its shapes; rows that leave a batch
-    meet batch sizes the warm-up met). The 'eager' backend traces as inductor would, without the C++ build."""
+    meet batch sizes the warm-up met). The 'eager' backend traces as inductor would, without the C++ build;
+    2 rounds per call (not the samplers' 4) still hand state from round to round inside a graph, in
+    half the tracing time."""
     import torch._dynamo
     model = train_pattern_model(n_future=2, pos_emb='rope', past_loss=1.0)  # a fresh model: rotary tables at their first size
     idx = (torch.arange(10)[None] + torch.arange(rows)[:, None]) % 7
     s, seed = Settings(temperature=temperature, top_k=5, sampler=sampler), lambda: torch.Generator().manual_seed(0)
     torch._dynamo.reset()
     try:
-        runtime.compile_samplers(model, backend='eager')
+        runtime.compile_samplers(model, backend='eager', rounds_per_call=2)
         warm_up(model, idx, s)  # what sample.py runs before its samples
         graphs = torch._dynamo.utils.counters['stats']['unique_graphs']
         compiled, _ = generate(model, idx, 200, s, seed())  # far past the warm-up's positions
