@@ -197,6 +197,13 @@ def test_a_sandwich_runs_every_sampler_past_the_block_edge():
         generate(model, idx, 5, Settings(temperature=0, policy='median', **COLLAPSE))
 
 
+def test_compile_samplers_refuses_fewer_than_one_round_per_call_and_leaves_the_model_eager():
+    model = tiny(n_future=2, pos_emb='rope')
+    with pytest.raises(ValueError, match='rounds_per_call must be at least 1'):
+        runtime.compile_samplers(model, backend='eager', rounds_per_call=0)
+    assert not hasattr(model, 'compiled_decided_rounds') and not hasattr(model.transformer.h[0], '_orig_mod')
+
+
 @pytest.mark.parametrize('sampler,rows,temperature', [('causal', 1, 0), ('causal', 2, 0.8), ('speculative', 1, 0),
                                                       ('speculative', 3, 0.8)])  # greedy rows leaving: tests above
 def test_compiled_samplers_write_the_same_text_and_compile_nothing_after_a_warm_up(sampler, rows, temperature):
