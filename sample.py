@@ -234,6 +234,8 @@ def warm_up_compiled(model, ids, settings, dev, dt):
     (compiling takes seconds per variant; the speed printed after the samples is then the compiled speed)."""
     t0 = time.perf_counter()
     idx = torch.tensor([ids] * min(SAMPLE_BATCH, num_samples), dtype=torch.long, device=dev)
+    print("compiling the samplers (a warm-up generation: minutes on a small CPU the first time, far less once "
+          "inductor's on-disk cache holds the graphs)...", file=sys.stderr, flush=True)
     try:
         with runtime.autocast(dev, dt):
             n = warm_up(model, idx, settings)
