@@ -164,11 +164,11 @@ def compile_samplers(model, backend='inductor', rounds_per_call=ROUNDS_PER_CALL)
       once per rounds_per_call; a longer graph takes longer to build (sample.py's warm-up at 4
       against 1: about 2x on the CPU with an empty inductor cache; tracing time grows with it too,
       which is why the tests trace 2), and a generation runs up to rounds_per_call - 1 of them past
-      its end. Eagerly a call runs one: on the CPU the same text
-      from a seed either way (the noise of several is drawn as one tensor, which the CPU generator
-      fills in the order of separate draws). Their shapes stay the same from call to call
-      (positions are tensors): a graph per token count and batch size (for a speculative batch
-      that shrinks: its first size, one dynamic graph for the sizes between, and 1), compiled once.
+      its end. Eagerly a call runs one: on the CPU the same text from a seed either way (the noise
+      of several is drawn as one tensor, which the CPU generator fills in the order of separate
+      draws). Their shapes stay the same from call to call (positions are tensors): a graph per
+      token count and batch size (for a speculative batch that shrinks: its first size, one
+      dynamic graph for the sizes between, and 1), compiled once.
     - Every other stack call (the collapse sampler's refinement, a learned-position window rebuilt at
       the edge): each block on its own with dynamic shapes. The samplers' own Python (windows, masks,
       draws) stays eager; a block sees a handful of variants (cached keys or not, a mask or none, one
