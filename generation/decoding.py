@@ -218,9 +218,17 @@ class Request:
         return getattr(model, 'rounds_per_call', 1) if self.schedule is None else 1
 
 
+def leading_true(mask):
+    """(..., n) bool -> (...,) how many entries of the last dimension are True before the first False
+    (argmin's first-occurrence rule, over the mask with a False appended). The same count as
+    mask.cumprod(-1).sum(-1), as a reduction that inductor fuses into a compiled round; cumprod ran as
+    a call of its own there, every round."""
+    return torch.cat((mask, mask.new_zeros(mask.shape[:-1] + (1,))), -1).int().argmin(-1)
+
+
 def live_slots(bits, tau):
     """future='auto': how many future slots are worth keeping, from row 0's entropy curve (bits): the
     leading slots below tau and one beyond them (the frontier), within [1, F]. Where the curve reaches
     its plateau further slots would be guesses that cost a slot each."""
-    below = (bits[0] < tau).long().cumprod(0).sum().item()
+    below = leading_true(bits[0] < tau).item()
     return int(min(bits.size(1), below + 1))

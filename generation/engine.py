@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.nn import functional as F
 
-from generation.decoding import exponential, filtered_probs, race
+from generation.decoding import exponential, filtered_probs, leading_true, race
 from modeling.layout import Context, visibility
 from modeling.solver import entropy_of_logits, iterate
 
@@ -539,7 +539,7 @@ def shift(model, w, slide=0, length=None):
     the window: a pinned rotary window rolls on (its cache is kept, positions keep counting);
     otherwise positions restart at 0 and the past is re-encoded (slide: drop that many more, to
     rebuild less often). Returns w and the moved tokens (B, n)."""
-    n = int((w.decided >= 0).long().cumprod(1).sum(1).min())
+    n = int(leading_true(w.decided >= 0).min())
     if n == 0:
         return w, w.past[:, :0]
     P, edge = w.past.size(1), block_edge(model)

@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 import torch
 
 from generation import engine
-from generation.decoding import entropy_bits, exponential, filtered_probs, live_slots, race, token_probs
+from generation.decoding import entropy_bits, exponential, filtered_probs, leading_true, live_slots, race, token_probs
 from modeling.layout import Context, visibility
 from modeling.solver import iterate
 
@@ -174,12 +174,12 @@ def accept(p, q, drafts, uniform, last_noise):
     (B, k), rows = drafts.shape, torch.arange(drafts.size(0), device=p.device)
     if q is None:
         target = p.argmax(-1)
-        a = (drafts == target[:, :k]).long().cumprod(1).sum(1)
+        a = leading_true(drafts == target[:, :k])
         return a, target.gather(1, a[:, None])
     a = drafts.new_zeros(B)
     if k:
         p_d, q_d = p[:, :k].gather(2, drafts[..., None])[..., 0], q.gather(2, drafts[..., None])[..., 0]
-        a = (uniform * q_d < p_d).long().cumprod(1).sum(1)  # u < p / q, in order
+        a = leading_true(uniform * q_d < p_d)  # u < p / q, in order
     after = p[rows, a]  # (B, V) the bonus distribution where every draft was accepted
     if k:
         residual = (after - q[rows, a.clamp(max=k - 1)]).clamp(min=0)

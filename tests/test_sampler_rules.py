@@ -1,13 +1,14 @@
 """The rules the samplers share are each written once and mean what they say: the block edge
 (engine.block_edge) for every kind of model, "0 or -1 means the model's value" (Settings.limits),
 and the capabilities a model carries (can_verify, warm_starts), which the samplers ask instead of
-reading training knobs: a stored capability decides, whatever the config says."""
+reading training knobs: a stored capability decides, whatever the config says; and the count of
+leading accepted drafts or decided slots (leading_true)."""
 
 import torch
 
 from conftest import tiny
 from generation import engine
-from generation.decoding import Settings
+from generation.decoding import Settings, leading_true
 from generation.sampling import generate, pick_sampler, warm_start
 
 
@@ -48,3 +49,14 @@ def test_capabilities_come_from_the_config_once_and_a_stored_one_decides():
     assert pick_sampler(verifier, Settings()) == 'collapse'
     verifier.capabilities['warm_starts'] = True
     assert warm_start(verifier, Settings()) and not warm_start(verifier, Settings(warm='off'))
+
+
+def test_leading_true_counts_the_trues_before_the_first_false():
+    """The acceptance rule's count (how many drafts before the first rejection), the shift's decided
+    prefix and future='auto''s slots below tau: for every mask, the cumulative product's sum."""
+    assert leading_true(torch.tensor([[True, True, False, True], [False, True, True, True], [True] * 4])).tolist() == [2, 0, 4]
+    assert leading_true(torch.zeros(3, 0, dtype=torch.bool)).tolist() == [0, 0, 0], "no drafts: none accepted"
+    g = torch.Generator().manual_seed(0)
+    for shape in [(5,), (4, 1), (8, 3), (2, 3, 7)]:
+        mask = torch.rand(shape, generator=g) < 0.7
+        assert torch.equal(leading_true(mask), mask.long().cumprod(-1).sum(-1)), shape
